@@ -1,0 +1,158 @@
+"""The statistics core shared by every norm: *reduce over these dims, then normalize*.
+
+Every normalization in normlab is one instance of
+
+.. math::
+
+    \\mu = \\operatorname{mean}_D(x), \\quad \\sigma^2 = \\operatorname{mean}_D\\big((x-\\mu)^2\\big),
+    \\quad y = \\frac{x - \\mu}{\\sqrt{\\sigma^2 + \\epsilon}} \\cdot \\gamma + \\beta
+
+for a set of reduced dims ``D`` (batch norm: all but the channel dim; layer norm: the trailing
+dims; instance norm: the spatial dims; group norm: a channel group and the spatial dims). This module
+holds the pieces every variant shares; the layers either call :func:`normalize` directly or a native
+kernel that computes the same thing (and a test proves the equality).
+
+Numerics (the fine print every variant inherits):
+
+* the variance used to normalize is the **biased** one (divide by the count); the running variance
+  stored for inference is the **unbiased** one, as in torch (see :func:`update_running_stats_`);
+* ``eps`` is added to the variance inside the square root;
+* statistics of float16/bfloat16 inputs are accumulated in float32 (:func:`stats_dtype`);
+* moments are computed with the *corrected two-pass* algorithm (Chan, Golub & LeVeque 1983): the
+  naive ``E[x^2] - E[x]^2`` loses every digit when ``|mean| >> std`` (e.g. mean 1e4, std 1 in
+  float32), the corrected two-pass result is accurate to a few ulps of the *centered* values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "apply_affine",
+    "channel_view_shape",
+    "moments",
+    "normalize",
+    "pool_moments",
+    "stats_dtype",
+    "update_running_stats_",
+]
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype statistics are accumulated in: float32 for float16/bfloat16, else ``dtype``."""
+    return torch.float32 if dtype in _LOW_PRECISION else dtype
+
+
+def channel_view_shape(ndim: int, num_channels: int, channel_dim: int = 1) -> list[int]:
+    """Shape that broadcasts a per-channel vector against an ``ndim``-D tensor.
+
+    >>> channel_view_shape(4, 8)
+    [1, 8, 1, 1]
+    """
+    shape = [1] * ndim
+    shape[channel_dim] = num_channels
+    return shape
+
+
+def apply_affine(
+    y: Tensor, weight: Tensor | None, bias: Tensor | None, channel_dim: int = 1
+) -> Tensor:
+    """``y * weight + bias`` with per-channel ``weight``/``bias`` (either may be ``None``)."""
+    if weight is not None:
+        shape = channel_view_shape(y.dim(), weight.numel(), channel_dim)
+        if bias is not None:
+            return torch.addcmul(bias.view(shape), y, weight.view(shape))
+        return y * weight.view(shape)
+    if bias is not None:
+        return y + bias.view(channel_view_shape(y.dim(), bias.numel(), channel_dim))
+    return y
+
+
+def _centered_moments(x: Tensor, dims: Sequence[int]) -> tuple[Tensor, Tensor, Tensor]:
+    """``(x - mean, mean, biased var)`` in the stats dtype, by the corrected two-pass algorithm."""
+    dims = tuple(dims)
+    xs = x.to(stats_dtype(x.dtype))
+    shift = xs.mean(dims, keepdim=True)  # first pass: close to the mean
+    centered = xs - shift  # exact up to rounding of the centered values (Sterbenz)
+    correction = centered.mean(dims, keepdim=True)  # second pass: the residual of the first
+    centered = centered - correction
+    return centered, shift + correction, centered.square().mean(dims, keepdim=True)
+
+
+def moments(x: Tensor, dims: Sequence[int]) -> tuple[Tensor, Tensor]:
+    """Mean and **biased** variance of ``x`` over ``dims`` (kept as size-1 dims).
+
+    Accumulated in :func:`stats_dtype` with the corrected two-pass algorithm.
+
+    >>> x = torch.tensor([[1.0, 3.0], [5.0, 7.0]])
+    >>> mean, var = moments(x, [0])
+    >>> mean.tolist(), var.tolist()
+    ([[3.0, 5.0]], [[4.0, 4.0]])
+    """
+    _, mean, var = _centered_moments(x, dims)
+    return mean, var
+
+
+def normalize(
+    x: Tensor,
+    dims: Sequence[int],
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    *,
+    eps: float,
+    channel_dim: int = 1,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Normalize ``x`` over ``dims`` and apply a per-channel affine map: the reference every norm meets.
+
+    Returns ``(y, mean, var)``: ``y`` in ``x.dtype``; ``mean`` and the **biased** ``var`` kept as
+    size-1 dims, in :func:`stats_dtype`. Differentiable to any order (plain autograd ops), including
+    through the statistics.
+
+    >>> y, mean, var = normalize(torch.tensor([[1.0], [3.0]]), [0], eps=0.0)
+    >>> y.flatten().tolist(), mean.item(), var.item()
+    ([-1.0, 1.0], 2.0, 1.0)
+    """
+    centered, mean, var = _centered_moments(x, dims)
+    y = apply_affine(centered * torch.rsqrt(var + eps), weight, bias, channel_dim)
+    return y.to(x.dtype), mean, var
+
+
+def pool_moments(mean: Tensor, var: Tensor, dim: int) -> tuple[Tensor, Tensor]:
+    """Merge equal-count groups' means and biased variances along ``dim`` (Chan et al.'s rule).
+
+    ``var_total = mean_g(var_g) + mean_g((mean_g - mean_total)^2)``: exact, and stable because the
+    second term only sees the spread of the group means.
+
+    >>> m, v = pool_moments(torch.tensor([0.0, 2.0]), torch.tensor([1.0, 1.0]), 0)
+    >>> m.item(), v.item()
+    (1.0, 2.0)
+    """
+    total = mean.mean(dim)
+    return total, (var + (mean - total.unsqueeze(dim)).square()).mean(dim)
+
+
+def update_running_stats_(
+    running_mean: Tensor,
+    running_var: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    count: int,
+    momentum: float,
+) -> None:
+    """In place, torch's rule: ``running = (1 - momentum) * running + momentum * batch``.
+
+    ``var`` is the biased batch variance over ``count`` values; the running variance receives the
+    unbiased one, ``var * count / (count - 1)`` (Ioffe & Szegedy 2015, Alg. 2; torch's convention).
+    ``mean``/``var`` may have any shape with ``running_mean.numel()`` elements and any float dtype.
+    """
+    with torch.no_grad():
+        bessel = count / (count - 1) if count > 1 else 1.0
+        new_mean = mean.reshape(running_mean.shape).to(running_mean.dtype)
+        new_var = (var.reshape(running_var.shape) * bessel).to(running_var.dtype)
+        running_mean.mul_(1.0 - momentum).add_(new_mean, alpha=momentum)
+        running_var.mul_(1.0 - momentum).add_(new_var, alpha=momentum)

@@ -1,0 +1,198 @@
+"""Training-mode batch norm on channels-first CPU tensors at memory speed.
+
+torch's CPU batch norm in training mode on NCHW tensors computes its statistics with a
+double-precision scalar loop and runs ~10x below the memory bandwidth (see the benchmark table in
+the README), while its group-norm kernel computes per-row moments with a vectorised, numerically
+stable cascade at bandwidth, and its eval-mode batch-norm kernel applies a per-channel affine map at
+bandwidth. This module composes the two:
+
+1. ``native_group_norm`` with one group per channel gives, for every (sample, channel) row, the
+   mean and variance over the spatial positions (one read of ``x``; its output buffer is reused);
+2. the per-row moments are pooled over the batch in float64 (:func:`~._core.pool_moments`) into the
+   per-channel batch mean and biased variance;
+3. the eval-mode kernel writes ``(x - mean) / sqrt(var + eps) * weight + bias`` into that buffer;
+4. the backward pass takes the two per-channel sums from torch's group-norm backward kernel and
+   writes the input gradient in two bandwidth-bound passes (:func:`_fast_backward`); for double
+   backward (``create_graph=True``) and for data far off-centre it calls torch's
+   ``native_batch_norm_backward`` with the same statistics instead, which is differentiable again.
+
+Saved for backward: ``x``, ``weight``, per-channel mean and inverse std -- the same as torch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from normlab.functional._core import pool_moments
+
+__all__ = ["BatchNormTrainNCHW", "use_fast_batch_stats"]
+
+# Below these sizes the fixed cost of the extra small ops outweighs the gain (measured with
+# `python benchmarks/layers.py --crossover`): rows (values per sample and channel) shorter than
+# _MIN_ROW make the per-row kernel inefficient; smaller tensors are dominated by call overhead.
+_MIN_ROW = 32
+_MIN_NUMEL = 1 << 19
+_FAST_DTYPES = (torch.float32, torch.float64)
+# Above this |mean| / std (in any channel) the fast backward's reductions lose accuracy; torch's
+# backward kernel is used instead (see _fast_backward).
+_MAX_OFFSET = 8.0
+
+
+def use_fast_batch_stats(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> bool:
+    """Whether :class:`BatchNormTrainNCHW` applies to ``x`` (else the native kernel is used).
+
+    Eager CPU float32/float64 channels-first contiguous tensors with spatial dims, large enough to
+    pay off. Under ``torch.compile`` and ``torch.func`` transforms the native op is used: the
+    compiler generates its own fused kernel, and the transforms need the op's batching rules.
+    """
+    if (
+        x.device.type != "cpu"
+        or x.dtype not in _FAST_DTYPES
+        or x.dim() < 3
+        or x.numel() < _MIN_NUMEL
+        or x.numel() // (x.shape[0] * x.shape[1]) < _MIN_ROW
+        or not x.is_contiguous()
+    ):
+        return False
+    for p in (weight, bias):
+        if p is not None and (p.dtype != x.dtype or p.device != x.device):
+            return False
+    return not (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active())
+
+
+def _batch_moments(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(scratch, mean, var)``: per-channel batch mean and biased variance in float64.
+
+    ``scratch`` is a buffer of ``x``'s shape and dtype whose content is garbage.
+    """
+    n, c = x.shape[0], x.shape[1]
+    row = x.numel() // (n * c)
+    # eps=0 so that the variance is recovered exactly as rstd**-2 (a constant row gives rstd=inf,
+    # var=0); the group-norm output written to `scratch` is not used.
+    scratch, row_mean, row_rstd = torch.native_group_norm(x, None, None, n, c, row, c, 0.0)
+    row_mean = row_mean.view(n, c).double()  # (N, C)
+    row_var = row_rstd.view(n, c).double().pow(-2)  # (N, C), biased, over the `row` positions
+    mean, var = pool_moments(row_mean, row_var, 0)  # (C,), (C,)
+    return scratch, mean, var
+
+
+class BatchNormTrainNCHW(torch.autograd.Function):
+    """``y = (x - mu_B) / sqrt(var_B + eps) * weight + bias`` with batch statistics over all dims but 1.
+
+    ``apply(x, weight, bias, eps)`` returns ``(y, mean, var)``; ``mean`` and the biased ``var`` are
+    float64 per-channel batch statistics (not differentiable), for the running-statistics update.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        out, mean, var = _batch_moments(x)
+        save_mean = mean.to(x.dtype)
+        save_invstd = torch.rsqrt(var + eps).to(x.dtype)
+        unused = x.new_empty(0)
+        # The eval-mode kernel with the batch statistics as "running" statistics is exactly the
+        # training-mode output; it overwrites the scratch buffer in one pass.
+        torch.ops.aten.native_batch_norm.out(
+            x,
+            weight,
+            bias,
+            save_mean,
+            var.to(x.dtype),
+            False,
+            0.0,
+            eps,
+            out=out,
+            save_mean=unused,
+            save_invstd=unused.clone(),
+        )
+        ctx.save_for_backward(x, weight, save_mean, save_invstd)
+        ctx.eps = eps
+        ctx.centered = bool((mean.abs() * save_invstd.double()).max() <= _MAX_OFFSET)
+        ctx.mark_non_differentiable(mean, var)
+        return out, mean, var
+
+    @staticmethod
+    def backward(
+        ctx: Any, grad_out: Tensor, _grad_mean: Tensor | None, _grad_var: Tensor | None
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:
+        x, weight, save_mean, save_invstd = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_out = grad_out.contiguous()
+        if torch.is_grad_enabled() or not ctx.centered:
+            # Double backward (create_graph=True) needs torch's differentiable formula; far
+            # off-centre data needs its exactly centred reductions (see _fast_backward).
+            grad_x, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
+                grad_out,
+                x,
+                weight,
+                None,
+                None,
+                save_mean,
+                save_invstd,
+                True,
+                ctx.eps,
+                [need_x, need_w and weight is not None, need_b],
+            )
+        else:
+            grad_x, grad_w, grad_b = _fast_backward(
+                grad_out, x, weight, save_mean, save_invstd, need_x
+            )
+        return (
+            grad_x if need_x else None,
+            grad_w if need_w else None,
+            grad_b if need_b else None,
+            None,
+        )
+
+
+def _fast_backward(
+    grad_out: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, invstd: Tensor, need_x: bool
+) -> tuple[Tensor | None, Tensor, Tensor]:
+    """Batch-norm backward from two per-channel reductions and two bandwidth-bound passes.
+
+    With ``xhat = (x - mean) * invstd`` and ``M`` values per channel::
+
+        grad_bias   = sum(dy)                 grad_weight = sum(dy * xhat)
+        grad_x      = w * invstd * (dy - grad_bias / M - xhat * grad_weight / M)
+                    = a * dy + b * x + c      (per-channel a, b, c)
+
+    The two sums come from torch's group-norm backward kernel (one group per channel, given the
+    batch statistics for every sample); it forms ``sum(dy * x) - mean * sum(dy)`` per row, which
+    loses ~``eps * |mean| / std`` relative accuracy -- the forward pass routes data with
+    ``|mean| / std > _MAX_OFFSET`` to torch's kernel instead. ``b * x + c`` is written by the
+    eval-mode batch-norm kernel, then ``a * dy`` is added in place.
+    """
+    n, c = x.shape[0], x.shape[1]
+    row = x.numel() // (n * c)
+    count = n * row
+    per_row = (n, c)
+    _, grad_w, grad_b = torch.ops.aten.native_group_norm_backward(
+        grad_out,
+        x,
+        mean.expand(per_row).contiguous(),
+        invstd.expand(per_row).contiguous(),
+        torch.ones_like(mean),
+        n,
+        c,
+        row,
+        c,
+        [False, True, True],
+    )
+    if not need_x:
+        return None, grad_w, grad_b
+    w = torch.ones_like(invstd) if weight is None else weight
+    a = (w * invstd).double()
+    inv = invstd.double()
+    mean_dy, mean_dy_xhat = grad_b.double() / count, grad_w.double() / count
+    b = -a * inv * mean_dy_xhat
+    shift = a * (mean.double() * inv * mean_dy_xhat - mean_dy)
+    zeros, ones = torch.zeros_like(mean), torch.ones_like(mean)
+    grad_x = torch.batch_norm(
+        x, b.to(x.dtype), shift.to(x.dtype), zeros, ones, False, 0.0, 0.0, False
+    )
+    grad_x.addcmul_(grad_out, a.to(x.dtype).view(c, *([1] * (x.dim() - 2))))
+    return grad_x, grad_w, grad_b

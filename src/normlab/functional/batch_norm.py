@@ -1,0 +1,287 @@
+"""Batch norm and instance norm: normalization with statistics that can be tracked for inference."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from normlab._checks import (
+    check_eps,
+    check_floating_tensor,
+    check_momentum,
+    check_ndim,
+    check_per_channel,
+    check_values_per_channel,
+    fail,
+)
+from normlab.functional._core import update_running_stats_
+from normlab.functional._fast import BatchNormTrainNCHW, use_fast_batch_stats
+
+__all__ = ["batch_norm", "batch_norm_unchecked", "instance_norm", "instance_norm_unchecked"]
+
+
+def _check_common(
+    owner: str,
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    momentum: float,
+    eps: float,
+) -> None:
+    """Validate the arguments shared by batch and instance norm."""
+    check_floating_tensor(input, owner=owner)
+    check_ndim(
+        input,
+        range(2, 9),
+        layout="(N, C, *)",
+        owner=owner,
+        fix="add a batch dim with input.unsqueeze(0), or flatten extra dims into N",
+    )
+    c = input.shape[1]
+    for name, t in (
+        ("running_mean", running_mean),
+        ("running_var", running_var),
+        ("weight", weight),
+        ("bias", bias),
+    ):
+        check_per_channel(t, c, name=name, owner=owner)
+    if (running_mean is None) != (running_var is None):
+        fail(
+            ValueError,
+            owner,
+            "running_mean and running_var",
+            "both tensors or both None",
+            f"running_mean={'None' if running_mean is None else 'tensor'}, "
+            f"running_var={'None' if running_var is None else 'tensor'}",
+            "pass both running statistics or neither",
+        )
+    check_momentum(momentum, owner=owner, allow_none=False)
+    check_eps(eps, owner=owner)
+
+
+def batch_norm(
+    input: Tensor,
+    running_mean: Tensor | None = None,
+    running_var: Tensor | None = None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    *,
+    training: bool,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> Tensor:
+    """Batch normalization (Ioffe & Szegedy, 2015): per-channel statistics over the batch.
+
+    .. math:: y = \\frac{x - \\mu}{\\sqrt{\\sigma^2 + \\epsilon}} \\gamma + \\beta
+
+    For ``input`` of shape ``(N, C, *)``, ``mu`` and ``sigma^2`` are per channel, over ``N`` and all
+    trailing dims: per activation for dense ``(N, C)`` input, one scalar per channel (over the batch
+    and the positions) for convolutional input.
+
+    * ``training=True`` with running statistics given: normalize with the **batch** statistics
+      (biased variance) and update the running buffers in place:
+      ``running = (1 - momentum) * running + momentum * batch`` with the **unbiased** batch variance.
+    * ``training=False`` with running statistics given: normalize with the running statistics.
+    * no running statistics (``None``): always the batch statistics, nothing is updated (torch's
+      ``track_running_stats=False``).
+
+    Args:
+        input: ``(N, C, *)`` floating-point tensor.
+        running_mean, running_var: ``(C,)`` buffers, or ``None`` (both or neither).
+        weight, bias: ``(C,)`` affine parameters ``gamma``, ``beta``, or ``None``.
+        training: required keyword: whether to use (and track) batch statistics.
+        momentum: weight of the new batch in the running average, in [0, 1]. Default 0.1.
+        eps: added to the variance inside the square root. Default 1e-5.
+
+    Returns:
+        Tensor of the input's shape, dtype and memory format.
+
+    Raises:
+        ValueError: a single value per channel when batch statistics are needed (the variance
+            would be 0 -- torch raises here too); shapes of parameters or buffers not ``(C,)``;
+            ``eps <= 0``; ``momentum`` outside [0, 1].
+        TypeError: non-tensor or non-floating-point input.
+
+    Note:
+        Large channels-first float32/float64 CPU inputs take a path that computes the batch
+        statistics at memory speed (``normlab.functional._fast``); channels-last, low-precision,
+        CUDA and small inputs call torch's kernel. Both give the same result to float rounding.
+
+    Example:
+        >>> x = torch.tensor([[1.0, 10.0], [3.0, 30.0]])
+        >>> batch_norm(x, training=True).round(decimals=4)
+        tensor([[-1., -1.],
+                [ 1.,  1.]])
+    """
+    owner = "normlab.functional.batch_norm"
+    _check_common(owner, input, running_mean, running_var, weight, bias, momentum, eps)
+    return batch_norm_unchecked(
+        input, running_mean, running_var, weight, bias, training, momentum, eps, owner
+    )
+
+
+def batch_norm_unchecked(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    training: bool,
+    momentum: float,
+    eps: float,
+    owner: str,
+) -> Tensor:
+    """:func:`batch_norm` for callers that validated the arguments (the modules): no re-checks.
+
+    Still refuses batch statistics from a single value per channel (``owner`` names the caller).
+    """
+    if running_mean is not None and not training:
+        return torch.batch_norm(
+            input,
+            weight,
+            bias,
+            running_mean,
+            running_var,
+            False,
+            0.0,
+            eps,
+            torch.backends.cudnn.enabled,
+        )
+    c = input.shape[1]
+    count = input.numel() // c if c else 0
+    check_values_per_channel(input, count, owner=owner, what="values per channel")
+    track = training and running_mean is not None
+    if use_fast_batch_stats(input, weight, bias):
+        y, mean, var = BatchNormTrainNCHW.apply(input, weight, bias, eps)  # type: ignore[no-untyped-call]
+        if track and running_mean is not None and running_var is not None:
+            update_running_stats_(running_mean, running_var, mean, var, count, momentum)
+        return y  # type: ignore[no-any-return]
+    if not track:
+        running_mean = running_var = None
+    return torch.batch_norm(
+        input,
+        weight,
+        bias,
+        running_mean,
+        running_var,
+        True,
+        momentum,
+        eps,
+        torch.backends.cudnn.enabled,
+    )
+
+
+def instance_norm(
+    input: Tensor,
+    running_mean: Tensor | None = None,
+    running_var: Tensor | None = None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    *,
+    training: bool,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> Tensor:
+    """Instance normalization (Ulyanov et al., 2016): per sample and channel, over the positions.
+
+    ``mu`` and ``sigma^2`` are computed for each ``(n, c)`` over the trailing (spatial) dims of an
+    ``(N, C, *)`` input, then a per-channel ``weight``/``bias`` is applied. This is group norm with
+    one channel per group and is computed by torch's group-norm kernel (a test proves equality).
+
+    * running statistics given and ``training=True``: normalize with the instance statistics and
+      update the running buffers with their batch average (mean of the per-instance means and of
+      the per-instance **unbiased** variances), as torch does;
+    * running statistics given and ``training=False``: normalize every sample with the running
+      statistics (torch's ``track_running_stats=True`` eval behaviour);
+    * no running statistics: always the instance statistics -- the paper's layer, same in train
+      and eval.
+
+    Args:
+        input: ``(N, C, *)`` floating-point tensor with at least one trailing dim.
+        running_mean, running_var: ``(C,)`` buffers, or ``None`` (both or neither).
+        weight, bias: ``(C,)`` affine parameters, or ``None``.
+        training: required keyword: whether to use (and track) instance statistics.
+        momentum: weight of the new batch in the running average, in [0, 1]. Default 0.1.
+        eps: added to the variance inside the square root. Default 1e-5.
+
+    Raises:
+        ValueError: fewer than 2 positions per instance when instance statistics are needed
+            (torch: "Expected more than 1 spatial element when training"), bad shapes, ``eps``,
+            ``momentum``.
+
+    Example:
+        >>> x = torch.tensor([[[1.0, 3.0], [0.0, 4.0]]])
+        >>> instance_norm(x, training=True).round(decimals=4)
+        tensor([[[-1.,  1.],
+                 [-1.,  1.]]])
+    """
+    owner = "normlab.functional.instance_norm"
+    _check_common(owner, input, running_mean, running_var, weight, bias, momentum, eps)
+    if input.dim() < 3:
+        fail(
+            ValueError,
+            owner,
+            "the input",
+            "a tensor (N, C, *) with at least one spatial dim",
+            f"shape {tuple(input.shape)}",
+            "instance norm normalizes over positions; for (N, C) features use LayerNorm",
+        )
+    return instance_norm_unchecked(
+        input, running_mean, running_var, weight, bias, training, momentum, eps, owner
+    )
+
+
+def instance_norm_unchecked(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    training: bool,
+    momentum: float,
+    eps: float,
+    owner: str,
+) -> Tensor:
+    """:func:`instance_norm` for callers that validated the arguments (the modules)."""
+    if running_mean is not None and not training:
+        return torch.batch_norm(
+            input,
+            weight,
+            bias,
+            running_mean,
+            running_var,
+            False,
+            0.0,
+            eps,
+            torch.backends.cudnn.enabled,
+        )
+    n, c = input.shape[0], input.shape[1]
+    positions = input.numel() // (n * c) if n * c else 0
+    check_values_per_channel(
+        input,
+        positions,
+        owner=owner,
+        what="spatial elements per instance",
+        fix="instance norm needs a feature map larger than 1 element; use BatchNorm or "
+        "LayerNorm for 1x1 features",
+    )
+    # Channels-first contiguous: torch's group-norm kernel is accurate and fast there; on
+    # channels-last input it is slower than a copy plus the channels-first kernel, and its
+    # float32 weight gradient is ~40x less accurate (tests/nn/test_parity.py).
+    y, mean, rstd = torch.native_group_norm(
+        input.contiguous(), weight, bias, n, c, positions, c, eps
+    )
+    if training and running_mean is not None and running_var is not None:
+        with torch.no_grad():
+            var = (rstd.double().pow(-2) - eps).clamp_min(0.0).view(n, c).mean(0)
+            update_running_stats_(
+                running_mean,
+                running_var,
+                mean.double().view(n, c).mean(0),
+                var,
+                positions,
+                momentum,
+            )
+    return y

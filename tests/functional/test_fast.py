@@ -1,0 +1,189 @@
+"""normlab's fast training-mode batch-statistics path (functional/_fast.py) against oracles."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import normlab.functional as NF
+from normlab.functional import _fast
+from normlab.functional._fast import BatchNormTrainNCHW, use_fast_batch_stats
+
+BIG = (8, 5, 33, 31)
+DEFAULT_LIMITS = (_fast._MIN_NUMEL, _fast._MIN_ROW)
+
+
+def _x(shape, dtype=torch.float64, seed=0):  # type: ignore[no-untyped-def]
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g, dtype=torch.float64) * 2 + 1).to(dtype)
+
+
+def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
+    """Relative L2 error of ``a`` against the float64 ``ref``."""
+    return (torch.linalg.vector_norm(a.double() - ref) / torch.linalg.vector_norm(ref)).item()
+
+
+@pytest.fixture(autouse=True)
+def fast_for_big(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Let the moderate BIG shape take the fast path (the default limits are tuned for speed)."""
+    monkeypatch.setattr(_fast, "_MIN_NUMEL", 1 << 15)
+    monkeypatch.setattr(_fast, "_MIN_ROW", 16)
+
+
+@pytest.fixture
+def fast_everywhere(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Route even tiny inputs through the fast path, so gradcheck can afford to test it."""
+    monkeypatch.setattr(_fast, "_MIN_NUMEL", 0)
+    monkeypatch.setattr(_fast, "_MIN_ROW", 2)
+
+
+def test_eligibility() -> None:
+    """Defaults: large channels-first CPU float tensors with rows of >= 32 values (crossover
+    measured by benchmarks/layers.py --crossover)."""
+    _fast._MIN_NUMEL, _fast._MIN_ROW = DEFAULT_LIMITS  # undone by the autouse fixture
+    x = torch.empty(16, 5, 80, 82)
+    assert use_fast_batch_stats(x, None, None)
+    assert use_fast_batch_stats(x.double(), torch.ones(5, dtype=torch.float64), None)
+    assert not use_fast_batch_stats(x.contiguous(memory_format=torch.channels_last), None, None)
+    assert not use_fast_batch_stats(x.half(), None, None)
+    assert not use_fast_batch_stats(x.bfloat16(), None, None)
+    assert not use_fast_batch_stats(torch.empty(40000, 5), None, None)  # dense: torch is fast
+    assert not use_fast_batch_stats(torch.empty(8, 5, 33, 31), None, None)  # small
+    assert not use_fast_batch_stats(torch.empty(40000, 5, 4, 4), None, None)  # short rows
+    assert not use_fast_batch_stats(x, torch.ones(5, dtype=torch.float64), None)  # mixed dtypes
+    assert not use_fast_batch_stats(x[:, :, :, ::2], None, None)  # strided
+
+
+def test_forward_and_gradients_equal_the_composite_reference() -> None:
+    x = _x(BIG).requires_grad_()
+    w = torch.rand(5, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    y, mean, var = BatchNormTrainNCHW.apply(x, w, b, 1e-5)
+    ref, ref_mean, ref_var = NF.normalize(x, [0, 2, 3], w, b, eps=1e-5)
+    torch.testing.assert_close(y, ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(mean, ref_mean.flatten())
+    torch.testing.assert_close(var, ref_var.flatten())
+    gy = _x(BIG, seed=1)
+    for a, r in zip(
+        torch.autograd.grad(y, (x, w, b), gy), torch.autograd.grad(ref, (x, w, b), gy), strict=False
+    ):
+        torch.testing.assert_close(a, r, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.usefixtures("fast_everywhere")
+@pytest.mark.parametrize("affine", [True, False])
+def test_gradcheck_and_gradgradcheck(affine: bool) -> None:
+    x = _x((3, 2, 4, 3)).requires_grad_()
+    params = (
+        (
+            torch.rand(2, dtype=torch.float64, requires_grad=True) + 0.5,
+            torch.randn(2, dtype=torch.float64, requires_grad=True),
+        )
+        if affine
+        else ()
+    )
+    assert use_fast_batch_stats(x, *(params or (None, None)))
+
+    def fn(x: torch.Tensor, *p: torch.Tensor) -> torch.Tensor:
+        return NF.batch_norm(x, None, None, *p, training=True)
+
+    assert torch.autograd.gradcheck(fn, (x, *params))
+    assert torch.autograd.gradgradcheck(fn, (x, *params))
+
+
+def test_double_backward_matches_torch_on_a_fast_shape() -> None:
+    """Hessian-vector products through training-mode BN (what curvature analysis needs)."""
+    x0, v = _x(BIG), _x(BIG, seed=2)
+    w0 = torch.rand(5, dtype=torch.float64) + 0.5
+    results = []
+    for fn in (
+        lambda x, w: NF.batch_norm(x, None, None, w, None, training=True),
+        lambda x, w: F.batch_norm(x, None, None, w, None, True),
+    ):
+        x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+        loss = (fn(x, w) ** 3).sum()
+        gx, gw = torch.autograd.grad(loss, (x, w), create_graph=True)
+        results.append(torch.autograd.grad((gx * v).sum() + gw.sum(), (x, w)))
+    for a, b in zip(*results, strict=False):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-8)
+
+
+def test_constant_channel_gives_bias_without_nan() -> None:
+    x = _x(BIG, torch.float32)
+    x[:, 2] = 7.0
+    x.requires_grad_()
+    b = torch.tensor([0.0, 0.0, 0.5, 0.0, 0.0])
+    y = NF.batch_norm(x, None, None, None, b, training=True)
+    assert torch.isfinite(y).all()
+    assert torch.equal(y[:, 2], torch.full_like(y[:, 2], 0.5))
+    (g,) = torch.autograd.grad(y.sum(), x)
+    assert torch.isfinite(g).all()
+
+
+def test_running_stats_use_the_unbiased_variance() -> None:
+    x = _x(BIG)
+    rm, rv = torch.zeros(5, dtype=torch.float64), torch.ones(5, dtype=torch.float64)
+    NF.batch_norm(x, rm, rv, training=True, momentum=1.0)
+    torch.testing.assert_close(rm, x.mean((0, 2, 3)))
+    torch.testing.assert_close(rv, x.var((0, 2, 3), unbiased=True))
+
+
+def test_saves_no_more_for_backward_than_torch() -> None:
+    def saved_bytes(fn) -> int:  # type: ignore[no-untyped-def]
+        total = 0
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            nonlocal total
+            total += t.numel() * t.element_size()
+            return t
+
+        x = _x(BIG, torch.float32).requires_grad_()
+        w = torch.ones(5, requires_grad=True)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fn(x, w)
+        return total
+
+    ours = saved_bytes(lambda x, w: NF.batch_norm(x, None, None, w, None, training=True))
+    torch_ = saved_bytes(lambda x, w: F.batch_norm(x, None, None, w, None, True))
+    assert ours <= torch_
+
+
+def test_torch_func_transforms_fall_back_to_the_native_op() -> None:
+    x = _x(BIG)
+    w = torch.rand(5, dtype=torch.float64) + 0.5
+
+    def loss(w: torch.Tensor) -> torch.Tensor:
+        return (NF.batch_norm(x, None, None, w, None, training=True) ** 3).sum()
+
+    w_req = w.clone().requires_grad_()
+    expected = torch.autograd.grad(loss(w_req), w_req)[0]
+    torch.testing.assert_close(torch.func.grad(loss)(w), expected)
+
+
+@pytest.mark.parametrize(("offset", "fast"), [(0.0, True), (10.0, True), (1e3, False)])
+def test_backward_is_accurate_on_both_routes(
+    monkeypatch: pytest.MonkeyPatch, offset: float, fast: bool
+) -> None:
+    """The fast backward serves centred data (|mean|/std <= 8); far off-centre data goes to
+    torch's exactly centred kernel. Against a float64 oracle on the same (float32) input, each
+    float32 gradient is at least as accurate as torch's own, up to a factor 4."""
+    calls = []
+    original = _fast._fast_backward
+    monkeypatch.setattr(_fast, "_fast_backward", lambda *a: calls.append(1) or original(*a))
+    x32 = (_x(BIG) + offset).float()  # std 2
+    w32, gy32 = torch.rand(5) + 0.5, _x(BIG, torch.float32, seed=3)
+
+    def grads(fn, dtype):  # type: ignore[no-untyped-def]
+        x, w = x32.to(dtype).requires_grad_(), w32.to(dtype).requires_grad_()
+        b = torch.zeros(5, dtype=dtype, requires_grad=True)
+        return torch.autograd.grad(fn(x, w, b), (x, w, b), gy32.to(dtype))
+
+    ours = lambda x, w, b: NF.batch_norm(x, None, None, w, b, training=True)  # noqa: E731
+    theirs = lambda x, w, b: F.batch_norm(x, None, None, w, b, True)  # noqa: E731
+    oracle = grads(theirs, torch.float64)
+    calls.clear()
+    ours32 = grads(ours, torch.float32)
+    assert bool(calls) == fast
+    for g, t, r in zip(ours32, grads(theirs, torch.float32), oracle, strict=True):
+        assert _rel(g, r) <= 4 * _rel(t, r) + 1e-6, (_rel(g, r), _rel(t, r))
