@@ -1,0 +1,22 @@
+"""Norm layers as ``nn.Module`` shells over :mod:`normlab.functional`, and the name registry."""
+
+from normlab.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from normlab.nn.instancenorm import InstanceNorm1d, InstanceNorm2d, InstanceNorm3d
+from normlab.nn.normalization import ChannelLayerNorm, GroupNorm, LayerNorm
+from normlab.nn.registry import available_norms, default_num_groups, get_norm_layer, register_norm
+
+__all__ = [
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "ChannelLayerNorm",
+    "GroupNorm",
+    "InstanceNorm1d",
+    "InstanceNorm2d",
+    "InstanceNorm3d",
+    "LayerNorm",
+    "available_norms",
+    "default_num_groups",
+    "get_norm_layer",
+    "register_norm",
+]
