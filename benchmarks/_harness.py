@@ -1,0 +1,67 @@
+"""Shared benchmark plumbing: allocator fix, thread pinning, timing with median and spread.
+
+Not a test: benchmarks print ratios against a peer measured in the same run; nothing here asserts
+a time.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import platform
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch.utils.benchmark import Timer
+
+
+def fix_allocator() -> bool:
+    """Stop glibc from serving every >32 MiB tensor with a fresh mmap (page faults on each alloc).
+
+    Without it, any out-of-place op on a large tensor is dominated by first-touch page faults
+    (shared/reference/machine-and-data.md, section 3.2). Returns whether the fix was applied.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_mmap_threshold, m_trim_threshold = -3, -1
+    return bool(libc.mallopt(m_mmap_threshold, 1 << 30)) and bool(
+        libc.mallopt(m_trim_threshold, 2**31 - 1)
+    )
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Median and interquartile range of one statement, in seconds."""
+
+    median: float
+    iqr: float
+    runs: int
+
+    @property
+    def spread(self) -> float:
+        """IQR relative to the median."""
+        return self.iqr / self.median if self.median else float("nan")
+
+
+def time_fn(fn: Callable[[], object], min_run_time: float) -> Timing:
+    """Time ``fn()`` with torch's Timer (warm-up included, blocked autorange)."""
+    fn()  # warm-up: first-call allocations and lazy initialisation
+    m = Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time)
+    times = sorted(m.times)
+    q1, _, q3 = statistics.quantiles(times, n=4) if len(times) > 1 else (times[0],) * 3
+    return Timing(m.median, q3 - q1, len(times))
+
+
+def machine() -> str:
+    """One line naming the CPU, threads and torch build (for the table's header)."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    return f"{cpu}, torch {torch.__version__}, {torch.get_num_threads()} thread(s)"

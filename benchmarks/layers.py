@@ -1,0 +1,205 @@
+"""Layer speed vs torch.nn: forward and forward+backward, median and spread, ratio and GB/s.
+
+Usage::
+
+    python benchmarks/layers.py                       # the README table (both issue shapes)
+    python benchmarks/layers.py --channels-last       # add channels_last rows
+    python benchmarks/layers.py --crossover           # where the fast BN path starts to pay off
+    python benchmarks/layers.py --shapes 8x16x8x8 --min-time 0.01   # a quick smoke run
+
+GB/s counts the minimum activation traffic: forward 2 S (read x, write y), forward+backward 5 S
+(forward, then read x and dy, write dx), with S the tensor's size in bytes; "copy" is
+``y.copy_(x)`` of the same tensor (2 S) -- the practical bandwidth ceiling for one thread.
+Ratios are normlab time / torch.nn time measured in the same run (< 1 means normlab is faster).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import normlab.nn as nl
+from _harness import Timing, fix_allocator, machine, time_fn
+
+
+class TorchChannelLayerNorm(nn.LayerNorm):
+    """What torch.nn users write for a channels-first layer norm (timm's LayerNorm2d)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+@dataclass(frozen=True)
+class Layer:
+    name: str
+    ours: Callable[[int, tuple[int, ...]], nn.Module]
+    theirs: Callable[[int, tuple[int, ...]], nn.Module]
+    training: bool = True
+
+
+LAYERS = [
+    Layer("BatchNorm2d train", lambda c, s: nl.BatchNorm2d(c), lambda c, s: nn.BatchNorm2d(c)),
+    Layer(
+        "BatchNorm2d eval", lambda c, s: nl.BatchNorm2d(c), lambda c, s: nn.BatchNorm2d(c), False
+    ),
+    Layer(
+        "InstanceNorm2d(affine)",
+        lambda c, s: nl.InstanceNorm2d(c, affine=True),
+        lambda c, s: nn.InstanceNorm2d(c, affine=True),
+    ),
+    Layer("GroupNorm(32)", lambda c, s: nl.GroupNorm(c, 32), lambda c, s: nn.GroupNorm(32, c)),
+    Layer("LayerNorm([C,H,W])", lambda c, s: nl.LayerNorm(s[1:]), lambda c, s: nn.LayerNorm(s[1:])),
+    Layer(
+        "ChannelLayerNorm",
+        lambda c, s: nl.ChannelLayerNorm(c),
+        lambda c, s: TorchChannelLayerNorm(c),
+    ),
+]
+
+
+def _fwd(layer: nn.Module, x: torch.Tensor) -> Callable[[], object]:
+    def run() -> object:
+        with torch.no_grad():
+            return layer(x)
+
+    return run
+
+
+def _fwd_bwd(layer: nn.Module, x: torch.Tensor, gy: torch.Tensor) -> Callable[[], object]:
+    xr = x.detach().clone().requires_grad_()
+    inputs = [xr, *layer.parameters()]
+
+    def run() -> object:
+        return torch.autograd.grad(layer(xr), inputs, gy)
+
+    return run
+
+
+def _row(name: str, ours: Timing, theirs: Timing, traffic: float) -> str:
+    gbs = lambda t: traffic / t.median / 1e9  # noqa: E731
+    return (
+        f"| {name} | {ours.median * 1e3:.3f} ±{100 * ours.spread:.0f}% | "
+        f"{theirs.median * 1e3:.3f} ±{100 * theirs.spread:.0f}% | **{ours.median / theirs.median:.2f}** | "
+        f"{gbs(ours):.1f} | {gbs(theirs):.1f} |"
+    )
+
+
+def bench_shape(shape: tuple[int, ...], min_time: float, channels_last: bool) -> list[str]:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g)
+    gy = torch.randn(shape, generator=g)
+    if channels_last:
+        x, gy = (t.contiguous(memory_format=torch.channels_last) for t in (x, gy))
+    size = x.numel() * x.element_size()
+    out = torch.empty_like(x)
+    copy = time_fn(lambda: out.copy_(x), min_time)
+    fmt = "channels_last" if channels_last else "NCHW"
+    lines = [
+        f"\n**{'x'.join(map(str, shape))} float32 {fmt}** ({size / 1e6:.1f} MB; copy "
+        f"{copy.median * 1e3:.3f} ms = {2 * size / copy.median / 1e9:.1f} GB/s)\n",
+        "| layer | normlab ms | torch.nn ms | ratio | normlab GB/s | torch GB/s |",
+        "|---|---|---|---|---|---|",
+    ]
+    c = shape[1]
+    for spec in LAYERS:
+        ours, theirs = (
+            spec.ours(c, shape).train(spec.training),
+            spec.theirs(c, shape).train(spec.training),
+        )
+        if spec.name.startswith("BatchNorm2d eval"):  # realistic running statistics
+            for m in (ours, theirs):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.9, 1.1)
+        t_ours, t_theirs = time_fn(_fwd(ours, x), min_time), time_fn(_fwd(theirs, x), min_time)
+        lines.append(_row(f"{spec.name} fwd", t_ours, t_theirs, 2 * size))
+        if spec.training:
+            t_ours = time_fn(_fwd_bwd(ours, x, gy), min_time)
+            t_theirs = time_fn(_fwd_bwd(theirs, x, gy), min_time)
+            lines.append(_row(f"{spec.name} fwd+bwd", t_ours, t_theirs, 5 * size))
+        print(lines[-1], file=sys.stderr, flush=True)
+    return lines
+
+
+def crossover(min_time: float) -> list[str]:
+    """BatchNorm training forward+backward, normlab / torch, on shapes around the fast-path limits."""
+    lines = ["| shape | row | fast path | fwd ratio | fwd+bwd ratio |", "|---|---|---|---|---|"]
+    from normlab.functional._fast import use_fast_batch_stats
+
+    sizes = [
+        (8, 16, 8),
+        (32, 16, 8),
+        (32, 64, 4),
+        (128, 64, 4),
+        (256, 64, 2),
+        (32, 32, 8),
+        (64, 64, 8),
+        (128, 64, 8),
+        (16, 32, 16),
+        (32, 64, 16),
+        (64, 128, 16),
+        (256, 64, 4),
+        (256, 128, 4),
+        (128, 256, 7),
+        (64, 16, 32),
+        (8, 64, 32),
+        (32, 64, 32),
+    ]
+    for shape in [(n, c, hw, hw) for n, c, hw in sizes]:
+        x, gy = torch.randn(shape), torch.randn(shape)
+        ours, theirs = nl.BatchNorm2d(shape[1]), nn.BatchNorm2d(shape[1])
+        f = time_fn(_fwd(ours, x), min_time).median / time_fn(_fwd(theirs, x), min_time).median
+        fb = (
+            time_fn(_fwd_bwd(ours, x, gy), min_time).median
+            / time_fn(_fwd_bwd(theirs, x, gy), min_time).median
+        )
+        row = shape[2] * shape[3]
+        lines.append(
+            f"| {shape} | {row} | {use_fast_batch_stats(x, None, None)} | {f:.2f} | {fb:.2f} |"
+        )
+        print(lines[-1], file=sys.stderr, flush=True)
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--shapes", nargs="+", default=["64x64x32x32", "256x256x14x14"])
+    parser.add_argument("--min-time", type=float, default=1.0, help="seconds per measurement")
+    parser.add_argument("--channels-last", action="store_true", help="add channels_last rows")
+    parser.add_argument("--crossover", action="store_true", help="fast-path crossover table only")
+    parser.add_argument("--out", type=Path, help="also write the markdown table to this file")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    fixed = fix_allocator()
+    header = [
+        f"Measured {datetime.date.today()} on {machine()}; allocator fix "
+        f"{'on' if fixed else 'OFF'}; median ± IQR/median of torch.utils.benchmark blocked_autorange "
+        f"(min_run_time={args.min_time}s). Ratio = normlab / torch.nn, same run.",
+    ]
+    lines = list(header)
+    if args.crossover:
+        lines += crossover(args.min_time)
+    else:
+        for spec in args.shapes:
+            shape = tuple(int(v) for v in spec.split("x"))
+            lines += bench_shape(shape, args.min_time, channels_last=False)
+            if args.channels_last:
+                lines += bench_shape(shape, args.min_time, channels_last=True)
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        args.out.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
