@@ -57,6 +57,8 @@ BIG = [
     (lambda **kw: nl.GroupNorm(6, 2, **kw), lambda **kw: nn.GroupNorm(2, 6, **kw), [(3, 6, 7, 9)]),
     (lambda **kw: nl.LayerNorm((5, 7), **kw), lambda **kw: nn.LayerNorm((5, 7), **kw), [(3, 5, 7)]),
 ]
+
+
 @pytest.fixture(autouse=True)
 def fast_for_big(monkeypatch: pytest.MonkeyPatch) -> None:
     """Let the moderate BIG shapes take the fast path (its default limits are tuned for speed)."""

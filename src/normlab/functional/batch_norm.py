@@ -14,7 +14,7 @@ from normlab._checks import (
     check_values_per_channel,
     fail,
 )
-from normlab.functional._core import update_running_stats_
+from normlab.functional._core import stats_dtype, update_running_stats_
 from normlab.functional._fast import BatchNormTrainNCHW, use_fast_batch_stats
 
 __all__ = ["batch_norm", "batch_norm_unchecked", "instance_norm", "instance_norm_unchecked"]
@@ -138,17 +138,7 @@ def batch_norm_unchecked(
     Still refuses batch statistics from a single value per channel (``owner`` names the caller).
     """
     if running_mean is not None and not training:
-        return torch.batch_norm(
-            input,
-            weight,
-            bias,
-            running_mean,
-            running_var,
-            False,
-            0.0,
-            eps,
-            torch.backends.cudnn.enabled,
-        )
+        return _native_batch_norm(input, weight, bias, running_mean, running_var, False, 0.0, eps)
     c = input.shape[1]
     count = input.numel() // c if c else 0
     check_values_per_channel(input, count, owner=owner, what="values per channel")
@@ -160,17 +150,51 @@ def batch_norm_unchecked(
         return y  # type: ignore[no-any-return]
     if not track:
         running_mean = running_var = None
-    return torch.batch_norm(
-        input,
-        weight,
-        bias,
-        running_mean,
-        running_var,
-        True,
-        momentum,
-        eps,
-        torch.backends.cudnn.enabled,
+    return _native_batch_norm(input, weight, bias, running_mean, running_var, True, momentum, eps)
+
+
+def _native_batch_norm(
+    input: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    batch_stats: bool,
+    momentum: float,
+    eps: float,
+) -> Tensor:
+    """torch's batch-norm kernel; float16/bfloat16 input gets float32 parameters and statistics.
+
+    With low-precision parameters torch's kernel folds the statistics into a low-precision
+    shift ``bias - mean * scale`` (e.g. -100 in bfloat16 is off by up to 0.25), which costs
+    ~10x the output's own rounding error; with float32 parameters (its mixed-precision path) the
+    output is exact to rounding. Updated running statistics are copied back to the buffers.
+    """
+    tensors = (weight, bias, running_mean, running_var)
+    lowp = stats_dtype(input.dtype) != input.dtype and any(
+        t is not None and t.dtype != torch.float32 for t in tensors
     )
+    if not lowp:
+        return torch.batch_norm(
+            input,
+            weight,
+            bias,
+            running_mean,
+            running_var,
+            batch_stats,
+            momentum,
+            eps,
+            torch.backends.cudnn.enabled,
+        )
+    w, b, rm, rv = (None if t is None else t.float() for t in tensors)
+    y = torch.batch_norm(
+        input, w, b, rm, rv, batch_stats, momentum, eps, torch.backends.cudnn.enabled
+    )
+    with torch.no_grad():
+        for buffer, updated in ((running_mean, rm), (running_var, rv)):
+            if batch_stats and buffer is not None and updated is not None:
+                buffer.copy_(updated)
+    return y
 
 
 def instance_norm(
@@ -246,17 +270,7 @@ def instance_norm_unchecked(
 ) -> Tensor:
     """:func:`instance_norm` for callers that validated the arguments (the modules)."""
     if running_mean is not None and not training:
-        return torch.batch_norm(
-            input,
-            weight,
-            bias,
-            running_mean,
-            running_var,
-            False,
-            0.0,
-            eps,
-            torch.backends.cudnn.enabled,
-        )
+        return _native_batch_norm(input, weight, bias, running_mean, running_var, False, 0.0, eps)
     n, c = input.shape[0], input.shape[1]
     positions = input.numel() // (n * c) if n * c else 0
     check_values_per_channel(

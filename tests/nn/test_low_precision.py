@@ -1,0 +1,54 @@
+"""float16/bfloat16 inputs: statistics accumulate in float32 (issue #3's numerics rule)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import normlab.nn as nl
+
+LAYERS = [
+    ("batch2d", lambda dt: nl.BatchNorm2d(4, dtype=dt), [0, 2, 3], 0),
+    ("batch1d", lambda dt: nl.BatchNorm1d(4, dtype=dt), [0, 2], 0),
+    ("instance", lambda dt: nl.InstanceNorm2d(4, affine=True, dtype=dt), [2, 3], 0),
+    ("group", lambda dt: nl.GroupNorm(4, 2, dtype=dt), [2], 2),
+    ("layer", lambda dt: nl.LayerNorm((4, 16, 16), dtype=dt), [1, 2, 3], 0),
+    ("channel_layer", lambda dt: nl.ChannelLayerNorm(4, dtype=dt), [1], 0),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    ("make", "dims", "groups"), [c[1:] for c in LAYERS], ids=[c[0] for c in LAYERS]
+)
+def test_low_precision_output_is_accurate(make, dims, groups, dtype) -> None:  # type: ignore[no-untyped-def]
+    """Offset 100, std 1: summing 4096 such values in bfloat16 (8-bit mantissa) would lose the
+    statistics entirely; accumulated in float32 the output error is the output's own rounding."""
+    shape = (16, 4, 16, 16) if dims != [0, 2] else (64, 4, 16)
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(shape, generator=g, dtype=torch.float64) + 100).to(dtype)
+    y = make(dtype).train()(x)
+    assert y.dtype == dtype
+    x64 = x.double().reshape(shape[0], groups, -1) if groups else x.double()
+    mean = x64.mean(dims, keepdim=True)
+    var = ((x64 - mean) ** 2).mean(dims, keepdim=True)
+    ref = ((x64 - mean) / torch.sqrt(var + 1e-5)).reshape(shape)
+    rel = torch.linalg.vector_norm(y.double() - ref) / torch.linalg.vector_norm(ref)
+    assert rel < 1e-2  # a few output ulps (bfloat16: 2**-8 = 3.9e-3)
+
+
+def test_running_statistics_of_bfloat16_input() -> None:
+    bn = nl.BatchNorm2d(4, momentum=1.0).train()  # float32 buffers, bfloat16 activations
+    x = (torch.randn(16, 4, 8, 8, generator=torch.Generator().manual_seed(1)) + 100).bfloat16()
+    bn(x)
+    torch.testing.assert_close(bn.running_mean, x.float().mean((0, 2, 3)), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(bn.running_var, x.float().var((0, 2, 3)), rtol=1e-2, atol=1e-3)
+
+
+def test_bfloat16_buffers_are_updated() -> None:
+    bn = nl.BatchNorm2d(4, momentum=1.0, dtype=torch.bfloat16).train()
+    x = (torch.randn(16, 4, 8, 8, generator=torch.Generator().manual_seed(2)) + 100).bfloat16()
+    bn(x)
+    assert bn.running_mean.dtype == torch.bfloat16
+    torch.testing.assert_close(bn.running_mean.float(), x.float().mean((0, 2, 3)), rtol=1e-2, atol=0.5)
+    assert int(bn.num_batches_tracked) == 1
