@@ -46,13 +46,33 @@ class Timing:
         return self.iqr / self.median if self.median else float("nan")
 
 
+def _timing(times: list[float]) -> Timing:
+    times = sorted(times)
+    q1, _, q3 = statistics.quantiles(times, n=4) if len(times) > 1 else (times[0],) * 3
+    return Timing(statistics.median(times), q3 - q1, len(times))
+
+
 def time_fn(fn: Callable[[], object], min_run_time: float) -> Timing:
     """Time ``fn()`` with torch's Timer (warm-up included, blocked autorange)."""
     fn()  # warm-up: first-call allocations and lazy initialisation
     m = Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time)
-    times = sorted(m.times)
-    q1, _, q3 = statistics.quantiles(times, n=4) if len(times) > 1 else (times[0],) * 3
-    return Timing(m.median, q3 - q1, len(times))
+    return _timing(list(m.times))
+
+
+def compare(
+    ours: Callable[[], object], theirs: Callable[[], object], min_run_time: float, rounds: int = 4
+) -> tuple[Timing, Timing]:
+    """Time two functions in alternating rounds, so that drift of the machine hits both alike."""
+    ours()
+    theirs()
+    times: tuple[list[float], list[float]] = ([], [])
+    for _ in range(rounds):
+        for fn, bucket in ((ours, times[0]), (theirs, times[1])):
+            m = Timer("fn()", globals={"fn": fn}).blocked_autorange(
+                min_run_time=min_run_time / rounds
+            )
+            bucket.extend(m.times)
+    return _timing(times[0]), _timing(times[1])
 
 
 def machine() -> str:

@@ -27,7 +27,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import normlab.nn as nl
-from _harness import Timing, fix_allocator, machine, time_fn
+from _harness import Timing, compare, fix_allocator, machine, time_fn
 
 
 class TorchChannelLayerNorm(nn.LayerNorm):
@@ -55,7 +55,11 @@ LAYERS = [
         lambda c, s: nl.InstanceNorm2d(c, affine=True),
         lambda c, s: nn.InstanceNorm2d(c, affine=True),
     ),
-    Layer("GroupNorm(32)", lambda c, s: nl.GroupNorm(c, 32), lambda c, s: nn.GroupNorm(32, c)),
+    Layer(
+        "GroupNorm(32)",
+        lambda c, s: nl.GroupNorm(c, nl.default_num_groups(c)),
+        lambda c, s: nn.GroupNorm(nl.default_num_groups(c), c),
+    ),
     Layer("LayerNorm([C,H,W])", lambda c, s: nl.LayerNorm(s[1:]), lambda c, s: nn.LayerNorm(s[1:])),
     Layer(
         "ChannelLayerNorm",
@@ -118,14 +122,17 @@ def bench_shape(shape: tuple[int, ...], min_time: float, channels_last: bool) ->
             for m in (ours, theirs):
                 m.running_mean.uniform_(-0.1, 0.1)
                 m.running_var.uniform_(0.9, 1.1)
-        t_ours, t_theirs = time_fn(_fwd(ours, x), min_time), time_fn(_fwd(theirs, x), min_time)
+        t_ours, t_theirs = compare(_fwd(ours, x), _fwd(theirs, x), min_time)
         lines.append(_row(f"{spec.name} fwd", t_ours, t_theirs, 2 * size))
         if spec.training:
-            t_ours = time_fn(_fwd_bwd(ours, x, gy), min_time)
-            t_theirs = time_fn(_fwd_bwd(theirs, x, gy), min_time)
+            t_ours, t_theirs = compare(_fwd_bwd(ours, x, gy), _fwd_bwd(theirs, x, gy), min_time)
             lines.append(_row(f"{spec.name} fwd+bwd", t_ours, t_theirs, 5 * size))
         print(lines[-1], file=sys.stderr, flush=True)
     return lines
+
+
+def _ratio(ours: Timing, theirs: Timing) -> float:
+    return ours.median / theirs.median
 
 
 def crossover(min_time: float) -> list[str]:
@@ -155,11 +162,8 @@ def crossover(min_time: float) -> list[str]:
     for shape in [(n, c, hw, hw) for n, c, hw in sizes]:
         x, gy = torch.randn(shape), torch.randn(shape)
         ours, theirs = nl.BatchNorm2d(shape[1]), nn.BatchNorm2d(shape[1])
-        f = time_fn(_fwd(ours, x), min_time).median / time_fn(_fwd(theirs, x), min_time).median
-        fb = (
-            time_fn(_fwd_bwd(ours, x, gy), min_time).median
-            / time_fn(_fwd_bwd(theirs, x, gy), min_time).median
-        )
+        f = _ratio(*compare(_fwd(ours, x), _fwd(theirs, x), min_time))
+        fb = _ratio(*compare(_fwd_bwd(ours, x, gy), _fwd_bwd(theirs, x, gy), min_time))
         row = shape[2] * shape[3]
         lines.append(
             f"| {shape} | {row} | {use_fast_batch_stats(x, None, None)} | {f:.2f} | {fb:.2f} |"

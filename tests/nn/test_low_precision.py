@@ -50,5 +50,7 @@ def test_bfloat16_buffers_are_updated() -> None:
     x = (torch.randn(16, 4, 8, 8, generator=torch.Generator().manual_seed(2)) + 100).bfloat16()
     bn(x)
     assert bn.running_mean.dtype == torch.bfloat16
-    torch.testing.assert_close(bn.running_mean.float(), x.float().mean((0, 2, 3)), rtol=1e-2, atol=0.5)
+    torch.testing.assert_close(
+        bn.running_mean.float(), x.float().mean((0, 2, 3)), rtol=1e-2, atol=0.5
+    )
     assert int(bn.num_batches_tracked) == 1

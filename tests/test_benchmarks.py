@@ -1,0 +1,47 @@
+"""The benchmark scripts run (tiny shapes, no timing asserted): they must not rot."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _load(name: str):  # type: ignore[no-untyped-def]
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(BENCH))
+    return module
+
+
+def test_layers_benchmark_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    layers = _load("layers")
+    out = tmp_path / "table.md"
+    assert (
+        layers.main(
+            ["--shapes", "4x16x8x8", "--min-time", "0.001", "--channels-last", "--out", str(out)]
+        )
+        == 0
+    )
+    table = out.read_text()
+    for name in (
+        "BatchNorm2d train fwd+bwd",
+        "InstanceNorm2d(affine) fwd",
+        "GroupNorm(32) fwd",
+        "LayerNorm([C,H,W]) fwd",
+        "ChannelLayerNorm fwd+bwd",
+        "channels_last",
+    ):
+        assert name in table
+    assert "ratio" in capsys.readouterr().out
