@@ -19,6 +19,7 @@ import torch
 __all__ = [
     "check_bool",
     "check_channels",
+    "check_channels_first",
     "check_divisible",
     "check_eps",
     "check_floating_tensor",
@@ -257,3 +258,22 @@ def check_trailing_shape(x: torch.Tensor, shape: tuple[int, ...], *, owner: str)
             f"construct the layer with normalized_shape={tuple(x.shape[1:])} (or the dims you "
             "want normalized), or use ChannelLayerNorm to normalize over dim 1",
         )
+
+
+def check_channels_first(
+    x: object, *, owner: str, eps: object, **per_channel: torch.Tensor | None
+) -> int:
+    """Validate a floating ``(N, C, *)`` input, ``eps`` and per-channel tensors; return ``C``."""
+    x = check_floating_tensor(x, owner=owner)
+    check_ndim(
+        x,
+        range(2, 9),
+        layout="(N, C, *)",
+        owner=owner,
+        fix="add a batch dim with input.unsqueeze(0)",
+    )
+    check_eps(eps, owner=owner)
+    c = x.shape[1]
+    for name, t in per_channel.items():
+        check_per_channel(t, c, name=name, owner=owner)
+    return c

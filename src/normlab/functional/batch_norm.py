@@ -6,11 +6,8 @@ import torch
 from torch import Tensor
 
 from normlab._checks import (
-    check_eps,
-    check_floating_tensor,
+    check_channels_first,
     check_momentum,
-    check_ndim,
-    check_per_channel,
     check_values_per_channel,
     fail,
 )
@@ -31,22 +28,15 @@ def _check_common(
     eps: float,
 ) -> None:
     """Validate the arguments shared by batch and instance norm."""
-    check_floating_tensor(input, owner=owner)
-    check_ndim(
+    check_channels_first(
         input,
-        range(2, 9),
-        layout="(N, C, *)",
         owner=owner,
-        fix="add a batch dim with input.unsqueeze(0), or flatten extra dims into N",
+        eps=eps,
+        running_mean=running_mean,
+        running_var=running_var,
+        weight=weight,
+        bias=bias,
     )
-    c = input.shape[1]
-    for name, t in (
-        ("running_mean", running_mean),
-        ("running_var", running_var),
-        ("weight", weight),
-        ("bias", bias),
-    ):
-        check_per_channel(t, c, name=name, owner=owner)
     if (running_mean is None) != (running_var is None):
         fail(
             ValueError,
@@ -58,7 +48,6 @@ def _check_common(
             "pass both running statistics or neither",
         )
     check_momentum(momentum, owner=owner, allow_none=False)
-    check_eps(eps, owner=owner)
 
 
 def batch_norm(

@@ -8,11 +8,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from normlab._checks import (
+    check_channels_first,
     check_divisible,
     check_eps,
     check_floating_tensor,
-    check_ndim,
-    check_per_channel,
     check_positive_int,
     check_trailing_shape,
 )
@@ -69,18 +68,7 @@ def channel_layer_norm(
                  [ 1.]]])
     """
     owner = "normlab.functional.channel_layer_norm"
-    check_floating_tensor(input, owner=owner)
-    check_ndim(
-        input,
-        range(2, 9),
-        layout="(N, C, *)",
-        owner=owner,
-        fix="add a batch dim with input.unsqueeze(0)",
-    )
-    check_eps(eps, owner=owner)
-    c = input.shape[1]
-    check_per_channel(weight, c, name="weight", owner=owner)
-    check_per_channel(bias, c, name="bias", owner=owner)
+    c = check_channels_first(input, owner=owner, eps=eps, weight=weight, bias=bias)
     # Channels innermost is what torch's layer-norm kernel wants: for channels-last input the
     # moved view is contiguous and nothing is copied; for channels-first input torch copies once.
     # Measured faster than the two-pass core over dim 1 (benchmarks/layers.py).
@@ -110,18 +98,7 @@ def group_norm(
         tensor([[-1.,  1.]])
     """
     owner = "normlab.functional.group_norm"
-    check_floating_tensor(input, owner=owner)
-    check_ndim(
-        input,
-        range(2, 9),
-        layout="(N, C, *)",
-        owner=owner,
-        fix="add a batch dim with input.unsqueeze(0)",
-    )
+    c = check_channels_first(input, owner=owner, eps=eps, weight=weight, bias=bias)
     check_positive_int(num_groups, name="num_groups", owner=owner)
-    check_eps(eps, owner=owner)
-    c = input.shape[1]
     check_divisible(c, num_groups, owner=owner)
-    check_per_channel(weight, c, name="weight", owner=owner)
-    check_per_channel(bias, c, name="bias", owner=owner)
     return F.group_norm(input, num_groups, weight, bias, eps)

@@ -8,6 +8,7 @@ and buffer names equal torch's (``weight``, ``bias``, ``running_mean``, ``runnin
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -24,6 +25,12 @@ from normlab._checks import (
 )
 
 __all__ = ["AffineNorm", "RunningStatsNorm"]
+
+# (input, running_mean, running_var, weight, bias, training, momentum, eps, owner) -> output
+NormFn = Callable[
+    [Tensor, Tensor | None, Tensor | None, Tensor | None, Tensor | None, bool, float, float, str],
+    Tensor,
+]
 
 
 class AffineNorm(nn.Module):
@@ -140,6 +147,26 @@ class RunningStatsNorm(AffineNorm):
         self.reset_running_stats()
         super().reset_parameters()
 
+    def _normalize_with(self, fn: NormFn, input: Tensor) -> Tensor:
+        """Call ``fn`` (a ``*_norm_unchecked`` function) with this module's state; count the batch.
+
+        The counter moves only after ``fn`` returned, so a call that raises changes nothing.
+        """
+        y = fn(
+            input,
+            self.running_mean,
+            self.running_var,
+            self.weight,
+            self.bias,
+            self.training,
+            self._momentum_factor(),
+            self.eps,
+            type(self).__name__,
+        )
+        if self.training and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+        return y
+
     def _momentum_factor(self) -> float:
         """The weight of this call's batch in the running average (before the counter increments)."""
         if self.momentum is not None:
@@ -147,11 +174,6 @@ class RunningStatsNorm(AffineNorm):
         if self.num_batches_tracked is None:
             return 0.0
         return 1.0 / (int(self.num_batches_tracked) + 1)
-
-    def _count_batch(self) -> None:
-        """Increment ``num_batches_tracked`` after a successful training step that tracked stats."""
-        if self.training and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
 
     def extra_repr(self) -> str:
         return (

@@ -48,19 +48,7 @@ class _BatchNorm(RunningStatsNorm):
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input(input)
-        y = batch_norm_unchecked(
-            input,
-            self.running_mean,
-            self.running_var,
-            self.weight,
-            self.bias,
-            self.training,
-            self._momentum_factor(),
-            self.eps,
-            type(self).__name__,
-        )
-        self._count_batch()
-        return y
+        return self._normalize_with(batch_norm_unchecked, input)
 
 
 class BatchNorm1d(_BatchNorm):

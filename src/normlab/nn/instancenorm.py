@@ -63,18 +63,7 @@ class _InstanceNorm(RunningStatsNorm):
     def forward(self, input: Tensor) -> Tensor:
         self._check_input(input)
         batched = input.dim() == self._spatial + 2
-        y = instance_norm_unchecked(
-            input if batched else input.unsqueeze(0),
-            self.running_mean,
-            self.running_var,
-            self.weight,
-            self.bias,
-            self.training,
-            self._momentum_factor(),
-            self.eps,
-            type(self).__name__,
-        )
-        self._count_batch()
+        y = self._normalize_with(instance_norm_unchecked, input if batched else input.unsqueeze(0))
         return y if batched else y.squeeze(0)
 
 
