@@ -1,8 +1,9 @@
 """normlab: normalization and stochastic regularization for PyTorch -- correct, fast, measurable.
 
 >>> import normlab
->>> normlab.nn.BatchNorm2d(8)
-BatchNorm2d(8, eps=1e-05, momentum=0.1, affine=True, track_running_stats=True)
+>>> bn = normlab.nn.BatchNorm2d(8)
+>>> isinstance(bn, torch.nn.BatchNorm2d), bn(torch.randn(4, 8, 3, 3)).shape
+(True, torch.Size([4, 8, 3, 3]))
 """
 
 from normlab import functional, nn

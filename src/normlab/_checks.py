@@ -11,6 +11,7 @@ function name the user called) and, where the generic fix is not specific enough
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Sequence
 from typing import NoReturn
 
@@ -25,6 +26,7 @@ __all__ = [
     "check_floating_tensor",
     "check_momentum",
     "check_ndim",
+    "check_nonempty_batch",
     "check_per_channel",
     "check_positive_int",
     "check_trailing_shape",
@@ -41,8 +43,11 @@ def fail(
 
 
 def check_positive_int(value: object, *, name: str, owner: str) -> int:
-    """Return ``value`` if it is an ``int`` >= 1 (``bool`` is rejected)."""
-    if isinstance(value, bool) or not isinstance(value, int):
+    """Return ``value`` as an ``int`` if it is an integer >= 1 (``bool`` is rejected).
+
+    Anything ``operator.index`` accepts counts as an integer (e.g. ``numpy.int64``).
+    """
+    if isinstance(value, bool) or not hasattr(type(value), "__index__"):
         fail(
             TypeError,
             owner,
@@ -51,7 +56,8 @@ def check_positive_int(value: object, *, name: str, owner: str) -> int:
             f"{type(value).__name__} {value!r}",
             f"pass an int such as {name}=64",
         )
-    if value < 1:
+    number = operator.index(value)  # type: ignore[arg-type]
+    if number < 1:
         fail(
             ValueError,
             owner,
@@ -60,7 +66,7 @@ def check_positive_int(value: object, *, name: str, owner: str) -> int:
             repr(value),
             f"pass the number of {name.replace('num_', '')}, e.g. {name}=64",
         )
-    return value
+    return number
 
 
 def check_bool(value: object, *, name: str, owner: str) -> bool:
@@ -277,3 +283,18 @@ def check_channels_first(
     for name, t in per_channel.items():
         check_per_channel(t, c, name=name, owner=owner)
     return c
+
+
+def check_nonempty_batch(x: torch.Tensor, *, owner: str) -> None:
+    """Refuse batch statistics of an empty batch: they are undefined (0 / 0) and would poison the
+    running statistics. (torch returns an empty output and still counts the batch.)"""
+    if x.shape[0] == 0:
+        fail(
+            ValueError,
+            owner,
+            "the batch size when using batch statistics",
+            "at least 1",
+            f"0 (input shape {tuple(x.shape)})",
+            "skip empty batches before calling the layer, or call .eval() to use the running "
+            "statistics",
+        )

@@ -187,3 +187,26 @@ def test_backward_is_accurate_on_both_routes(
     assert bool(calls) == fast
     for g, t, r in zip(ours32, grads(theirs, torch.float32), oracle, strict=True):
         assert _rel(g, r) <= 4 * _rel(t, r) + 1e-6, (_rel(g, r), _rel(t, r))
+
+
+# torch's forward AD scripts its own decompositions on first use (torch's warning, not ours).
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+def test_forward_mode_ad_falls_back_to_the_native_op() -> None:
+    import torch.autograd.forward_ad as fwAD
+
+    x, t = _x(BIG), _x(BIG, seed=4)
+    assert use_fast_batch_stats(x)
+    with fwAD.dual_level():
+        assert not use_fast_batch_stats(x)
+        tangent = fwAD.unpack_dual(NF.batch_norm(fwAD.make_dual(x, t), training=True)).tangent
+        expected = fwAD.unpack_dual(F.batch_norm(fwAD.make_dual(x, t), None, None, training=True))
+    torch.testing.assert_close(tangent, expected.tangent)
+
+
+def test_mixed_dtypes_go_to_torch_which_refuses_them() -> None:
+    """A float32 layer given float64 input must not silently run (torch's kernel raises)."""
+    x = _x(BIG)  # float64
+    rm, rv = torch.zeros(5), torch.ones(5)  # float32 buffers
+    assert not use_fast_batch_stats(x, None, None, rm, rv)
+    with pytest.raises(RuntimeError, match="dtype"):
+        NF.batch_norm(x, rm, rv, training=True)

@@ -178,7 +178,14 @@ def test_constructor_errors(make, exc, match) -> None:  # type: ignore[no-untype
             nl.BatchNorm2d(3).train(),
             torch.randn(0, 3, 2, 2),
             ValueError,
-            r"must be more than 1, got 0",
+            r"BatchNorm2d: the batch size when using batch statistics must be at least 1, got 0 "
+            r"\(input shape \(0, 3, 2, 2\)\)\. Fix: skip empty batches before calling the layer",
+        ),
+        (
+            nl.InstanceNorm2d(3, track_running_stats=True).train(),
+            torch.randn(0, 3, 4, 4),
+            ValueError,
+            r"InstanceNorm2d: the batch size when using batch statistics must be at least 1, got 0",
         ),
         (
             nl.InstanceNorm1d(3).train(),

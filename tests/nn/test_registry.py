@@ -88,6 +88,20 @@ def test_errors() -> None:
         nl.register_norm("batch", summary="dup")(lambda c, s: nn.Identity())
 
 
+def test_none_ignores_norm_keywords() -> None:
+    """Model builders pass their norm keywords whatever the norm; 'none' takes and drops them."""
+    assert isinstance(nl.get_norm_layer("none", 8, eps=1e-3, affine=False), nn.Identity)
+
+
+def test_unsupported_spatial_dims() -> None:
+    with pytest.raises(
+        ValueError,
+        match=r"get_norm_layer: 'spatial_dims' for norm 'batch' must be one of \[0, 1, 2, 3\], got 5\. "
+        r"Fix: use a norm that supports 5 dims",
+    ):
+        nl.get_norm_layer("batch", 8, spatial_dims=5)
+
+
 def test_register_a_new_norm(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
 

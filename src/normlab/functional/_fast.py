@@ -24,6 +24,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 from torch import Tensor
 
 from normlab.functional._core import pool_moments
@@ -41,12 +42,14 @@ _FAST_DTYPES = (torch.float32, torch.float64)
 _MAX_OFFSET = 8.0
 
 
-def use_fast_batch_stats(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> bool:
+def use_fast_batch_stats(x: Tensor, *others: Tensor | None) -> bool:
     """Whether :class:`BatchNormTrainNCHW` applies to ``x`` (else the native kernel is used).
 
     Eager CPU float32/float64 channels-first contiguous tensors with spatial dims, large enough to
-    pay off. Under ``torch.compile`` and ``torch.func`` transforms the native op is used: the
-    compiler generates its own fused kernel, and the transforms need the op's batching rules.
+    pay off, whose ``others`` (weight, bias, running statistics; ``None`` allowed) share their
+    dtype and device -- mixed dtypes go to torch's kernel, which raises for them. Under
+    ``torch.compile``, ``torch.func`` transforms and forward-mode AD the native op is used: the
+    compiler generates its own fused kernel, the transforms need the op's batching and jvp rules.
     """
     if (
         x.device.type != "cpu"
@@ -57,10 +60,14 @@ def use_fast_batch_stats(x: Tensor, weight: Tensor | None, bias: Tensor | None) 
         or not x.is_contiguous()
     ):
         return False
-    for p in (weight, bias):
+    for p in others:
         if p is not None and (p.dtype != x.dtype or p.device != x.device):
             return False
-    return not (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active())
+    return not (
+        torch.compiler.is_compiling()
+        or torch._C._are_functorch_transforms_active()
+        or forward_ad._current_level >= 0  # inside a forward-AD dual_level
+    )
 
 
 def _batch_moments(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:

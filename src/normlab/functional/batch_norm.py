@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
 from normlab._checks import (
     check_channels_first,
     check_momentum,
+    check_nonempty_batch,
     check_values_per_channel,
     fail,
 )
@@ -128,11 +131,12 @@ def batch_norm_unchecked(
     """
     if running_mean is not None and not training:
         return _native_batch_norm(input, weight, bias, running_mean, running_var, False, 0.0, eps)
+    check_nonempty_batch(input, owner=owner)
     c = input.shape[1]
     count = input.numel() // c if c else 0
     check_values_per_channel(input, count, owner=owner, what="values per channel")
     track = training and running_mean is not None
-    if use_fast_batch_stats(input, weight, bias):
+    if use_fast_batch_stats(input, weight, bias, running_mean, running_var):
         y, mean, var = BatchNormTrainNCHW.apply(input, weight, bias, eps)  # type: ignore[no-untyped-call]
         if track and running_mean is not None and running_var is not None:
             update_running_stats_(running_mean, running_var, mean, var, count, momentum)
@@ -259,9 +263,11 @@ def instance_norm_unchecked(
 ) -> Tensor:
     """:func:`instance_norm` for callers that validated the arguments (the modules)."""
     if running_mean is not None and not training:
-        return _native_batch_norm(input, weight, bias, running_mean, running_var, False, 0.0, eps)
+        y = _native_batch_norm(input, weight, bias, running_mean, running_var, False, 0.0, eps)
+        return y.contiguous()  # channels-first in both modes, as torch's instance norm
+    check_nonempty_batch(input, owner=owner)
     n, c = input.shape[0], input.shape[1]
-    positions = input.numel() // (n * c) if n * c else 0
+    positions = math.prod(input.shape[2:])
     check_values_per_channel(
         input,
         positions,

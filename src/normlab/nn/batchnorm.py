@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from torch import Tensor
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm as _TorchBatchNorm
 
 from normlab.functional.batch_norm import batch_norm_unchecked
-from normlab.nn._base import RunningStatsNorm
+from normlab.nn._base import RunningStatsNorm, is_traced
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
 
 
-class _BatchNorm(RunningStatsNorm):
+class _BatchNorm(RunningStatsNorm, _TorchBatchNorm):
     """Batch norm (Ioffe & Szegedy, 2015) over all dims but the channel dim 1.
 
     .. math:: y = \\frac{x - \\mathrm{E}[x]}{\\sqrt{\\mathrm{Var}[x] + \\epsilon}} \\gamma + \\beta
@@ -32,6 +34,7 @@ class _BatchNorm(RunningStatsNorm):
         affine: learn a per-channel ``weight`` (gamma, init 1) and ``bias`` (beta, init 0).
         track_running_stats: keep ``running_mean``, ``running_var``, ``num_batches_tracked``.
         device, dtype: where and in which dtype to create parameters and buffers.
+        bias: with ``affine``, also learn ``bias`` (keyword-only, as in torch). Default: ``True``.
 
     Raises:
         ValueError: at construction for ``num_features < 1``, ``eps <= 0``, ``momentum`` outside
@@ -43,15 +46,48 @@ class _BatchNorm(RunningStatsNorm):
 
     Note:
         The forward pass normalizes with the **biased** batch variance; ``running_var`` stores the
-        **unbiased** one (n / (n - 1), with n = values per channel), as torch does.
+        **unbiased** one (n / (n - 1), with n = values per channel), as torch does. The class
+        subclasses the ``torch.nn`` one, so ``isinstance`` checks and torch's tools see a torch
+        batch norm. Deliberate difference: an empty batch in training raises (torch returns an
+        empty output and still counts the batch).
     """
 
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        bias: bool = True,
+    ) -> None:
+        super().__init__(
+            num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias
+        )
+
     def forward(self, input: Tensor) -> Tensor:
+        if is_traced(input):  # torch.fx / torch.jit.trace: record torch's op, no Python checks
+            batch_stats = self.training or self.running_mean is None
+            buffers = not self.training or self.track_running_stats
+            return torch.batch_norm(
+                input,
+                self.weight,
+                self.bias,
+                self.running_mean if buffers else None,
+                self.running_var if buffers else None,
+                batch_stats,
+                self._momentum_factor(),
+                self.eps,
+                torch.backends.cudnn.enabled,
+            )
         self._check_input(input)
         return self._normalize_with(batch_norm_unchecked, input)
 
 
-class BatchNorm1d(_BatchNorm):
+class BatchNorm1d(_BatchNorm, nn.BatchNorm1d):
     __doc__ = (
         (_BatchNorm.__doc__ or "")
         + """
@@ -69,7 +105,7 @@ class BatchNorm1d(_BatchNorm):
     _layout = "(N, C) or (N, C, L)"
 
 
-class BatchNorm2d(_BatchNorm):
+class BatchNorm2d(_BatchNorm, nn.BatchNorm2d):
     __doc__ = (
         (_BatchNorm.__doc__ or "")
         + """
@@ -87,7 +123,7 @@ class BatchNorm2d(_BatchNorm):
     _layout = "(N, C, H, W)"
 
 
-class BatchNorm3d(_BatchNorm):
+class BatchNorm3d(_BatchNorm, nn.BatchNorm3d):
     __doc__ = (
         (_BatchNorm.__doc__ or "")
         + """

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+from torch.nn.modules.instancenorm import _InstanceNorm as _TorchInstanceNorm
 
 from normlab.functional.batch_norm import instance_norm_unchecked
-from normlab.nn._base import RunningStatsNorm
+from normlab.nn._base import RunningStatsNorm, is_traced
 
 __all__ = ["InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d"]
 
 
-class _InstanceNorm(RunningStatsNorm):
+class _InstanceNorm(RunningStatsNorm, _TorchInstanceNorm):
     """Instance norm (Ulyanov et al., 2016): each sample and channel over its positions.
 
     .. math:: y_{nc} = \\frac{x_{nc} - \\mathrm{E}[x_{nc}]}{\\sqrt{\\mathrm{Var}[x_{nc}] + \\epsilon}}
@@ -31,6 +32,7 @@ class _InstanceNorm(RunningStatsNorm):
         affine: learn a per-channel ``weight`` and ``bias``. Default: ``False``.
         track_running_stats: keep running statistics for evaluation. Default: ``False``.
         device, dtype: where and in which dtype to create parameters and buffers.
+        bias: with ``affine``, also learn ``bias`` (keyword-only, as in torch). Default: ``True``.
 
     Raises:
         ValueError: a wrong number of dims or channels; a single position per instance when
@@ -40,7 +42,7 @@ class _InstanceNorm(RunningStatsNorm):
         Differences from torch, both deliberate: ``momentum=None`` means the cumulative average
         (torch silently never updates), and ``num_batches_tracked`` counts training steps (torch
         leaves it at 0). The channel count must equal ``num_features`` even without affine or
-        running statistics (torch only warns).
+        running statistics (torch only warns). The class subclasses the ``torch.nn`` one.
     """
 
     _spatial: int = 1
@@ -54,20 +56,36 @@ class _InstanceNorm(RunningStatsNorm):
         track_running_stats: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        *,
+        bias: bool = True,
     ) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        super().__init__(
+            num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias
+        )
 
     def _channel_dim(self, input: Tensor) -> int:
         return 1 if input.dim() == self._spatial + 2 else 0
 
     def forward(self, input: Tensor) -> Tensor:
+        if is_traced(input):  # torch.fx / torch.jit.trace: record torch's op (batched input)
+            return torch.instance_norm(
+                input,
+                self.weight,
+                self.bias,
+                self.running_mean,
+                self.running_var,
+                self.training or not self.track_running_stats,
+                self._momentum_factor(),
+                self.eps,
+                torch.backends.cudnn.enabled,
+            )
         self._check_input(input)
         batched = input.dim() == self._spatial + 2
         y = self._normalize_with(instance_norm_unchecked, input if batched else input.unsqueeze(0))
         return y if batched else y.squeeze(0)
 
 
-class InstanceNorm1d(_InstanceNorm):
+class InstanceNorm1d(_InstanceNorm, nn.InstanceNorm1d):
     __doc__ = (
         (_InstanceNorm.__doc__ or "")
         + """
@@ -84,7 +102,7 @@ class InstanceNorm1d(_InstanceNorm):
     _layout = "(N, C, L) or unbatched (C, L)"
 
 
-class InstanceNorm2d(_InstanceNorm):
+class InstanceNorm2d(_InstanceNorm, nn.InstanceNorm2d):
     __doc__ = (
         (_InstanceNorm.__doc__ or "")
         + """
@@ -102,7 +120,7 @@ class InstanceNorm2d(_InstanceNorm):
     _layout = "(N, C, H, W) or unbatched (C, H, W)"
 
 
-class InstanceNorm3d(_InstanceNorm):
+class InstanceNorm3d(_InstanceNorm, nn.InstanceNorm3d):
     __doc__ = (
         (_InstanceNorm.__doc__ or "")
         + """

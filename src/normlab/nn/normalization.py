@@ -16,13 +16,13 @@ from normlab._checks import (
     check_trailing_shape,
     fail,
 )
-from normlab.functional.normalization import channel_layer_norm, group_norm, layer_norm
-from normlab.nn._base import AffineNorm
+from normlab.functional.normalization import channel_layer_norm_unchecked, group_norm, layer_norm
+from normlab.nn._base import AffineNorm, InputChecks, bias_kwarg, is_traced
 
 __all__ = ["ChannelLayerNorm", "GroupNorm", "LayerNorm"]
 
 
-class LayerNorm(nn.Module):
+class LayerNorm(nn.LayerNorm):
     """Layer norm (Ba, Kiros & Hinton, 2016) over the trailing dims: a drop-in ``torch.nn.LayerNorm``.
 
     .. math:: y = \\frac{x - \\mathrm{E}[x]}{\\sqrt{\\mathrm{Var}[x] + \\epsilon}} \\odot \\gamma + \\beta
@@ -50,14 +50,12 @@ class LayerNorm(nn.Module):
         ``GroupNorm(C, num_groups=1)``, and the per-position norm over channels is
         :class:`ChannelLayerNorm`.
 
+        The class subclasses ``torch.nn.LayerNorm``.
+
     Example:
         >>> LayerNorm(4)(torch.randn(2, 4)).shape
         torch.Size([2, 4])
     """
-
-    normalized_shape: tuple[int, ...]
-    eps: float
-    elementwise_affine: bool
 
     def __init__(
         self,
@@ -68,7 +66,6 @@ class LayerNorm(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__()
         owner = type(self).__name__
         shape = (
             (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
@@ -84,40 +81,27 @@ class LayerNorm(nn.Module):
             )
         for size in shape:
             check_positive_int(size, name="normalized_shape", owner=owner)
-        self.normalized_shape = shape
-        self.eps = check_eps(eps, owner=owner)
-        self.elementwise_affine = check_bool(
-            elementwise_affine, name="elementwise_affine", owner=owner
-        )
+        check_eps(eps, owner=owner)
+        check_bool(elementwise_affine, name="elementwise_affine", owner=owner)
         check_bool(bias, name="bias", owner=owner)
-        if elementwise_affine:
-            self.weight = nn.Parameter(torch.empty(shape, device=device, dtype=dtype))
-            if bias:
-                self.bias = nn.Parameter(torch.empty(shape, device=device, dtype=dtype))
-            else:
-                self.register_parameter("bias", None)
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        """``weight = 1``, ``bias = 0``."""
-        if self.weight is not None:
-            nn.init.ones_(self.weight)
-        if self.bias is not None:
-            nn.init.zeros_(self.bias)
+        super().__init__(
+            [int(v) for v in shape], float(eps), elementwise_affine, bias, device, dtype
+        )
 
     def forward(self, input: Tensor) -> Tensor:
+        if is_traced(input):
+            return torch.layer_norm(
+                input,
+                self.normalized_shape,
+                self.weight,
+                self.bias,
+                self.eps,
+                torch.backends.cudnn.enabled,
+            )
         owner = type(self).__name__
         check_floating_tensor(input, owner=owner)
         check_trailing_shape(input, self.normalized_shape, owner=owner)
         return layer_norm(input, self.normalized_shape, self.weight, self.bias, eps=self.eps)
-
-    def extra_repr(self) -> str:
-        return (
-            f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}"
-        )
 
 
 class ChannelLayerNorm(AffineNorm):
@@ -157,11 +141,14 @@ class ChannelLayerNorm(AffineNorm):
         self.reset_parameters()
 
     def forward(self, input: Tensor) -> Tensor:
-        self._check_input(input)
-        return channel_layer_norm(input, self.weight, self.bias, eps=self.eps)
+        if not is_traced(input):
+            self._check_input(input)
+        return channel_layer_norm_unchecked(
+            input, self.num_features, self.weight, self.bias, self.eps
+        )
 
 
-class GroupNorm(AffineNorm):
+class GroupNorm(InputChecks, nn.GroupNorm):
     """Group norm (Wu & He, 2018): per sample over groups of channels and all positions.
 
     .. math:: y = \\frac{x - \\mathrm{E}_g[x]}{\\sqrt{\\mathrm{Var}_g[x] + \\epsilon}} \\gamma_c + \\beta_c
@@ -172,7 +159,8 @@ class GroupNorm(AffineNorm):
     evaluation, independent of the batch size.
 
     Unlike ``torch.nn.GroupNorm(num_groups, num_channels)``, ``num_features`` comes first, as in
-    every normlab norm; the ``state_dict`` (``weight``, ``bias``) is the same.
+    every normlab norm; the class subclasses ``torch.nn.GroupNorm`` (``num_channels`` and
+    ``num_groups`` are there too) and the ``state_dict`` (``weight``, ``bias``) is the same.
 
     Args:
         num_features: ``C``.
@@ -180,6 +168,7 @@ class GroupNorm(AffineNorm):
         eps: added to the variance inside the square root. Default: 1e-5.
         affine: learn a per-channel ``weight`` (init 1) and ``bias`` (init 0). Default: ``True``.
         device, dtype: where and in which dtype to create the parameters.
+        bias: with ``affine``, also learn ``bias`` (keyword-only, as in torch). Default: ``True``.
 
     Shape:
         Input ``(N, C, *)``; output of the same shape and memory format.
@@ -192,8 +181,6 @@ class GroupNorm(AffineNorm):
         torch.Size([2, 8, 3, 3])
     """
 
-    num_groups: int
-
     def __init__(
         self,
         num_features: int,
@@ -202,21 +189,42 @@ class GroupNorm(AffineNorm):
         affine: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        *,
+        bias: bool = True,
     ) -> None:
-        super().__init__(num_features, eps, affine, device=device, dtype=dtype)
         owner = type(self).__name__
-        self.num_groups = check_positive_int(num_groups, name="num_groups", owner=owner)
+        check_positive_int(num_features, name="num_features", owner=owner)
+        check_positive_int(num_groups, name="num_groups", owner=owner)
         check_divisible(num_features, num_groups, owner=owner)
-        self.reset_parameters()
-
-    @property
-    def num_channels(self) -> int:
-        """``torch.nn.GroupNorm``'s name for ``num_features``."""
-        return self.num_features
+        check_eps(eps, owner=owner)
+        check_bool(affine, name="affine", owner=owner)
+        check_bool(bias, name="bias", owner=owner)
+        super().__init__(
+            int(num_groups),
+            int(num_features),
+            float(eps),
+            affine,
+            device,
+            dtype,
+            **bias_kwarg(bias),
+        )
+        self.num_features = int(num_features)
 
     def forward(self, input: Tensor) -> Tensor:
+        if is_traced(input):
+            return torch.group_norm(
+                input,
+                self.num_groups,
+                self.weight,
+                self.bias,
+                self.eps,
+                torch.backends.cudnn.enabled,
+            )
         self._check_input(input)
         return group_norm(input, self.num_groups, self.weight, self.bias, eps=self.eps)
 
     def extra_repr(self) -> str:
-        return f"{self.num_features}, num_groups={self.num_groups}, eps={self.eps}, affine={self.affine}"
+        return (
+            f"{self.num_features}, num_groups={self.num_groups}, eps={self.eps}, "
+            f"affine={self.affine}"
+        )

@@ -1,9 +1,9 @@
 """Name -> norm-layer registry, so that every model can take ``norm="group"``.
 
->>> get_norm_layer("batch", 16)
-BatchNorm2d(16, eps=1e-05, momentum=0.1, affine=True, track_running_stats=True)
->>> get_norm_layer("layer", 16, spatial_dims=0)
-LayerNorm((16,), eps=1e-05, elementwise_affine=True)
+>>> type(get_norm_layer("batch", 16)).__name__, type(get_norm_layer("batch", 16, spatial_dims=0)).__name__
+('BatchNorm2d', 'BatchNorm1d')
+>>> get_norm_layer("group", 64)
+GroupNorm(64, num_groups=32, eps=1e-05, affine=True)
 
 Later layers join with :func:`register_norm`; each factory receives ``num_features`` and
 ``spatial_dims`` (0 for dense ``(N, C)`` features, 1/2/3 for ``(N, C, *spatial)``) plus the
@@ -220,6 +220,6 @@ def _group(
     return GroupNorm(num_features, groups, eps, affine, device=device, dtype=dtype)
 
 
-@register_norm("none", summary="no normalization (identity)")
-def _none(num_features: int, spatial_dims: int) -> nn.Module:
+@register_norm("none", summary="no normalization (identity); norm keywords are ignored")
+def _none(num_features: int, spatial_dims: int, **ignored: Any) -> nn.Module:
     return nn.Identity()
