@@ -107,6 +107,8 @@ class AffineNorm(InputChecks, nn.Module):
 class RunningStatsNorm(InputChecks, _NormBase):
     """Validation and the training call shared by batch and instance norm (torch's ``_NormBase``).
 
+    The constructor's defaults are batch norm's; instance norm overrides them.
+
     Running statistics follow torch exactly: ``running_mean`` starts at 0, ``running_var`` at 1;
     each training step with ``track_running_stats=True`` sets
     ``running = (1 - momentum) * running + momentum * batch`` (unbiased batch variance) and
@@ -117,10 +119,10 @@ class RunningStatsNorm(InputChecks, _NormBase):
     def __init__(
         self,
         num_features: int,
-        eps: float,
-        momentum: float | None,
-        affine: bool,
-        track_running_stats: bool,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         *,

@@ -52,22 +52,6 @@ class _BatchNorm(RunningStatsNorm, _TorchBatchNorm):
         empty output and still counts the batch).
     """
 
-    def __init__(
-        self,
-        num_features: int,
-        eps: float = 1e-5,
-        momentum: float | None = 0.1,
-        affine: bool = True,
-        track_running_stats: bool = True,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-        *,
-        bias: bool = True,
-    ) -> None:
-        super().__init__(
-            num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias
-        )
-
     def forward(self, input: Tensor) -> Tensor:
         if is_traced(input):  # torch.fx / torch.jit.trace: record torch's op, no Python checks
             batch_stats = self.training or self.running_mean is None
