@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from normlab._checks import check_positive_int, fail
 from normlab.data import load_digits_split
-from normlab.nn import get_norm_layer
+from normlab.nn import InputStandardizer, get_norm_layer
 
 __all__ = ["DemoConfig", "DemoResult", "build_mlp", "run_demo"]
 
@@ -91,14 +91,6 @@ def build_mlp(
     return nn.Sequential(*layers)
 
 
-def _standardize(train: Tensor, *others: Tensor) -> list[Tensor]:
-    """Standardize with the training split's per-feature statistics (constant features -> 0)."""
-    mean = train.mean(0)
-    std = train.std(0, unbiased=False)
-    std = torch.where(std > 1e-6, std, torch.ones_like(std))
-    return [(t - mean) / std for t in (train, *others)]
-
-
 @torch.no_grad()
 def _accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
     return float((model(x).argmax(1) == y).float().mean())
@@ -112,7 +104,8 @@ def run_demo(config: DemoConfig | None = None) -> list[DemoResult]:
     """
     cfg = config or DemoConfig()
     data = load_digits_split(seed=cfg.seed)
-    x_train, x_test = _standardize(data.x_train, data.x_test)
+    standardize = InputStandardizer().fit(data.x_train)  # training split only
+    x_train, x_test = standardize(data.x_train), standardize(data.x_test)
     results = []
     for norm in cfg.norms:
         torch.manual_seed(cfg.seed)

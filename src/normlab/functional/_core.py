@@ -25,14 +25,18 @@ Numerics (the fine print every variant inherits):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 __all__ = [
+    "Moments",
     "apply_affine",
     "channel_view_shape",
+    "keepdim_shape",
     "moments",
     "normalize",
     "pool_moments",
@@ -156,3 +160,62 @@ def update_running_stats_(
         new_var = (var.reshape(running_var.shape) * bessel).to(running_var.dtype)
         running_mean.mul_(1.0 - momentum).add_(new_mean, alpha=momentum)
         running_var.mul_(1.0 - momentum).add_(new_var, alpha=momentum)
+
+
+@dataclass(frozen=True)
+class Moments:
+    """Exact streaming statistics of a set of values, per channel: count, mean and the sum of
+    squared deviations from the mean (``m2``), all float64 (Chan, Golub & LeVeque's form).
+
+    Any split of the data into batches, merged with :meth:`merge` in any order, gives the same
+    result up to float64 rounding -- unlike averaging per-batch statistics with equal weights.
+
+    >>> a = Moments.of(torch.tensor([[1.0], [3.0]]), [0])
+    >>> b = Moments.of(torch.tensor([[5.0]]), [0])
+    >>> m = a.merge(b)
+    >>> m.count.item(), m.mean.item(), m.variance().item(), m.variance(unbiased=True).item()
+    (3.0, 3.0, 2.6666666666666665, 4.0)
+    """
+
+    count: Tensor
+    mean: Tensor
+    m2: Tensor
+
+    @staticmethod
+    def of(x: Tensor, dims: Sequence[int]) -> Moments:
+        """Moments of ``x`` over ``dims`` (the other dims keep separate statistics), in float64."""
+        dims = tuple(dims)
+        x64 = x.detach().double()
+        count = x64.new_tensor(float(math.prod(x.shape[d] for d in dims)))
+        mean = x64.mean(dims)
+        m2 = (x64 - mean.view(keepdim_shape(x.shape, dims))).square().sum(dims)
+        return Moments(count.expand_as(mean).clone(), mean, m2)
+
+    @staticmethod
+    def empty(shape: Sequence[int], device: torch.device | str | None = None) -> Moments:
+        """No values seen yet (count 0)."""
+        zeros = torch.zeros(tuple(shape), dtype=torch.float64, device=device)
+        return Moments(zeros, zeros.clone(), zeros.clone())
+
+    def merge(self, other: Moments) -> Moments:
+        """The moments of the union of both sets of values (exact)."""
+        count = self.count + other.count
+        safe = torch.where(count > 0, count, torch.ones_like(count))
+        delta = other.mean - self.mean
+        mean = self.mean + delta * (other.count / safe)
+        m2 = self.m2 + other.m2 + delta.square() * (self.count * other.count / safe)
+        return Moments(count, mean, m2)
+
+    def variance(self, unbiased: bool = False) -> Tensor:
+        """Biased (divide by n) or unbiased (divide by n - 1) variance; 0 where undefined."""
+        denom = self.count - 1 if unbiased else self.count
+        return torch.where(denom > 0, self.m2 / denom.clamp_min(1), torch.zeros_like(self.m2))
+
+
+def keepdim_shape(shape: Sequence[int], dims: Sequence[int]) -> list[int]:
+    """``shape`` with the reduced ``dims`` set to 1 (for broadcasting a reduced statistic back).
+
+    >>> keepdim_shape((8, 3, 5, 5), (0, 2, 3))
+    [1, 3, 1, 1]
+    """
+    return [1 if d in dims else s for d, s in enumerate(shape)]

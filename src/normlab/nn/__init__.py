@@ -4,6 +4,7 @@ from normlab.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from normlab.nn.instancenorm import InstanceNorm1d, InstanceNorm2d, InstanceNorm3d
 from normlab.nn.normalization import ChannelLayerNorm, GroupNorm, LayerNorm
 from normlab.nn.registry import available_norms, default_num_groups, get_norm_layer, register_norm
+from normlab.nn.standardizer import InputStandardizer
 
 __all__ = [
     "BatchNorm1d",
@@ -11,6 +12,7 @@ __all__ = [
     "BatchNorm3d",
     "ChannelLayerNorm",
     "GroupNorm",
+    "InputStandardizer",
     "InstanceNorm1d",
     "InstanceNorm2d",
     "InstanceNorm3d",
