@@ -330,3 +330,14 @@ def test_distributed_result_equals_single_process(tmp_path: Path) -> None:
     model = _randomized(_mlp())
     recompute_population_stats(model, _batches(_data(), 64))
     _assert_stats(torch.load(out, weights_only=True), _stats(model), rtol=1e-6)
+
+
+def test_frozen_batch_norms_are_left_alone() -> None:
+    from normlab.surgery import freeze_batchnorm
+
+    model = freeze_batchnorm(_randomized(_mlp()))
+    model[5] = nl.BatchNorm1d(12)  # one live layer among frozen ones
+    frozen = model[1].running_mean.clone()
+    report = recompute_population_stats(model, _batches(_data(), 64))
+    assert report.layers == ("5",)
+    assert torch.equal(model[1].running_mean, frozen)

@@ -15,13 +15,15 @@ __all__ = ["preserved", "running_stat_layers"]
 def running_stat_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """``(name, module)`` of every layer that tracks running statistics (batch-norm-like).
 
-    A layer qualifies if it has tensor buffers ``running_mean`` and ``running_var`` (torch's and
-    normlab's batch norms, instance norms with ``track_running_stats=True``, and later variants).
+    A layer qualifies if ``track_running_stats`` is true and it has tensor buffers
+    ``running_mean`` and ``running_var`` (torch's and normlab's batch norms, instance norms with
+    ``track_running_stats=True``, later variants) -- frozen batch norms do not.
     """
     return [
         (name, m)
         for name, m in model.named_modules()
-        if isinstance(getattr(m, "running_mean", None), torch.Tensor)
+        if getattr(m, "track_running_stats", False) is True
+        and isinstance(getattr(m, "running_mean", None), torch.Tensor)
         and isinstance(getattr(m, "running_var", None), torch.Tensor)
     ]
 
