@@ -45,3 +45,16 @@ def test_layers_benchmark_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[st
     ):
         assert name in table
     assert "ratio" in capsys.readouterr().out
+
+
+# fvcore (when installed, benchmark environment only) scripts functions at import.
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+def test_population_benchmarks_smoke(tmp_path: Path) -> None:
+    speed = _load("population")
+    out = tmp_path / "speed.md"
+    assert speed.main(["--quick", "--out", str(out)]) == 0
+    assert "normlab inference" in out.read_text()
+    accuracy = _load("population_accuracy")
+    out = tmp_path / "accuracy.md"
+    assert accuracy.main(["--seeds", "1", "--steps", "3", "--out", str(out)]) == 0
+    assert out.read_text().count("\n| ") == 9  # header + 8 rows

@@ -188,7 +188,8 @@ class Moments:
         x64 = x.detach().double()
         count = x64.new_tensor(float(math.prod(x.shape[d] for d in dims)))
         mean = x64.mean(dims)
-        m2 = (x64 - mean.view(keepdim_shape(x.shape, dims))).square().sum(dims)
+        centered = x64 - mean.view(keepdim_shape(x.shape, dims))
+        m2 = (centered * centered).sum(dims)
         return Moments(count.expand_as(mean).clone(), mean, m2)
 
     @staticmethod
@@ -200,10 +201,10 @@ class Moments:
     def merge(self, other: Moments) -> Moments:
         """The moments of the union of both sets of values (exact)."""
         count = self.count + other.count
-        safe = torch.where(count > 0, count, torch.ones_like(count))
+        safe = count.clamp_min(1.0)  # both empty: every term below is 0
         delta = other.mean - self.mean
         mean = self.mean + delta * (other.count / safe)
-        m2 = self.m2 + other.m2 + delta.square() * (self.count * other.count / safe)
+        m2 = self.m2 + other.m2 + delta * delta * (self.count * other.count / safe)
         return Moments(count, mean, m2)
 
     def variance(self, unbiased: bool = False) -> Tensor:

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from normlab.functional._core import pool_moments
 
-__all__ = ["BatchNormTrainNCHW", "use_fast_batch_stats"]
+__all__ = ["BatchNormTrainNCHW", "row_moments", "use_fast_batch_stats"]
 
 # Below these sizes the fixed cost of the extra small ops outweighs the gain (measured with
 # `python benchmarks/layers.py --crossover`): rows (values per sample and channel) shorter than
@@ -70,18 +70,23 @@ def use_fast_batch_stats(x: Tensor, *others: Tensor | None) -> bool:
     )
 
 
-def _batch_moments(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """``(scratch, mean, var)``: per-channel batch mean and biased variance in float64.
-
-    ``scratch`` is a buffer of ``x``'s shape and dtype whose content is garbage.
+def row_moments(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(scratch, mean, var)`` of every ``(sample, channel)`` row of a contiguous ``(N, C, *)``
+    tensor: float64 ``(N, C)`` mean and biased variance over the trailing positions, from torch's
+    group-norm kernel (one read of ``x``, numerically stable). ``scratch`` is a garbage buffer of
+    ``x``'s shape and dtype that callers may reuse.
     """
     n, c = x.shape[0], x.shape[1]
     row = x.numel() // (n * c)
     # eps=0 so that the variance is recovered exactly as rstd**-2 (a constant row gives rstd=inf,
     # var=0); the group-norm output written to `scratch` is not used.
     scratch, row_mean, row_rstd = torch.native_group_norm(x, None, None, n, c, row, c, 0.0)
-    row_mean = row_mean.view(n, c).double()  # (N, C)
-    row_var = row_rstd.view(n, c).double().pow(-2)  # (N, C), biased, over the `row` positions
+    return scratch, row_mean.view(n, c).double(), row_rstd.view(n, c).double().pow(-2)
+
+
+def _batch_moments(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(scratch, mean, var)``: per-channel batch mean and biased variance in float64."""
+    scratch, row_mean, row_var = row_moments(x)  # (N, C) each
     mean, var = pool_moments(row_mean, row_var, 0)  # (C,), (C,)
     return scratch, mean, var
 

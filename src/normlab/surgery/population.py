@@ -21,7 +21,8 @@ from torch.nn.modules.instancenorm import _InstanceNorm
 
 from normlab._batches import CHUNK_ROWS, InputFn, iter_inputs
 from normlab._checks import fail
-from normlab.functional._core import Moments
+from normlab.functional._core import Moments, pool_moments
+from normlab.functional._fast import row_moments
 from normlab.surgery._state import preserved, running_stat_layers
 
 __all__ = ["PopulationStatsReport", "recompute_population_stats"]
@@ -70,22 +71,34 @@ class _Accumulator:
         self.instance_sums: Tensor | None = None  # (3, C): instances, sum of means, sum of vars
 
     def add(self, x: Tensor) -> None:
+        x = x.detach()
+        if x.dim() == 2 and not self.instance:  # dense (N, C): the float64 two-pass moments
+            batch = Moments.of(x, [0])
+            self.moments = batch if self.moments is None else self.moments.merge(batch)
+            return
+        if x.dtype in (torch.float32, torch.float64) and x[0, 0].numel() > 1:
+            # Per-(sample, channel) rows at memory speed (torch's group-norm kernel, stable).
+            _, row_mean, row_var = row_moments(x.contiguous())  # (N, C) float64
+        else:
+            flat = x.double().flatten(2)  # (N, C, positions)
+            row_mean, row_var = flat.mean(2), flat.var(2, correction=0)
+        n, positions = x.shape[0], x[0, 0].numel()
         if self.instance:
             # torch's instance-norm running statistics average the per-instance mean and the
             # per-instance unbiased variance; the population version averages over all instances.
-            flat = x.detach().double().flatten(2)  # (N, C, positions)
-            positions = flat.shape[2]
+            bessel = positions / (positions - 1) if positions > 1 else 1.0
             sums = torch.stack(
                 [
-                    torch.full((flat.shape[1],), float(flat.shape[0]), dtype=torch.float64),
-                    flat.mean(2).sum(0),
-                    flat.var(2, correction=1 if positions > 1 else 0).sum(0),
+                    row_mean.new_full((x.shape[1],), float(n)),
+                    row_mean.sum(0),
+                    row_var.sum(0) * bessel,
                 ]
             )
             self.instance_sums = sums if self.instance_sums is None else self.instance_sums + sums
             return
-        dims = [0, *range(2, x.dim())]
-        batch = Moments.of(x, dims)
+        mean, var = pool_moments(row_mean, row_var, 0)  # (C,): the batch's per-channel moments
+        count = mean.new_full(mean.shape, float(n * positions))
+        batch = Moments(count, mean, var * count)
         self.moments = batch if self.moments is None else self.moments.merge(batch)
 
     def all_reduce(self) -> None:
