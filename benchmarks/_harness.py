@@ -11,6 +11,7 @@ import platform
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch.utils.benchmark import Timer
@@ -85,3 +86,12 @@ def machine() -> str:
     except OSError:
         pass
     return f"{cpu}, torch {torch.__version__}, {torch.get_num_threads()} thread(s)"
+
+
+def emit(lines: list[str], out: Path | None) -> int:
+    """Print the markdown table (and write it to ``out`` if given); return the exit status 0."""
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if out:
+        out.write_text(text)
+    return 0

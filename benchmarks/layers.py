@@ -27,7 +27,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import normlab.nn as nl
-from _harness import Timing, compare, fix_allocator, machine, time_fn
+from _harness import Timing, compare, emit, fix_allocator, machine, time_fn
 
 
 class TorchChannelLayerNorm(nn.LayerNorm):
@@ -198,11 +198,7 @@ def main(argv: list[str] | None = None) -> int:
             lines += bench_shape(shape, args.min_time, channels_last=False)
             if args.channels_last:
                 lines += bench_shape(shape, args.min_time, channels_last=True)
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        args.out.write_text(text)
-    return 0
+    return emit(lines, args.out)
 
 
 if __name__ == "__main__":

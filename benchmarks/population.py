@@ -25,7 +25,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import normlab.nn as nl
-from _harness import fix_allocator, machine
+from _harness import emit, fix_allocator, machine
 from normlab.surgery import recompute_population_stats
 
 
@@ -137,11 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     lines += rows("VGG-4 CNN, 3x32x32", vgg(), images, repeats)
     lines += rows("MLP 64-256x3", mlp(), features, repeats)
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        args.out.write_text(text)
-    return 0
+    return emit(lines, args.out)
 
 
 if __name__ == "__main__":

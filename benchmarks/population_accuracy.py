@@ -24,7 +24,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import normlab.nn as nl
-from _harness import machine
+from _harness import emit, machine
 from normlab.data import load_digits_split
 from normlab.surgery import recompute_population_stats
 
@@ -103,11 +103,7 @@ def main(argv: list[str] | None = None) -> int:
                 cells.append(f"{statistics.mean(pct):.1f} [{min(pct):.1f} – {max(pct):.1f}]")
             lines.append(f"| {batch} | {momentum} | " + " | ".join(cells) + " |")
             print(lines[-1], file=sys.stderr, flush=True)
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        args.out.write_text(text)
-    return 0
+    return emit(lines, args.out)
 
 
 if __name__ == "__main__":
