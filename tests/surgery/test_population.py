@@ -341,3 +341,15 @@ def test_frozen_batch_norms_are_left_alone() -> None:
     report = recompute_population_stats(model, _batches(_data(), 64))
     assert report.layers == ("5",)
     assert torch.equal(model[1].running_mean, frozen)
+
+
+def test_num_batches_limits_each_pass_and_progress_is_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    model, x = _randomized(_mlp()), _data()
+    with caplog.at_level("INFO", logger="normlab.surgery.population"):
+        report = recompute_population_stats(model, _batches(x, 64), num_batches=2)
+    assert (report.samples, report.batches) == (128, 2)
+    expected = _oracle_inference(model, x[:128])
+    _assert_stats(_stats(model), expected)
+    assert "inference pass 3/3: 1 layers, 128 samples in 2 batches" in caplog.text
