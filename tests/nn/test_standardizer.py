@@ -134,3 +134,27 @@ def test_usable_as_first_layer() -> None:
     out_train = model(x)
     model.eval()
     torch.testing.assert_close(model(x), out_train)
+
+
+def test_statistics_stay_float64_when_the_model_is_cast() -> None:
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(100_000, 2, generator=g) * 10 + 3
+    s = InputStandardizer().fit(x)
+    expected = s(x[:5])
+    half = s.half()  # a count of 100000 would be inf in float16
+    assert half.count.dtype == torch.float64
+    assert half.mean.dtype == torch.float64
+    torch.testing.assert_close(half(x[:5].half()).float(), expected, rtol=2e-3, atol=2e-3)
+
+
+def test_tiny_but_real_variance_is_scaled_like_scikit_learn() -> None:
+    x = np.random.default_rng(3).normal(size=(200, 2)) * [1e-9, 1.0]
+    ref = StandardScaler().fit(x)
+    s = InputStandardizer().fit(torch.from_numpy(x))
+    np.testing.assert_allclose(s.scale.flatten().numpy(), ref.scale_, rtol=1e-12)
+    floored = InputStandardizer(std_floor=1e-6).fit(torch.from_numpy(x))
+    assert floored.scale.flatten()[0].item() == 1.0
+    with pytest.raises(
+        ValueError, match=r"argument 'std_floor' must be a finite float >= 0, got -1\.0"
+    ):
+        InputStandardizer(std_floor=-1.0)

@@ -206,3 +206,29 @@ def test_load_keras_errors() -> None:
         load_keras_batchnorm(nl.BatchNorm1d(3), [np.ones(3)] * 3)
     with pytest.raises(ValueError, match=r"'gamma' must be absent for a layer without it"):
         load_keras_batchnorm(nl.BatchNorm1d(3, affine=False), [np.ones(3)] * 4)
+
+
+def test_sequential_subclasses_with_their_own_forward_are_not_fused() -> None:
+    class Residual(nn.Sequential):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self[1](self[0](x)) + x
+
+    model = nn.Sequential(Residual(nn.Linear(4, 4), nn.BatchNorm1d(4))).eval()
+    assert fusable_pairs(model) == []
+
+
+def test_load_keras_changes_nothing_when_it_raises() -> None:
+    layer = nl.BatchNorm1d(3, affine=False)
+    with pytest.raises(
+        ValueError,
+        match=r"load_keras_batchnorm: argument 'momentum' must be Keras' "
+        r"momentum \(a decay\) in \[0, 1\], or None, got 1\.5",
+    ):
+        load_keras_batchnorm(layer, [np.ones(3) * 5, np.ones(3)], momentum=1.5)
+    with pytest.raises(ValueError, match=r"'gamma' must be absent for a layer without it"):
+        load_keras_batchnorm(
+            layer,
+            {"moving_mean": np.ones(3) * 5, "moving_variance": np.ones(3), "gamma": np.ones(3)},
+        )
+    assert torch.equal(layer.running_mean, torch.zeros(3))
+    assert layer.eps == 1e-5

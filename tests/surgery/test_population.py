@@ -353,3 +353,197 @@ def test_num_batches_limits_each_pass_and_progress_is_logged(
     expected = _oracle_inference(model, x[:128])
     _assert_stats(_stats(model), expected)
     assert "inference pass 3/3: 1 layers, 128 samples in 2 batches" in caplog.text
+
+
+def _fixed_point_oracle(
+    model: nn.Module, *inputs: torch.Tensor
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Inference-consistent statistics without any dependency analysis: in a float64 copy, set
+    every batch norm to the full-data (mean, unbiased var) of its current input, and repeat as
+    many times as there are batch norms (a layer at depth d is exact after d rounds)."""
+    ref = copy.deepcopy(model).double().eval()
+    norms = [m for m in ref.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    args = [x.double() if x.is_floating_point() else x for x in inputs]
+    for _ in range(len(norms)):
+        seen: dict[nn.Module, list[torch.Tensor]] = {m: [] for m in norms}
+        handles = [
+            m.register_forward_pre_hook(lambda mod, inp, seen=seen: seen[mod].append(inp[0]))
+            for m in norms
+        ]
+        with torch.no_grad():
+            ref(*args)
+        for h in handles:
+            h.remove()
+        for m in norms:
+            h = torch.cat(seen[m])
+            dims = [0, *range(2, h.dim())]
+            m.running_mean.copy_(h.mean(dims))
+            m.running_var.copy_(h.var(dims, unbiased=True))
+    return [(m.running_mean, m.running_var) for m in norms]
+
+
+class _Tricky(nn.Module):
+    """Dependencies the autograd graph does not show: detach, no_grad, a hard gate, argmax routing."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.l1, self.l2 = nn.Linear(5, 6, bias=False), nn.Linear(5, 6, bias=False)
+        self.bn1, self.bn2 = nl.BatchNorm1d(6), nl.BatchNorm1d(6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "no_grad":
+            with torch.no_grad():
+                h = self.bn1(self.l1(x))
+        else:
+            h = self.bn1(self.l1(x))
+        if self.kind == "detach":
+            z = h.detach() + self.l2(x)
+        elif self.kind == "gate":
+            z = self.l2(x) * (h > 0).to(x.dtype)
+        elif self.kind == "argmax":
+            z = self.l2(x) + 3.0 * nn.functional.one_hot(h.argmax(1), 6).to(x.dtype)
+        else:
+            z = h * self.l2(x)
+        return self.bn2(z)
+
+
+@pytest.mark.parametrize("kind", ["detach", "no_grad", "gate", "argmax"])
+def test_hidden_dependencies_are_found(kind: str) -> None:
+    torch.manual_seed(0)
+    model, x = _randomized(_Tricky(kind)), _data(200)
+    report = recompute_population_stats(model, _batches(x, 32))
+    assert report.passes == (("bn1",), ("bn2",))
+    _assert_stats(_stats(model), _fixed_point_oracle(model, x))
+
+
+class _Siamese(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Linear(5, 6, bias=False), nl.BatchNorm1d(6), nn.ReLU())
+        self.head = nn.Sequential(nn.Linear(6, 4), nl.BatchNorm1d(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(x) - self.encoder(x.flip(0) * 2 - 1))
+
+
+@pytest.mark.parametrize("mode", ["inference", "pooled"])
+def test_a_layer_called_twice_pools_both_calls(mode: str) -> None:
+    torch.manual_seed(0)
+    model, x = _randomized(_Siamese()), _data(192)
+    recompute_population_stats(model, [x[i : i + 64] for i in range(0, 192, 64)], mode=mode)
+    if mode == "inference":
+        _assert_stats(_stats(model), _fixed_point_oracle_batches(model, x, 64))
+    else:
+        enc = model.encoder[0]
+        with torch.no_grad():
+            both = torch.cat(
+                [enc(x[i : i + 64]) for i in range(0, 192, 64)]
+                + [enc(x[i : i + 64].flip(0) * 2 - 1) for i in range(0, 192, 64)]
+            )
+        torch.testing.assert_close(
+            model.encoder[1].running_mean.double(), both.double().mean(0), rtol=1e-5, atol=1e-6
+        )
+
+
+def _fixed_point_oracle_batches(
+    model: nn.Module, x: torch.Tensor, size: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Like _fixed_point_oracle, but the model sees the data in the same batches (the flip in
+    _Siamese pairs samples within a batch)."""
+    ref = copy.deepcopy(model).double().eval()
+    norms = [m for m in ref.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for _ in range(len(norms)):
+        seen: dict[nn.Module, list[torch.Tensor]] = {m: [] for m in norms}
+        handles = [
+            m.register_forward_pre_hook(lambda mod, inp, seen=seen: seen[mod].append(inp[0]))
+            for m in norms
+        ]
+        with torch.no_grad():
+            for i in range(0, len(x), size):
+                ref(x[i : i + size].double())
+        for h in handles:
+            h.remove()
+        for m in norms:
+            h = torch.cat(seen[m])
+            m.running_mean.copy_(h.mean(0))
+            m.running_var.copy_(h.var(0, unbiased=True))
+    return [(m.running_mean, m.running_var) for m in norms]
+
+
+def test_integer_inputs_and_affine_free_layers() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Embedding(20, 6),
+        nn.Flatten(),
+        nl.BatchNorm1d(18, affine=False),
+        nn.Linear(18, 4),
+        nl.BatchNorm1d(4),
+    )
+    tokens = torch.randint(0, 20, (160, 3), generator=torch.Generator().manual_seed(1))
+    report = recompute_population_stats(model, [tokens[i : i + 32] for i in range(0, 160, 32)])
+    assert report.num_passes == 2
+    _assert_stats(_stats(model), _fixed_point_oracle(model, tokens))
+
+
+def test_data_dependent_branches_are_refused() -> None:
+    class Branchy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bn = nl.BatchNorm1d(5)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.bn(x) if x.shape[0] > 8 else x
+
+    model = Branchy()
+    before = model.bn.running_mean.clone()
+    with pytest.raises(
+        RuntimeError,
+        match=r"recompute_population_stats: every layer being estimated must "
+        r"be called as often in each forward as in the first one, got \['BatchNorm1d'\] "
+        r"called less often for batch 1\. Fix: use the same code path",
+    ):
+        recompute_population_stats(model, [_data(16), _data(4)])
+    assert torch.equal(model.bn.running_mean, before)
+
+
+def test_unreached_layers_are_reported(caplog: pytest.LogCaptureFixture) -> None:
+    class Partial(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.used, self.unused = nl.BatchNorm1d(5), nl.BatchNorm1d(3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.used(x)
+
+    model = Partial()
+    with caplog.at_level("WARNING"):
+        report = recompute_population_stats(model, [_data(16)])
+    assert report.skipped == ("unused",)
+    assert "layers not called by the model" in caplog.text
+
+
+def test_unbatched_instance_norm_input() -> None:
+    class Unbatched(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.norm = nl.InstanceNorm1d(3, track_running_stats=True)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.stack([self.norm(sample) for sample in x])  # (C, L) per call
+
+    model, x = Unbatched(), torch.randn(6, 3, 10) * 2 + 1
+    recompute_population_stats(model, [x], mode="pooled")
+    torch.testing.assert_close(
+        model.norm.running_mean.double(), x.double().mean(2).mean(0), rtol=1e-5, atol=1e-6
+    )
+    torch.testing.assert_close(
+        model.norm.running_var.double(), x.double().var(2).mean(0), rtol=1e-5, atol=1e-6
+    )
+
+
+def test_non_iterable_data_gets_a_clear_error() -> None:
+    with pytest.raises(
+        TypeError, match=r"'data' must be a tensor, a numpy array, or an iterable of batches"
+    ):
+        recompute_population_stats(_mlp(), 5)

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from normlab._batches import InputFn, iter_inputs
-from normlab._checks import check_eps, fail
+from normlab._checks import fail
 from normlab.functional._core import Moments, keepdim_shape
 
 __all__ = ["InputStandardizer"]
@@ -31,9 +31,11 @@ class InputStandardizer(nn.Module):
         axis: the input dims that keep separate statistics; dim 0 (the batch) is always reduced.
             ``1`` (default): per feature for ``(N, F)``, per channel for ``(N, C, H, W)``;
             ``(1, 2, 3)``: per pixel; ``-1``: channels-last; ``None``: one scalar mean and std.
-        std_floor: features whose std is at most this are constant on the training data: they are
-            only centred (scale 1), never divided by ~0 -- no ``inf``/``nan``, as scikit-learn
-            does. Default: 1e-8.
+        std_floor: features are *constant* on the training data when their variance is within
+            float64 rounding of 0 (scikit-learn's rule: ``var <= n*eps*var + (n*|mean|*eps)**2``)
+            or their std is at most ``std_floor``; constant features are only centred (scale 1),
+            never divided by ~0 -- no ``inf``/``nan``. Default 0.0 (scikit-learn's behaviour);
+            raise it to leave near-constant features unscaled too.
 
     Shape:
         Input ``(N, *)`` of the rank seen by :meth:`fit`; output of the same shape (floating
@@ -55,7 +57,7 @@ class InputStandardizer(nn.Module):
     mean: Tensor
     m2: Tensor
 
-    def __init__(self, axis: int | Sequence[int] | None = 1, *, std_floor: float = 1e-8) -> None:
+    def __init__(self, axis: int | Sequence[int] | None = 1, *, std_floor: float = 0.0) -> None:
         super().__init__()
         owner = type(self).__name__
         if axis is None:
@@ -74,7 +76,21 @@ class InputStandardizer(nn.Module):
                     "pass axis=1 for per-feature/per-channel statistics, or axis=None for one scalar",
                 )
             self.axis = axes
-        self.std_floor = check_eps(std_floor, owner=owner, name="std_floor")
+        if (
+            isinstance(std_floor, bool)
+            or not isinstance(std_floor, (int, float))
+            or not (0.0 <= std_floor < float("inf"))
+        ):
+            fail(
+                ValueError,
+                owner,
+                "argument 'std_floor'",
+                "a finite float >= 0",
+                repr(std_floor),
+                "pass std_floor=0.0 (only exactly constant features are left unscaled) or a small "
+                "positive value",
+            )
+        self.std_floor = float(std_floor)
         self.register_buffer("count", torch.zeros((), dtype=torch.float64))
         self.register_buffer("mean", torch.zeros(0, dtype=torch.float64))
         self.register_buffer("m2", torch.zeros(0, dtype=torch.float64))
@@ -132,9 +148,10 @@ class InputStandardizer(nn.Module):
                 "NaN or inf values",
                 "clean or drop the non-finite samples before fitting",
             )
-        self.count = total.count.flatten()[0].clone()
-        self.mean = total.mean.to(self.mean.device)
-        self.m2 = total.m2.to(self.m2.device)
+        device = self.mean.device  # the module's device, whatever the data's
+        self.count = total.count.flatten()[0].to(device)
+        self.mean = total.mean.to(device)
+        self.m2 = total.m2.to(device)
         return self
 
     def _reduced_dims(self, ndim: int, owner: str) -> tuple[int, ...]:
@@ -174,10 +191,17 @@ class InputStandardizer(nn.Module):
         return self.var.sqrt()
 
     @property
+    def constant(self) -> Tensor:
+        """Which features are constant on the training data (see ``std_floor``), broadcastable."""
+        var, eps = self.var, torch.finfo(torch.float64).eps
+        n = self.count
+        rounding = n * eps * var + (n * self.mean.abs() * eps) ** 2
+        return (var <= rounding) | (var.sqrt() <= self.std_floor)
+
+    @property
     def scale(self) -> Tensor:
-        """What ``forward`` divides by: ``std``, or 1 where ``std <= std_floor``."""
-        std = self.std
-        return torch.where(std > self.std_floor, std, torch.ones_like(std))
+        """What ``forward`` divides by: ``std``, or 1 for :attr:`constant` features."""
+        return torch.where(self.constant, torch.ones_like(self.mean), self.std)
 
     # -- transform ----------------------------------------------------------------------------
 
@@ -236,10 +260,24 @@ class InputStandardizer(nn.Module):
         for name in ("mean", "m2"):
             value = state_dict.get(prefix + name)
             if isinstance(value, Tensor):
-                setattr(self, name, torch.empty_like(value, dtype=torch.float64))
+                setattr(
+                    self,
+                    name,
+                    torch.empty(value.shape, dtype=torch.float64, device=self.count.device),
+                )
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
+
+    def _apply(self, fn: Any, recurse: bool = True) -> InputStandardizer:
+        # The statistics stay float64 whatever dtype the model is cast to (.half() would turn a
+        # count of 100000 into inf); only device moves apply to them.
+        saved = {name: getattr(self, name) for name in ("count", "mean", "m2")}
+        super()._apply(fn, recurse)  # type: ignore[no-untyped-call]
+        device = self.count.device
+        for name, value in saved.items():
+            setattr(self, name, value.to(device=device, dtype=torch.float64))
+        return self
 
     def extra_repr(self) -> str:
         fitted = f"fitted on {int(self.count)} values each" if self.fitted else "not fitted"

@@ -58,7 +58,7 @@ def load_keras_batchnorm(
     ``layer.eps = epsilon`` (Keras' default 1e-3) and, if given, ``layer.momentum`` from Keras'
     ``momentum``. Afterwards ``layer.eval()(x)`` equals Keras' inference output
     ``(x - moving_mean) / sqrt(moving_variance + epsilon) * gamma + beta`` (channels in dim 1).
-    Returns ``layer``.
+    Works **in place** on ``layer`` and returns it; nothing is changed if it raises.
 
     Raises:
         TypeError: ``layer`` is not a batch norm.
@@ -75,10 +75,29 @@ def load_keras_batchnorm(
             "pass e.g. normlab.nn.BatchNorm2d(C) or torch.nn.BatchNorm2d(C)",
         )
     eps = check_eps(epsilon, owner=owner, name="epsilon")
+    if momentum is not None and (
+        isinstance(momentum, bool)
+        or not isinstance(momentum, (int, float))
+        or not 0 <= momentum <= 1
+    ):
+        fail(
+            ValueError,
+            owner,
+            "argument 'momentum'",
+            "Keras' momentum (a decay) in [0, 1], or None",
+            repr(momentum),
+            "pass the Keras layer's momentum, e.g. momentum=0.99",
+        )
     arrays = _named(weights, owner)
     c = layer.num_features
+    targets = {
+        "gamma": layer.weight,
+        "beta": layer.bias,
+        "moving_mean": layer.running_mean,
+        "moving_variance": layer.running_var,
+    }
     values: dict[str, Tensor] = {}
-    for name, array in arrays.items():
+    for name, array in arrays.items():  # validate everything before writing anything
         tensor = torch.as_tensor(np.asarray(array), dtype=torch.float64).flatten()
         if tensor.shape != (c,):
             fail(
@@ -89,32 +108,27 @@ def load_keras_batchnorm(
                 str(tuple(tensor.shape)),
                 "pass the weights of a Keras layer with the same number of channels",
             )
+        if targets[name] is None:
+            fail(
+                ValueError,
+                owner,
+                f"{name!r}",
+                "absent for a layer without it",
+                "an array",
+                "build the layer with affine=True (and bias=True)",
+            )
         values[name] = tensor
-    targets = {
-        "gamma": layer.weight,
-        "beta": layer.bias,
-        "moving_mean": layer.running_mean,
-        "moving_variance": layer.running_var,
-    }
     with torch.no_grad():
-        for name, value in values.items():
-            target = targets[name]
+        for name, target in targets.items():
             if target is None:
-                fail(
-                    ValueError,
-                    owner,
-                    f"{name!r}",
-                    "absent for a layer without it",
-                    "an array",
-                    "build the layer with affine=True (and bias=True)",
-                )
-            target.copy_(value)
-        for name, default in (("gamma", 1.0), ("beta", 0.0)):
-            if name not in values and targets[name] is not None:
-                cast(Tensor, targets[name]).fill_(default)  # Keras scale/center=False
+                continue
+            if name in values:
+                target.copy_(values[name])
+            else:  # Keras scale=False / center=False
+                target.fill_(1.0 if name == "gamma" else 0.0)
     layer.eps = eps
     if momentum is not None:
-        layer.momentum = keras_to_torch_momentum(momentum)
+        layer.momentum = 1.0 - float(momentum)
     return layer
 
 

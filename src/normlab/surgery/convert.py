@@ -161,8 +161,11 @@ def fusable_pairs(model: nn.Module) -> list[tuple[str, str]]:
     statistics, so that it can be folded into the producer."""
     pairs = []
     for prefix, module in model.named_modules():
-        if not isinstance(module, nn.Sequential):
-            continue
+        if (
+            not isinstance(module, nn.Sequential)
+            or type(module).forward is not nn.Sequential.forward
+        ):
+            continue  # a subclass with its own forward may not run its children in order
         children = list(module.named_children())
         for (a_name, a), (b_name, b) in itertools.pairwise(children):
             if (

@@ -38,12 +38,13 @@ class PopulationStatsReport:
     """What :func:`recompute_population_stats` did.
 
     ``passes`` lists, per pass over the data, the layers whose statistics it fixed (by name);
-    ``samples`` counts the samples seen in one pass; ``world_size`` is the number of processes
+    ``skipped`` the running-statistics layers the model never called (left unchanged); ``samples`` counts the samples seen in one pass; ``world_size`` is the number of processes
     whose data was merged.
     """
 
     mode: str
     passes: tuple[tuple[str, ...], ...]
+    skipped: tuple[str, ...]
     samples: int
     batches: int
     world_size: int
@@ -67,11 +68,19 @@ class _Accumulator:
 
     def __init__(self, module: nn.Module) -> None:
         self.instance = isinstance(module, _InstanceNorm)
+        # instance norms also take unbatched (C, *) input: one dim fewer than batched
+        self.unbatched_dims = (
+            cast(_InstanceNorm, module)._get_no_batch_dim()  # type: ignore[no-untyped-call]
+            if self.instance
+            else -1
+        )
         self.moments: Moments | None = None
         self.instance_sums: Tensor | None = None  # (3, C): instances, sum of means, sum of vars
 
     def add(self, x: Tensor) -> None:
         x = x.detach()
+        if self.instance and x.dim() == self.unbatched_dims:
+            x = x.unsqueeze(0)
         if x.dim() == 2 and not self.instance:  # dense (N, C): the float64 two-pass moments
             batch = Moments.of(x, [0])
             self.moments = batch if self.moments is None else self.moments.merge(batch)
@@ -159,85 +168,106 @@ def _batch_size(args: tuple[Any, ...]) -> int:
     return int(first.shape[0]) if isinstance(first, Tensor) and first.dim() > 0 else 1
 
 
-def _dependency_passes(
-    model: nn.Module, layers: list[tuple[str, nn.Module]], args: tuple[Any, ...]
-) -> list[list[nn.Module]]:
-    """Group the layers into passes: a layer's pass comes after the passes of every layer it
-    depends on (whose output reaches its input), found from the autograd graph of one forward.
+@dataclass(frozen=True)
+class _Plan:
+    """Which layers each pass fixes, and how often each layer runs per forward."""
 
-    Where the graph says nothing (an input that does not require grad, a layer called twice),
-    the layer is taken to depend on every layer executed before it -- always correct, only
-    slower. Layers never reached by the forward are left out.
-    """
+    passes: list[list[nn.Module]]
+    calls: dict[int, int]
+
+
+def _record_inputs(
+    model: nn.Module,
+    layers: list[tuple[str, nn.Module]],
+    args: tuple[Any, ...],
+    perturb: nn.Module | None = None,
+) -> tuple[list[int], dict[int, list[Tensor]]]:
+    """One eval forward: the layers in order of first call, and every call's input per layer.
+
+    With ``perturb``, that layer's output gets large seeded noise, so that every value computed
+    from it changes -- through detach, no_grad, comparisons and integer ops alike."""
     index = {id(m): i for i, (_, m) in enumerate(layers)}
     order: list[int] = []
-    inputs: dict[int, Tensor | None] = {}
-    output_nodes: dict[Any, int] = {}
-    calls: dict[int, int] = {}
+    inputs: dict[int, list[Tensor]] = {}
+    generator = torch.Generator(device="cpu").manual_seed(0)
 
     def pre_hook(module: nn.Module, inp: tuple[Any, ...]) -> None:
         i = index[id(module)]
-        calls[i] = calls.get(i, 0) + 1
-        if calls[i] == 1:
+        if i not in inputs:
             order.append(i)
-        first = inp[0] if inp else None
-        inputs[i] = first if isinstance(first, Tensor) else None
+            inputs[i] = []
+        if inp and isinstance(inp[0], Tensor):
+            inputs[i].append(inp[0].detach().clone())
 
-    def post_hook(module: nn.Module, inp: tuple[Any, ...], out: Any) -> None:
-        if isinstance(out, Tensor) and out.grad_fn is not None:
-            output_nodes[out.grad_fn] = index[id(module)]
+    def post_hook(module: nn.Module, inp: tuple[Any, ...], out: Any) -> Any:
+        if module is not perturb or not isinstance(out, Tensor):
+            return None
+        noise = torch.randn(out.shape, generator=generator, dtype=out.dtype).to(out.device)
+        return out + noise * (4.0 * (out.detach().abs().mean() + 1.0))
 
-    with preserved(model) as handles:
+    handles = []
+    try:
         for _, m in layers:
             handles.append(m.register_forward_pre_hook(pre_hook))
             handles.append(m.register_forward_hook(post_hook))
-        model.eval()
-        for p in model.parameters():
-            p.requires_grad_(True)
-        traced = tuple(
-            a.detach().clone().requires_grad_(True)
-            if isinstance(a, Tensor) and a.is_floating_point()
-            else a
-            for a in args
-        )
-        with torch.enable_grad():
-            model(*traced)
+        with torch.no_grad():
+            model(*args)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return order, inputs
 
-    memo: dict[Any, frozenset[int]] = {}
 
-    def upstream(root: Any) -> frozenset[int]:
-        stack = [(root, False)]
-        while stack:
-            node, expanded = stack.pop()
-            if node in memo:
-                continue
-            parents = [n for n, _ in node.next_functions if n is not None]
-            if not expanded:
-                stack.append((node, True))
-                stack.extend((p, False) for p in parents if p not in memo)
-                continue
-            found: set[int] = set()
-            if node in output_nodes:
-                found.add(output_nodes[node])
-            for p in parents:
-                found |= memo[p]
-            memo[node] = frozenset(found)
-        return memo[root]
+def _plan_passes(
+    model: nn.Module, layers: list[tuple[str, nn.Module]], args: tuple[Any, ...]
+) -> _Plan:
+    """Group the layers into passes: a layer's pass comes after the passes of every layer whose
+    output changes its input.
 
+    Dependencies are measured, not inferred from the graph: one eval forward of the first batch,
+    then one more per layer with that layer's output perturbed; a layer depends on every layer
+    whose perturbation changed any of its inputs. Exact whatever the model does in between
+    (detach, no_grad, gates, routing, shared layers); costs ``len(layers) + 1`` forwards of one
+    batch. Layers never called are left out (and reported by the caller).
+    """
+    order, base = _record_inputs(model, layers, args)
+    deps: dict[int, set[int]] = {i: set() for i in order}
+    for source in order:
+        _, perturbed = _record_inputs(model, layers, args, perturb=layers[source][1])
+        for target in order:
+            old, new = base[target], perturbed.get(target, [])
+            changed = len(old) != len(new) or any(
+                a.shape != b.shape or not torch.equal(a, b) for a, b in zip(old, new, strict=False)
+            )
+            if changed:
+                deps[target].add(source)
     level: dict[int, int] = {}
-    for position, i in enumerate(order):
-        x = inputs.get(i)
-        if calls[i] > 1 or x is None or not x.requires_grad:
-            deps: frozenset[int] | list[int] = order[:position]  # conservative: all earlier
-        elif x.grad_fn is None:
-            deps = frozenset()  # the model input itself
-        else:
-            deps = upstream(x.grad_fn)
-        level[i] = 1 + max((level[d] for d in deps if d in level), default=-1)
+    visiting: set[int] = set()
+
+    def depth(i: int) -> int:  # longest dependency chain ending at i (cycles are refused)
+        if i in level:
+            return level[i]
+        if i in visiting or i in deps[i]:
+            fail(
+                ValueError,
+                OWNER,
+                f"layer {layers[i][0]!r} for mode='inference'",
+                "a layer whose input does not depend on its own output",
+                "a layer fed by itself (recurrent use)",
+                "use mode='pooled': test-time statistics of a recurrent layer are not defined",
+            )
+        visiting.add(i)
+        level[i] = 1 + max((depth(d) for d in deps[i]), default=-1)
+        visiting.discard(i)
+        return level[i]
+
+    for i in order:
+        depth(i)
     passes: list[list[nn.Module]] = [[] for _ in range(1 + max(level.values(), default=-1))]
     for i in order:
         passes[level[i]].append(layers[i][1])
-    return passes
+    calls = {id(layers[i][1]): len(base[i]) for i in order}
+    return _Plan(passes, calls)
 
 
 def recompute_population_stats(
@@ -252,7 +282,8 @@ def recompute_population_stats(
 
     Every layer with ``running_mean``/``running_var`` buffers (torch's and normlab's batch norms,
     instance norms with ``track_running_stats=True``) gets the mean and the **unbiased** variance
-    (torch's convention) of its input over all samples of ``data`` -- exact moments merged in
+    (torch's convention) of its input over all samples of ``data`` and over all of the layer's
+    calls per forward (a shared encoder's layer pools both branches) -- exact moments merged in
     float64 and weighted by sample count (a smaller last batch counts for what it holds), not the
     equal-weight average of per-batch statistics that ``torch.optim.swa_utils.update_bn`` takes.
 
@@ -261,8 +292,9 @@ def recompute_population_stats(
     * ``"inference"`` (default): the statistics each layer sees **at test time**. Layers are fixed
       in dependency order, each pass with the layers before it already fixed, so afterwards the
       eval-mode network equals a train-mode forward of the whole training set as one batch (with
-      the unbiased variance). One pass per dependency level; a pass stops at the last layer it
-      estimates, and independent layers share a pass.
+      the unbiased variance). Dependencies are measured on the first batch (one extra forward of
+      that batch per layer, see :func:`_plan_passes`); one pass over the data per dependency
+      level, independent layers share a pass, and a pass stops once its layers have their inputs.
     * ``"pooled"``: one pass in which upstream norms normalize with batch statistics, as in
       training (Ioffe & Szegedy's Alg. 2, fvcore's PreciseBN); exact pooled moments.
 
@@ -286,7 +318,8 @@ def recompute_population_stats(
 
     Raises:
         ValueError: no layer with running statistics; empty data; an unknown ``mode``; a one-shot
-            iterator where several passes are needed.
+            iterator in ``"inference"`` mode; a layer fed by its own output in ``"inference"`` mode.
+        RuntimeError: a batch calls a layer less often than the first batch did.
         TypeError: batches that are neither tensors nor tuples and no ``input_fn``.
     """
     start = time.perf_counter()
@@ -312,7 +345,7 @@ def recompute_population_stats(
     names = {id(m): name for name, m in layers}
     device = _device_of(model)
     modules = [m for _, m in layers]
-    if mode == "inference" and iter(data) is data:
+    if mode == "inference" and isinstance(data, Iterator):
         fail(
             ValueError,
             OWNER,
@@ -322,29 +355,47 @@ def recompute_population_stats(
             "pass a list, a tensor or a DataLoader instead of a generator, or use mode='pooled'",
         )
     with preserved(model, buffers_of=modules) as handles:
+        model.eval()
         if mode == "inference":
             first = next(_batches(data, input_fn, num_batches, device))
-            passes = _dependency_passes(model, layers, first)
+            plan = _plan_passes(model, layers, first)
         else:
-            passes = [modules]
+            plan = _Plan([modules], {})  # call counts are learned from the first batch
         samples = batches = 0
-        for k, group in enumerate(passes):
-            samples, batches = _one_pass(
-                model, modules, group, data, input_fn, num_batches, device, mode, handles
+        reached: set[int] = set()
+        for k, group in enumerate(plan.passes):
+            samples, batches, called = _one_pass(
+                model,
+                modules,
+                group,
+                plan.calls,
+                data,
+                input_fn,
+                num_batches,
+                device,
+                mode,
+                handles,
             )
+            reached |= called
             log.info(
                 "%s pass %d/%d: %d layers, %d samples in %d batches",
                 mode,
                 k + 1,
-                len(passes),
+                len(plan.passes),
                 len(group),
                 samples,
                 batches,
             )
+    skipped = tuple(names[id(m)] for m in modules if id(m) not in reached)
+    if skipped:
+        log.warning("%s: layers not called by the model, statistics unchanged: %s", OWNER, skipped)
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     return PopulationStatsReport(
         mode=mode,
-        passes=tuple(tuple(names[id(m)] for m in group) for group in passes),
+        passes=tuple(
+            tuple(names[id(m)] for m in group if id(m) in reached) for group in plan.passes
+        ),
+        skipped=skipped,
         samples=samples,
         batches=batches,
         world_size=world,
@@ -356,23 +407,34 @@ def _one_pass(
     model: nn.Module,
     modules: list[nn.Module],
     group: list[nn.Module],
+    calls: dict[int, int],
     data: Any,
     input_fn: InputFn | None,
     num_batches: int | None,
     device: torch.device | None,
     mode: Mode,
     handles: list[Any],
-) -> tuple[int, int]:
-    """Accumulate the inputs of ``group`` over one pass; write their statistics; return sizes."""
+) -> tuple[int, int, set[int]]:
+    """Accumulate every call's input of the ``group`` layers over one pass; write their statistics.
+
+    ``calls`` gives how often each layer runs per forward (empty: learn it from the first batch,
+    which then runs to the end); a forward stops once every layer has had all its calls.
+    Returns the samples and batches seen and the ids of the layers that were called.
+    """
     accumulators = {id(m): _Accumulator(m) for m in group}
-    pending: set[int] = set()
+    expected = {key: calls[key] for key in accumulators if key in calls}
+    learning = not expected
+    pending: dict[int, int] = {}
 
     def collect(module: nn.Module, inp: tuple[Any, ...]) -> None:
         key = id(module)
-        if key in pending:
+        if learning:
             accumulators[key].add(inp[0])
-            pending.discard(key)
-            if not pending:
+            expected[key] = expected.get(key, 0) + 1
+        elif pending.get(key, 0) > 0:
+            accumulators[key].add(inp[0])
+            pending[key] -= 1
+            if not any(pending.values()):
                 raise _Stop
 
     local = [m.register_forward_pre_hook(collect) for m in group]
@@ -386,19 +448,21 @@ def _one_pass(
     total = _length(data, num_batches)
     with torch.no_grad():
         for args in _batches(data, input_fn, num_batches, device):
-            pending.update(accumulators)
+            pending.clear()
+            pending.update(expected)
             with contextlib.suppress(_Stop):
                 model(*args)
-            if pending:
-                missing = [type(m).__name__ for m in group if id(m) in pending]
+            if any(pending.values()):
+                missing = [type(m).__name__ for m in group if pending.get(id(m), 0) > 0]
                 fail(
                     RuntimeError,
                     OWNER,
                     "every layer being estimated",
-                    "called in each forward",
-                    f"{missing} not called for batch {batches}",
+                    "called as often in each forward as in the first one",
+                    f"{missing} called less often for batch {batches}",
                     "use the same code path for every batch (no data-dependent branches)",
                 )
+            learning = False
             samples += _batch_size(args)
             batches += 1
             if total and batches % max(1, total // 4) == 0:
@@ -411,7 +475,7 @@ def _one_pass(
     for m in group:
         accumulators[id(m)].all_reduce()
         accumulators[id(m)].write(m)
-    return samples, batches
+    return samples, batches, set(expected)
 
 
 def _length(data: Any, num_batches: int | None) -> int:
