@@ -356,14 +356,14 @@ def test_num_batches_limits_each_pass_and_progress_is_logged(
 
 
 def _fixed_point_oracle(
-    model: nn.Module, *inputs: torch.Tensor
+    model: nn.Module, batches: list[torch.Tensor]
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Inference-consistent statistics without any dependency analysis: in a float64 copy, set
-    every batch norm to the full-data (mean, unbiased var) of its current input, and repeat as
-    many times as there are batch norms (a layer at depth d is exact after d rounds)."""
+    every batch norm to the (mean, unbiased var) of its inputs over all ``batches`` (each passed
+    as the model sees it), and repeat as many times as there are batch norms (a layer at depth d
+    is exact after d rounds)."""
     ref = copy.deepcopy(model).double().eval()
     norms = [m for m in ref.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    args = [x.double() if x.is_floating_point() else x for x in inputs]
     for _ in range(len(norms)):
         seen: dict[nn.Module, list[torch.Tensor]] = {m: [] for m in norms}
         handles = [
@@ -371,7 +371,8 @@ def _fixed_point_oracle(
             for m in norms
         ]
         with torch.no_grad():
-            ref(*args)
+            for xb in batches:
+                ref(xb.double() if xb.is_floating_point() else xb)
         for h in handles:
             h.remove()
         for m in norms:
@@ -414,7 +415,7 @@ def test_hidden_dependencies_are_found(kind: str) -> None:
     model, x = _randomized(_Tricky(kind)), _data(200)
     report = recompute_population_stats(model, _batches(x, 32))
     assert report.passes == (("bn1",), ("bn2",))
-    _assert_stats(_stats(model), _fixed_point_oracle(model, x))
+    _assert_stats(_stats(model), _fixed_point_oracle(model, [x]))
 
 
 class _Siamese(nn.Module):
@@ -433,7 +434,9 @@ def test_a_layer_called_twice_pools_both_calls(mode: str) -> None:
     model, x = _randomized(_Siamese()), _data(192)
     recompute_population_stats(model, [x[i : i + 64] for i in range(0, 192, 64)], mode=mode)
     if mode == "inference":
-        _assert_stats(_stats(model), _fixed_point_oracle_batches(model, x, 64))
+        _assert_stats(
+            _stats(model), _fixed_point_oracle(model, [x[i : i + 64] for i in range(0, 192, 64)])
+        )
     else:
         enc = model.encoder[0]
         with torch.no_grad():
@@ -444,31 +447,6 @@ def test_a_layer_called_twice_pools_both_calls(mode: str) -> None:
         torch.testing.assert_close(
             model.encoder[1].running_mean.double(), both.double().mean(0), rtol=1e-5, atol=1e-6
         )
-
-
-def _fixed_point_oracle_batches(
-    model: nn.Module, x: torch.Tensor, size: int
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Like _fixed_point_oracle, but the model sees the data in the same batches (the flip in
-    _Siamese pairs samples within a batch)."""
-    ref = copy.deepcopy(model).double().eval()
-    norms = [m for m in ref.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    for _ in range(len(norms)):
-        seen: dict[nn.Module, list[torch.Tensor]] = {m: [] for m in norms}
-        handles = [
-            m.register_forward_pre_hook(lambda mod, inp, seen=seen: seen[mod].append(inp[0]))
-            for m in norms
-        ]
-        with torch.no_grad():
-            for i in range(0, len(x), size):
-                ref(x[i : i + size].double())
-        for h in handles:
-            h.remove()
-        for m in norms:
-            h = torch.cat(seen[m])
-            m.running_mean.copy_(h.mean(0))
-            m.running_var.copy_(h.var(0, unbiased=True))
-    return [(m.running_mean, m.running_var) for m in norms]
 
 
 def test_integer_inputs_and_affine_free_layers() -> None:
@@ -483,7 +461,7 @@ def test_integer_inputs_and_affine_free_layers() -> None:
     tokens = torch.randint(0, 20, (160, 3), generator=torch.Generator().manual_seed(1))
     report = recompute_population_stats(model, [tokens[i : i + 32] for i in range(0, 160, 32)])
     assert report.num_passes == 2
-    _assert_stats(_stats(model), _fixed_point_oracle(model, tokens))
+    _assert_stats(_stats(model), _fixed_point_oracle(model, [tokens]))
 
 
 def test_data_dependent_branches_are_refused() -> None:
