@@ -32,6 +32,10 @@ class LayerSpec:
     stateful: bool
     torch_make: Callable[..., nn.Module] | None = None
     registry: tuple[str, int] | None = None
+    stochastic: bool = False  # training output is random: compared only with its noise held
+    # False where the training gradient deliberately is not the derivative (batch renorm's
+    # stop-gradient r, d): gradcheck runs in eval mode only, the layer's own tests cover training.
+    exact_train_gradient: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -152,6 +156,92 @@ SPECS: tuple[LayerSpec, ...] = (
         lambda **kw: nn.GroupNorm(1, 6, affine=False, **kw),
         ("layer", 2),
     ),
+)
+
+SPECS = (
+    *SPECS,
+    LayerSpec(
+        "renorm1d",
+        lambda **kw: nl.BatchRenorm1d(3, warmup_steps=1, r_max_steps=3, d_max_steps=2, **kw),
+        ((6, 3), (4, 3, 7)),
+        True,
+        None,
+        ("renorm", 0),
+        exact_train_gradient=False,
+    ),
+    LayerSpec(
+        "renorm2d",
+        lambda **kw: nl.BatchRenorm2d(
+            3, r_max=1.5, d_max=0.5, warmup_steps=0, r_max_steps=0, d_max_steps=0, **kw
+        ),
+        ((4, 3, 5, 6),),
+        True,
+        None,
+        ("renorm", 2),
+        exact_train_gradient=False,
+    ),
+    LayerSpec(
+        "renorm3d",
+        lambda **kw: nl.BatchRenorm3d(3, **kw),
+        ((2, 3, 3, 4, 5),),
+        True,
+        None,
+        ("renorm", 3),
+    ),
+    LayerSpec(
+        "ghost",
+        lambda **kw: nl.GhostBatchNorm(3, virtual_batch_size=4, **kw),
+        ((10, 3), (9, 3, 5, 5)),
+        True,
+        None,
+        ("ghost", 2),
+    ),
+    LayerSpec(
+        "ghost-whole-batch",
+        lambda **kw: nl.GhostBatchNorm(3, virtual_batch_size=64, **kw),
+        ((6, 3), (4, 3, 7)),
+        True,
+        lambda **kw: nn.BatchNorm1d(3, **kw),
+    ),
+    LayerSpec(
+        "l1", lambda **kw: nl.L1BatchNorm(3, **kw), ((6, 3), (4, 3, 5, 6)), True, None, ("l1", 2)
+    ),
+    LayerSpec(
+        "l1-santurkar",
+        lambda **kw: nl.L1BatchNorm(3, center=False, gaussian_constant=False, **kw),
+        ((6, 3),),
+        True,
+    ),
+    LayerSpec(
+        "linf",
+        lambda **kw: nl.LinfBatchNorm(3, k=3, **kw),
+        ((6, 3), (4, 3, 5, 6)),
+        True,
+        None,
+        ("linf", 2),
+    ),
+    LayerSpec(
+        "noisy",
+        lambda **kw: nl.NoisyBatchNorm(3, seed=1, **kw),
+        ((6, 3), (4, 3, 5, 6)),
+        True,
+        None,
+        ("noisy", 2),
+        stochastic=True,
+    ),
+    LayerSpec(
+        "mean-only",
+        lambda **kw: nl.MeanOnlyBatchNorm(3, **kw),
+        ((6, 3), (4, 3, 5, 6)),
+        True,
+        None,
+        ("weight", 2),
+    ),
+    LayerSpec(
+        "ws-gn", lambda **kw: nl.GroupNorm(6, 3, **kw), ((4, 6, 5),), False, None, ("ws_gn", 2)
+    ),
+    LayerSpec("sync", lambda **kw: nl.SyncBatchNorm(3, **kw), ((6, 3), (4, 3, 5, 6)), True),
+    LayerSpec("frozen", lambda **kw: nl.FrozenBatchNorm(3, **kw), ((6, 3), (4, 3, 5)), False),
 )
 
 SPEC_IDS = [s.id for s in SPECS]

@@ -78,7 +78,7 @@ def test_state_dict_round_trip(spec: LayerSpec) -> None:
     fresh = spec.make()
     fresh.load_state_dict(torch.load(buf, weights_only=True))
     x = _input(shape, seed=7)
-    for mode in (False, True):
+    for mode in (False,) if spec.stochastic else (False, True):
         trained.train(mode)
         fresh.train(mode)
         torch.testing.assert_close(fresh(x), trained(x), rtol=0, atol=0)
@@ -90,10 +90,11 @@ def test_repr(spec: LayerSpec) -> None:
     layer = spec.make()
     text = repr(layer)
     assert text.startswith(type(layer).__name__ + "(")
-    assert "eps=1e-05" in text
+    if hasattr(layer, "eps"):
+        assert f"eps={layer.eps}" in text
     if isinstance(layer, nl.GroupNorm):
         assert text.startswith(f"GroupNorm({layer.num_features}, num_groups={layer.num_groups},")
-    elif spec.torch_make is not None and not spec.id.startswith("cln"):
+    elif spec.torch_make is not None and type(spec.torch_make()).__name__ == type(layer).__name__:
         assert text == repr(spec.torch_make())
 
 
@@ -112,12 +113,17 @@ def test_train_eval_differ_exactly_when_declared(spec: LayerSpec) -> None:
 @pytest.mark.parametrize("spec", SPECS, ids=SPEC_IDS)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_gradcheck_float64(spec: LayerSpec, training: bool) -> None:
+    if training and not spec.exact_train_gradient:
+        pytest.skip("training gradient is not the derivative by design (tested by the layer)")
     shape = spec.shapes[0]
     layer = spec.make(dtype=torch.float64)
     _randomize_affine(layer)
     _train_steps(layer, shape, torch.float64)
     layer.train(training)
     x = _input(shape, torch.float64, seed=5).requires_grad_()
+    if spec.stochastic:  # gradcheck calls forward many times: hold one draw of the noise
+        layer.hold_noise = True
+        layer(x.detach())
     params = tuple(layer.parameters())
     ref = copy.deepcopy(layer)  # gradcheck calls forward many times; keep buffers of `ref` apart
 

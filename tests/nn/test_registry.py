@@ -67,7 +67,8 @@ def test_errors() -> None:
     with pytest.raises(
         ValueError,
         match=r"get_norm_layer: argument 'name' must be one of \['batch', "
-        r"'channel_layer', 'group', 'instance', 'layer', 'none'\], got 'btach'\. Fix",
+        r"'channel_layer', 'ghost', 'group', 'instance', 'l1', 'layer', 'linf', 'noisy', 'none', "
+        r"'renorm', 'weight', 'ws_gn'\], got 'btach'\. Fix",
     ):
         nl.get_norm_layer("btach", 8)
     with pytest.raises(
@@ -86,6 +87,24 @@ def test_errors() -> None:
         ValueError, match=r"register_norm: the norm name must be unused, got 'batch'"
     ):
         nl.register_norm("batch", summary="dup")(lambda c, s: nn.Identity())
+
+
+def test_weight_transforms_for_model_builders() -> None:
+    assert nl.weight_transform_of("ws_gn") == "standardize"
+    assert nl.weight_transform_of("weight") == "weight_norm"
+    assert nl.weight_transform_of("group") is None
+    with pytest.raises(ValueError, match=r"weight_transform_of: argument 'name' must be one of"):
+        nl.weight_transform_of("nope")
+
+
+def test_forwarded_keywords_are_checked_against_the_layer() -> None:
+    assert nl.get_norm_layer("ghost", 4, virtual_batch_size=8, momentum=0.2).virtual_batch_size == 8
+    with pytest.raises(
+        TypeError,
+        match=r"the keyword arguments for norm 'ghost' must be among "
+        r"\['virtual_batch_size', 'eps', 'momentum'.*\], got \['foo'\]",
+    ):
+        nl.get_norm_layer("ghost", 4, foo=1)
 
 
 def test_none_ignores_norm_keywords() -> None:

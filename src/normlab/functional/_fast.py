@@ -29,7 +29,7 @@ from torch import Tensor
 
 from normlab.functional._core import pool_moments
 
-__all__ = ["BatchNormTrainNCHW", "row_moments", "use_fast_batch_stats"]
+__all__ = ["BatchNormTrainNCHW", "batch_moments", "row_moments", "use_fast_batch_stats"]
 
 # Below these sizes the fixed cost of the extra small ops outweighs the gain (measured with
 # `python benchmarks/layers.py --crossover`): rows (values per sample and channel) shorter than
@@ -89,6 +89,30 @@ def _batch_moments(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     scratch, row_mean, row_var = row_moments(x)  # (N, C) each
     mean, var = pool_moments(row_mean, row_var, 0)  # (C,), (C,)
     return scratch, mean, var
+
+
+def batch_moments(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel batch mean and biased variance of ``(N, C, *)`` input, float64, no gradient.
+
+    Large channels-first CPU tensors use the group-norm kernel (:func:`row_moments`); everything
+    else torch's batch-norm kernel in training mode (its channels-last path is fast).
+    """
+    with torch.no_grad():
+        if use_fast_batch_stats(x):
+            _, mean, var = _batch_moments(x)
+            return mean, var
+        if x.dim() == 2 or x[0, 0].numel() == 1:
+            flat = (
+                x.detach().double().flatten(2) if x.dim() > 2 else x.detach().double().unsqueeze(2)
+            )
+            dims = (0, 2)
+            mean = flat.mean(dims)
+            centered = flat - mean.view(1, -1, 1)
+            return mean, (centered * centered).mean(dims)
+        _, mean, invstd = torch.ops.aten.native_batch_norm(
+            x.detach(), None, None, None, None, True, 0.0, 0.0
+        )
+        return mean.double(), invstd.double().pow(-2)
 
 
 class BatchNormTrainNCHW(torch.autograd.Function):

@@ -20,32 +20,62 @@ from typing import Any
 from torch import nn
 
 from normlab._checks import check_positive_int, fail
+from normlab.nn.batch_variants import (
+    BatchRenorm1d,
+    BatchRenorm2d,
+    BatchRenorm3d,
+    GhostBatchNorm,
+    MeanOnlyBatchNorm,
+    NoisyBatchNorm,
+)
 from normlab.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from normlab.nn.instancenorm import InstanceNorm1d, InstanceNorm2d, InstanceNorm3d
+from normlab.nn.lp_norm import L1BatchNorm, LinfBatchNorm
 from normlab.nn.normalization import ChannelLayerNorm, GroupNorm, LayerNorm
 
-__all__ = ["NormSpec", "available_norms", "default_num_groups", "get_norm_layer", "register_norm"]
+__all__ = [
+    "NormSpec",
+    "available_norms",
+    "default_num_groups",
+    "get_norm_layer",
+    "register_norm",
+    "weight_transform_of",
+]
 
 NormFactory = Callable[..., nn.Module]
 
 
 @dataclass(frozen=True)
 class NormSpec:
-    """A registered norm: its factory, which ``spatial_dims`` it supports, and a one-line summary."""
+    """A registered norm: its factory, which ``spatial_dims`` it supports, a one-line summary, and
+    ``weight_transform``: what a model builder must apply to the layer *producing* the norm's input
+    (``"standardize"``: :func:`normlab.surgery.standardize_weights`; ``"weight_norm"``:
+    :func:`normlab.surgery.apply_weight_norm`), or ``None``."""
 
     name: str
     factory: NormFactory
     spatial_dims: tuple[int, ...]
     summary: str
+    weight_transform: str | None = None
+    accepts: type[nn.Module] | None = None
 
 
 _REGISTRY: dict[str, NormSpec] = {}
 
 
 def register_norm(
-    name: str, *, summary: str, spatial_dims: tuple[int, ...] = (0, 1, 2, 3)
+    name: str,
+    *,
+    summary: str,
+    spatial_dims: tuple[int, ...] = (0, 1, 2, 3),
+    weight_transform: str | None = None,
+    accepts: type[nn.Module] | None = None,
 ) -> Callable[[NormFactory], NormFactory]:
-    """Decorator registering ``factory(num_features, spatial_dims, **kwargs) -> nn.Module``."""
+    """Decorator registering ``factory(num_features, spatial_dims, **kwargs) -> nn.Module``.
+
+    A factory that forwards ``**kwargs`` to a layer class names it in ``accepts``, so that
+    unknown keywords are reported with the list of valid ones.
+    """
 
     def decorate(factory: NormFactory) -> NormFactory:
         if name in _REGISTRY:
@@ -57,10 +87,29 @@ def register_norm(
                 repr(name),
                 f"choose a name other than {sorted(_REGISTRY)}",
             )
-        _REGISTRY[name] = NormSpec(name, factory, spatial_dims, summary)
+        _REGISTRY[name] = NormSpec(name, factory, spatial_dims, summary, weight_transform, accepts)
         return factory
 
     return decorate
+
+
+def weight_transform_of(name: str) -> str | None:
+    """What a model builder applies to the producing layer for norm ``name`` (see :class:`NormSpec`).
+
+    >>> weight_transform_of("ws_gn"), weight_transform_of("batch")
+    ('standardize', None)
+    """
+    spec = _REGISTRY.get(name)
+    if spec is None:
+        fail(
+            ValueError,
+            "weight_transform_of",
+            "argument 'name'",
+            f"one of {sorted(_REGISTRY)}",
+            repr(name),
+            "pass a registered norm name",
+        )
+    return spec.weight_transform
 
 
 def available_norms() -> dict[str, str]:
@@ -109,20 +158,36 @@ def get_norm_layer(
             if name == "instance"
             else f"use a norm that supports {spatial_dims} dims",
         )
-    params = inspect.signature(spec.factory).parameters
-    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        accepted = [k for k, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY]
-        unknown = sorted(set(kwargs) - set(accepted))
-        if unknown:
-            fail(
-                TypeError,
-                owner,
-                f"the keyword arguments for norm {name!r}",
-                f"among {accepted}",
-                str(unknown),
-                "remove them or pick another norm",
-            )
+    accepted = _accepted_keywords(spec)
+    unknown = sorted(set(kwargs) - set(accepted)) if accepted is not None else []
+    if unknown:
+        fail(
+            TypeError,
+            owner,
+            f"the keyword arguments for norm {name!r}",
+            f"among {accepted}",
+            str(unknown),
+            "remove them or pick another norm",
+        )
     return spec.factory(num_features, spatial_dims, **kwargs)
+
+
+def _accepted_keywords(spec: NormSpec) -> list[str] | None:
+    """Keywords ``get_norm_layer`` may pass to ``spec``'s factory (``None``: anything)."""
+    params = inspect.signature(spec.factory).parameters
+    own = [k for k, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return own
+    if spec.accepts is None:
+        return None
+    layer = inspect.signature(spec.accepts.__init__).parameters
+    extra = [
+        k
+        for k, p in layer.items()
+        if k not in ("self", "num_features")
+        and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    ]
+    return own + [k for k in extra if k not in own]
 
 
 def default_num_groups(num_features: int, preferred: int = 32) -> int:
@@ -223,3 +288,70 @@ def _group(
 @register_norm("none", summary="no normalization (identity); norm keywords are ignored")
 def _none(num_features: int, spatial_dims: int, **ignored: Any) -> nn.Module:
     return nn.Identity()
+
+
+_RENORM = {0: BatchRenorm1d, 1: BatchRenorm1d, 2: BatchRenorm2d, 3: BatchRenorm3d}
+
+
+@register_norm(
+    "renorm", summary="batch renormalization (Ioffe 2017): BN corrected towards running statistics"
+)
+def _renorm(num_features: int, spatial_dims: int, **kwargs: Any) -> nn.Module:
+    return _RENORM[spatial_dims](num_features, **kwargs)
+
+
+@register_norm(
+    "ghost",
+    accepts=GhostBatchNorm,
+    summary="ghost batch norm: BN over virtual batches (default 32 samples)",
+)
+def _ghost(
+    num_features: int, spatial_dims: int, *, virtual_batch_size: int = 32, **kwargs: Any
+) -> nn.Module:
+    return GhostBatchNorm(num_features, virtual_batch_size, **kwargs)
+
+
+@register_norm(
+    "l1", accepts=L1BatchNorm, summary="L1 batch norm: divide by sqrt(pi/2) * mean |x - mu|"
+)
+def _l1(num_features: int, spatial_dims: int, **kwargs: Any) -> nn.Module:
+    return L1BatchNorm(num_features, **kwargs)
+
+
+@register_norm(
+    "linf",
+    accepts=LinfBatchNorm,
+    summary="L-infinity batch norm: divide by C(n) * mean of the top-k |x - mu|",
+)
+def _linf(num_features: int, spatial_dims: int, **kwargs: Any) -> nn.Module:
+    return LinfBatchNorm(num_features, **kwargs)
+
+
+@register_norm(
+    "noisy",
+    accepts=NoisyBatchNorm,
+    summary="batch norm + Santurkar et al.'s time-varying injected noise",
+)
+def _noisy(num_features: int, spatial_dims: int, **kwargs: Any) -> nn.Module:
+    return NoisyBatchNorm(num_features, **kwargs)
+
+
+@register_norm(
+    "weight",
+    weight_transform="weight_norm",
+    summary="weight norm on the producing layer + mean-only batch norm",
+)
+def _weight(num_features: int, spatial_dims: int, **kwargs: Any) -> nn.Module:
+    return MeanOnlyBatchNorm(num_features, **kwargs)
+
+
+@register_norm(
+    "ws_gn",
+    weight_transform="standardize",
+    summary="weight standardization on the producing layer + group norm",
+)
+def _ws_gn(
+    num_features: int, spatial_dims: int, *, num_groups: int | None = None, **kwargs: Any
+) -> nn.Module:
+    groups = default_num_groups(num_features) if num_groups is None else num_groups
+    return GroupNorm(num_features, groups, **kwargs)

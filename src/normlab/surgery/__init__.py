@@ -9,20 +9,37 @@ from normlab.surgery.conventions import (
     load_keras_batchnorm,
     torch_to_keras_momentum,
 )
-from normlab.surgery.convert import convert_norm, freeze_batchnorm, fusable_pairs, fuse_batchnorm
+from normlab.surgery.convert import (
+    convert_norm,
+    convert_sync_batchnorm,
+    freeze_batchnorm,
+    fusable_pairs,
+    fuse_batchnorm,
+)
 from normlab.surgery.population import PopulationStatsReport, recompute_population_stats
 from normlab.surgery.walk import copy_norm_state, replace_modules
+from normlab.surgery.weights import (
+    apply_weight_norm,
+    init_weight_norm_,
+    standardize_weights,
+    weight_layers,
+)
 
 __all__ = [
     "PopulationStatsReport",
+    "apply_weight_norm",
     "convert_norm",
+    "convert_sync_batchnorm",
     "copy_norm_state",
     "freeze_batchnorm",
     "fusable_pairs",
     "fuse_batchnorm",
+    "init_weight_norm_",
     "keras_to_torch_momentum",
     "load_keras_batchnorm",
     "recompute_population_stats",
     "replace_modules",
+    "standardize_weights",
     "torch_to_keras_momentum",
+    "weight_layers",
 ]

@@ -17,7 +17,13 @@ from normlab._checks import fail
 from normlab.nn.registry import available_norms, get_norm_layer
 from normlab.surgery.walk import copy_norm_state, replace_modules
 
-__all__ = ["convert_norm", "freeze_batchnorm", "fusable_pairs", "fuse_batchnorm"]
+__all__ = [
+    "convert_norm",
+    "convert_sync_batchnorm",
+    "freeze_batchnorm",
+    "fusable_pairs",
+    "fuse_batchnorm",
+]
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +133,37 @@ def _from_batchnorm(bn: _BatchNorm, to: str, kwargs: dict[str, Any]) -> nn.Modul
         {} if to == "none" else {"eps": bn.eps, **_factory_kwargs(bn), **kwargs}
     )
     return copy_norm_state(bn, get_norm_layer(to, bn.num_features, spatial_dims=spatial, **options))
+
+
+def convert_sync_batchnorm(model: nn.Module, process_group: Any = None) -> nn.Module:
+    """Return a copy in which every plain batch norm (torch's or normlab's ``BatchNorm1d/2d/3d``)
+    is a :class:`~normlab.nn.SyncBatchNorm` with the same configuration and state -- on CPU and
+    GPU alike. Variants with their own semantics (ghost, noisy, renorm) are left alone."""
+    plain = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+    def make(name: str, module: nn.Module) -> nn.Module:
+        bn = cast(_BatchNorm, module)
+        sync = nl.SyncBatchNorm(
+            bn.num_features,
+            bn.eps,
+            bn.momentum,
+            bn.affine,
+            bn.track_running_stats,
+            process_group=process_group,
+            **_factory_kwargs(bn),
+        )
+        return copy_norm_state(bn, sync)
+
+    return replace_modules(
+        model,
+        lambda name, m: (
+            isinstance(m, plain)
+            and not isinstance(m, nl.SyncBatchNorm)
+            and type(m).forward
+            in (nl.BatchNorm2d.forward, nn.BatchNorm2d.forward, nn.SyncBatchNorm.forward)
+        ),
+        make,
+    )
 
 
 def freeze_batchnorm(model: nn.Module, *, trainable_affine: bool = False) -> nn.Module:

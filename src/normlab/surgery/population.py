@@ -139,6 +139,10 @@ class _Accumulator:
             if self.moments is None:
                 return
             mean, var = self.moments.mean, self.moments.variance(unbiased=True)
+        setter = getattr(module, "set_running_stats_", None)
+        if callable(setter):  # layers whose buffers are not (mean, var), e.g. batch renorm
+            setter(mean, var)
+            return
         with torch.no_grad():
             cast(Tensor, module.running_mean).copy_(mean)
             cast(Tensor, module.running_var).copy_(var)

@@ -1,0 +1,147 @@
+"""Batch norm with a twist: batch renormalization and ghost (virtual-batch) batch norm."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from normlab._checks import check_values_per_channel, fail
+from normlab.functional._core import update_running_stats_
+from normlab.functional._fast import batch_moments
+from normlab.functional.batch_norm import batch_norm_unchecked
+
+__all__ = ["batch_renorm_unchecked", "ghost_batch_norm_unchecked", "renorm_correction"]
+
+
+def renorm_correction(
+    mean: Tensor,
+    var: Tensor,
+    running_mean: Tensor,
+    running_std: Tensor,
+    eps: float,
+    r_max: float,
+    d_max: float,
+) -> tuple[Tensor, Tensor]:
+    """Batch renorm's ``r = clip(sigma_B / sigma, 1/r_max, r_max)`` and
+    ``d = clip((mu_B - mu) / sigma, -d_max, d_max)`` (Ioffe 2017, Alg. 1), from the batch's
+    ``mean`` and biased ``var`` and the running ``mu``, ``sigma`` *before* this step's update.
+    Both are constants for the gradient (computed without autograd).
+
+    >>> r, d = renorm_correction(torch.tensor([1.0]), torch.tensor([4.0]), torch.tensor([0.0]),
+    ...                          torch.tensor([1.0]), 0.0, r_max=3.0, d_max=0.5)
+    >>> r.item(), d.item()
+    (2.0, 0.5)
+    """
+    with torch.no_grad():
+        std = torch.sqrt(var.double() + eps)
+        sigma = running_std.double()
+        r = (std / sigma).clamp(1.0 / r_max, r_max)
+        d = ((mean.double() - running_mean.double()) / sigma).clamp(-d_max, d_max)
+    return r, d
+
+
+def batch_renorm_unchecked(
+    input: Tensor,
+    running_mean: Tensor,
+    running_std: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    training: bool,
+    momentum: float,
+    eps: float,
+    r_max: float,
+    d_max: float,
+    owner: str,
+) -> Tensor:
+    """Batch renormalization (Ioffe, NeurIPS 2017) on validated arguments.
+
+    Training: ``y = gamma * ((x - mu_B) / sigma_B * r + d) + beta`` with
+    ``sigma_B = sqrt(var_B + eps)`` (biased ``var_B``), ``r``, ``d`` from
+    :func:`renorm_correction` (no gradient; ``mu_B`` and ``sigma_B`` get theirs); then in place
+    ``mu += momentum * (mu_B - mu)`` and ``sigma += momentum * (sigma_B - sigma)`` -- the paper keeps
+    a moving average of the standard deviation, not of the variance. Evaluation:
+    ``y = gamma * (x - mu) / sigma + beta``.
+
+    Computed as a batch norm whose affine map absorbs ``r`` and ``d``
+    (``gamma' = gamma * r``, ``beta' = gamma * d + beta``), so it runs on the same kernels.
+    """
+    if not training:  # the eval-mode batch-norm kernel with var = sigma^2 - eps is exact
+        var = (running_std.double().square() - eps).clamp_min(0.0).to(running_std.dtype)
+        return batch_norm_unchecked(input, running_mean, var, weight, bias, False, 0.0, eps, owner)
+    c = input.shape[1]
+    check_values_per_channel(
+        input, input.numel() // c if c else 0, owner=owner, what="values per channel"
+    )
+    mean, var = batch_moments(input)
+    r, d = renorm_correction(mean, var, running_mean, running_std, eps, r_max, d_max)
+    dtype = weight.dtype if weight is not None else input.dtype
+    r_, d_ = r.to(dtype), d.to(dtype)
+    new_weight = r_ if weight is None else weight * r_
+    new_bias = d_ if weight is None else weight * d_
+    if bias is not None:
+        new_bias = new_bias + bias
+    y = batch_norm_unchecked(input, None, None, new_weight, new_bias, True, 0.0, eps, owner)
+    with torch.no_grad():
+        std = torch.sqrt(var + eps)
+        running_mean.add_((mean - running_mean.double()).to(running_mean.dtype), alpha=momentum)
+        running_std.add_((std - running_std.double()).to(running_std.dtype), alpha=momentum)
+    return y
+
+
+def ghost_batch_norm_unchecked(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    training: bool,
+    momentum: float,
+    eps: float,
+    virtual_batch_size: int,
+    owner: str,
+) -> Tensor:
+    """Ghost batch norm (Hoffer, Hubara & Soudry, 2017) on validated arguments.
+
+    Training: the batch is cut into consecutive *virtual batches* of ``virtual_batch_size``
+    samples; each is normalized with its own statistics. A ragged remainder of at least 2 samples
+    is a smaller virtual batch of its own; a single leftover sample joins the previous virtual
+    batch. The running statistics are updated once per call with the statistics of the **whole**
+    batch (exactly as ``BatchNorm`` would), so evaluation -- running statistics -- is plain batch
+    norm. Without running statistics, evaluation uses virtual batches too.
+
+    Full virtual batches are normalized together by torch's group-norm kernel on a transposed
+    view ``(k, C, vbs * positions)`` (one channel per group), which is exact and fast.
+    """
+    if running_mean is not None and not training:
+        return batch_norm_unchecked(
+            input, running_mean, running_var, weight, bias, False, 0.0, eps, owner
+        )
+    n, c = input.shape[0], input.shape[1]
+    if n < 2:
+        fail(
+            ValueError,
+            owner,
+            "the batch size",
+            f"at least 2 (virtual_batch_size={virtual_batch_size})",
+            f"{n} (input shape {tuple(input.shape)})",
+            "use a batch of at least 2 samples, or call .eval() to use the running statistics",
+        )
+    vbs = min(virtual_batch_size, n)
+    full, rest = divmod(n, vbs)
+    if rest == 1:  # a lone sample has no variance: it joins the last full virtual batch
+        full, rest = full - 1, vbs + 1
+    pieces = []
+    if full:
+        head = input[: full * vbs]
+        # (full * vbs, C, *) -> (full, vbs, C, P) -> (full, C, vbs, P): each (chunk, channel) row
+        grouped = head.reshape(full, vbs, c, -1).transpose(1, 2).contiguous()
+        normed = torch.group_norm(grouped, c, weight, bias, eps)
+        pieces.append(normed.transpose(1, 2).reshape(head.shape))
+    if rest:
+        tail = input[full * vbs :]
+        pieces.append(batch_norm_unchecked(tail, None, None, weight, bias, True, 0.0, eps, owner))
+    y = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+    if training and running_mean is not None and running_var is not None:
+        mean, var = batch_moments(input)
+        update_running_stats_(running_mean, running_var, mean, var, input.numel() // c, momentum)
+    return y

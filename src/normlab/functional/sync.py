@@ -1,0 +1,118 @@
+"""Batch norm with statistics synchronized across processes (``torch.distributed``, any backend).
+
+torch's ``nn.SyncBatchNorm`` runs on GPUs only; this one works with gloo on CPU too. The forward
+all-gathers every process's per-channel count, mean and centred second moment and merges them
+exactly (Chan et al.), so every process normalizes with the statistics of the union of the
+batches, whatever their sizes; the backward all-reduces the two per-channel sums the input
+gradient needs. Outputs and input gradients equal a single-process batch norm on the concatenated
+batch; parameter gradients are each process's share (their sum equals the single-process gradient;
+``DistributedDataParallel`` then averages them as for any parameter).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from normlab._checks import check_values_per_channel
+from normlab.functional._core import Moments, channel_view_shape, update_running_stats_
+from normlab.functional._fast import batch_moments
+
+__all__ = ["is_distributed", "sync_batch_norm_unchecked"]
+
+
+def is_distributed(group: Any = None) -> bool:
+    """Whether a process group with more than one process is initialised."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+
+
+def _global_moments(x: Tensor, group: Any) -> Moments:
+    c = x.shape[1]
+    if x.shape[0] > 0:
+        mean, var = batch_moments(x)
+        count = mean.new_full((c,), float(x.numel() // c))
+        local = torch.stack([count, mean, var * count])
+    else:
+        local = torch.zeros(3, c, dtype=torch.float64, device=x.device)
+    gathered = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(gathered, local, group=group)
+    merged = Moments(*gathered[0])
+    for other in gathered[1:]:
+        merged = merged.merge(Moments(*other))
+    return merged
+
+
+class _SyncBatchNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        eps: float,
+        group: Any,
+        owner: str,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        moments = _global_moments(x, group)
+        count = moments.count
+        check_values_per_channel(
+            x, int(count[0].item()), owner=owner, what="values per channel (over all processes)"
+        )
+        mean, var = moments.mean, moments.variance()
+        invstd = torch.rsqrt(var + eps)
+        shape = channel_view_shape(x.dim(), x.shape[1])
+        scale = invstd if weight is None else invstd * weight.double()
+        shift = -mean * scale + (0.0 if bias is None else bias.double())
+        y = x * scale.view(shape).to(x.dtype) + shift.view(shape).to(x.dtype)
+        ctx.save_for_backward(x, weight, mean, invstd, count)
+        ctx.group = group
+        ctx.mark_non_differentiable(mean, var, count)
+        return y, mean, var, count
+
+    @staticmethod
+    def backward(
+        ctx: Any, grad_out: Tensor, *_: Any
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None, None, None]:
+        x, weight, mean, invstd, count = ctx.saved_tensors
+        shape = channel_view_shape(x.dim(), x.shape[1])
+        dims = [0, *range(2, x.dim())]
+        xhat = (x.double() - mean.view(shape)) * invstd.view(shape)
+        g = grad_out.double()
+        local = torch.stack([g.sum(dims), (g * xhat).sum(dims)])  # (2, C): sum dy, sum dy * xhat
+        total = local.clone()
+        dist.all_reduce(total, group=ctx.group)
+        n = count.view(shape)
+        w = invstd if weight is None else invstd * weight.double()
+        grad_x = w.view(shape) * (g - total[0].view(shape) / n - xhat * total[1].view(shape) / n)
+        need_w, need_b = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        return (
+            grad_x.to(x.dtype) if ctx.needs_input_grad[0] else None,
+            local[1].to(weight.dtype) if need_w and weight is not None else None,
+            local[0].to(x.dtype) if need_b else None,
+            None,
+            None,
+            None,
+        )
+
+
+def sync_batch_norm_unchecked(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    training: bool,
+    momentum: float,
+    eps: float,
+    group: Any,
+    owner: str,
+) -> Tensor:
+    """Batch statistics of the union of all processes' batches (training, or no running
+    statistics); running statistics otherwise. Every process must call it (collective)."""
+    y, mean, var, count = _SyncBatchNorm.apply(input, weight, bias, eps, group, owner)  # type: ignore[no-untyped-call]
+    if training and running_mean is not None and running_var is not None:
+        update_running_stats_(running_mean, running_var, mean, var, int(count[0].item()), momentum)
+    return y  # type: ignore[no-any-return]

@@ -1,0 +1,296 @@
+"""Batch renorm, ghost, noisy and mean-only batch norm against references written from the papers."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import normlab.nn as nl
+
+
+def _x(shape, seed, shift=0.0, dtype=torch.float64):  # type: ignore[no-untyped-def]
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g, dtype=torch.float64) * 2 + 1 + shift).to(dtype)
+
+
+def _brn_reference(batches, gamma, beta, eps, alpha, limits):  # type: ignore[no-untyped-def]
+    """Ioffe 2017, Algorithm 1, in float64, one step per batch: outputs, gradients, (mu, sigma)."""
+    mu, sigma = (
+        torch.zeros(gamma.shape, dtype=torch.float64),
+        torch.ones(gamma.shape, dtype=torch.float64),
+    )
+    results = []
+    for (x, gy), (r_max, d_max) in zip(batches, limits, strict=True):
+        x = x.clone().requires_grad_()
+        g, b = gamma.clone().requires_grad_(), beta.clone().requires_grad_()
+        dims = [0, *range(2, x.dim())]
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        mean = x.mean(dims)
+        std = torch.sqrt(((x - mean.view(shape)) ** 2).mean(dims) + eps)
+        r = (std / sigma).clamp(1 / r_max, r_max).detach()
+        d = ((mean - mu) / sigma).clamp(-d_max, d_max).detach()
+        xhat = (x - mean.view(shape)) / std.view(shape) * r.view(shape) + d.view(shape)
+        y = g.view(shape) * xhat + b.view(shape)
+        grads = torch.autograd.grad(y, (x, g, b), gy)
+        mu = mu + alpha * (mean.detach() - mu)
+        sigma = sigma + alpha * (std.detach() - sigma)
+        results.append((y.detach(), grads, mu.clone(), sigma.clone()))
+    return results
+
+
+def test_batch_renorm_matches_the_paper_algorithm_with_its_schedule() -> None:
+    layer = nl.BatchRenorm2d(
+        3,
+        momentum=0.3,
+        r_max=2.0,
+        d_max=0.4,
+        warmup_steps=2,
+        r_max_steps=6,
+        d_max_steps=4,
+        dtype=torch.float64,
+    )
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([0.5, 1.5, 2.0], dtype=torch.float64))
+        layer.bias.copy_(torch.tensor([0.1, -0.2, 0.3], dtype=torch.float64))
+    # non-stationary batches (drifting mean and scale), so that r and d hit their clips
+    batches = [
+        (_x((4, 3, 3, 3), s, shift=0.7 * s) * (1 + 0.3 * s), _x((4, 3, 3, 3), 100 + s))
+        for s in range(8)
+    ]
+    limits = []
+    for step in range(8):
+        r = 1.0 if step < 2 else min(2.0, 1 + (step - 2) / 4)
+        d = 0.0 if step < 2 else min(0.4, 0.4 * (step - 2) / 2)
+        limits.append((r, d))
+    reference = _brn_reference(
+        batches, layer.weight.detach(), layer.bias.detach(), 1e-5, 0.3, limits
+    )
+    clipped = 0
+    for (x, gy), (y_ref, grads_ref, mu, sigma), lim in zip(batches, reference, limits, strict=True):
+        assert layer.current_limits() == pytest.approx(lim)
+        xr = x.clone().requires_grad_()
+        y = layer.train()(xr)
+        grads = torch.autograd.grad(y, (xr, layer.weight, layer.bias), gy)
+        torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
+        for a, b in zip(grads, grads_ref, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(layer.running_mean, mu)
+        torch.testing.assert_close(layer.running_std, sigma)
+        clipped += int(lim[0] < 2.0 and lim[0] > 1.0)
+    assert clipped > 0
+    assert int(layer.num_batches_tracked) == 8
+
+
+def test_batch_renorm_is_batch_norm_during_the_warm_up() -> None:
+    ours = nl.BatchRenorm2d(4, momentum=0.1, dtype=torch.float64)  # 5000 warm-up steps
+    ref = nn.BatchNorm2d(4, momentum=0.1, dtype=torch.float64)
+    for s in range(3):
+        x = _x((5, 4, 3, 3), s, shift=s).requires_grad_()
+        xr = x.detach().clone().requires_grad_()
+        y, yr = ours.train()(x), ref.train()(xr)
+        assert torch.equal(y, yr) or torch.allclose(y, yr, rtol=1e-12, atol=1e-12)
+        gy = _x((5, 4, 3, 3), 50 + s)
+        for a, b in zip(
+            torch.autograd.grad(y, (x, ours.weight), gy),
+            torch.autograd.grad(yr, (xr, ref.weight), gy),
+            strict=True,
+        ):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(ours.running_mean, ref.running_mean)
+
+
+def test_batch_renorm_eval_uses_mean_and_std() -> None:
+    layer = nl.BatchRenorm1d(3, momentum=0.5, dtype=torch.float64)
+    for s in range(3):
+        layer.train()(_x((8, 3), s))
+    x = _x((5, 3), 9)
+    expected = layer.weight * (x - layer.running_mean) / layer.running_std + layer.bias
+    torch.testing.assert_close(layer.eval()(x), expected.detach())
+    torch.testing.assert_close(layer.running_var, layer.running_std**2 - layer.eps)
+
+
+def test_batch_renorm_schedule_travels_with_the_state_dict() -> None:
+    a = nl.BatchRenorm1d(3, r_max=2.5, d_max=1.0, warmup_steps=1, r_max_steps=10, d_max_steps=5)
+    for s in range(4):
+        a.train()(_x((8, 3), s, dtype=torch.float32))
+    buf = io.BytesIO()
+    torch.save(a.state_dict(), buf)
+    buf.seek(0)
+    b = nl.BatchRenorm1d(3)
+    b.load_state_dict(torch.load(buf, weights_only=True))
+    assert b.current_limits() == a.current_limits()
+    assert b.current_limits()[0] == pytest.approx(1 + 1.5 * 3 / 9)
+
+
+def test_batch_renorm_population_statistics() -> None:
+    from normlab.surgery import recompute_population_stats
+
+    model = nn.Sequential(nn.Linear(4, 3, bias=False), nl.BatchRenorm1d(3))
+    x = _x((64, 4), 1, dtype=torch.float32)
+    recompute_population_stats(model, [x[:40], x[40:]])
+    with torch.no_grad():
+        h = model[0](x).double()
+    torch.testing.assert_close(model[1].running_mean.double(), h.mean(0), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        model[1].running_std.double(), torch.sqrt(h.var(0) + 1e-5), rtol=1e-5, atol=1e-6
+    )
+
+
+@pytest.mark.parametrize(
+    ("n", "chunks"), [(12, [4, 4, 4]), (14, [4, 4, 4, 2]), (13, [4, 4, 5]), (3, [3])]
+)
+def test_ghost_batches_and_running_statistics(n: int, chunks: list[int]) -> None:
+    layer = nl.GhostBatchNorm(3, virtual_batch_size=4, momentum=0.5, dtype=torch.float64)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64))
+    x = _x((n, 3, 5), 0).requires_grad_()
+    y = layer.train()(x)
+    parts, start = [], 0
+    xr = x.detach().clone().requires_grad_()
+    for size in chunks:
+        parts.append(
+            F.batch_norm(xr[start : start + size], None, None, layer.weight, layer.bias, True)
+        )
+        start += size
+    ref = torch.cat(parts)
+    torch.testing.assert_close(y, ref, rtol=1e-10, atol=1e-10)
+    gy = _x((n, 3, 5), 1)
+    torch.testing.assert_close(
+        torch.autograd.grad(y, x, gy)[0], torch.autograd.grad(ref, xr, gy)[0], rtol=1e-9, atol=1e-9
+    )
+    full = x.detach()
+    torch.testing.assert_close(layer.running_mean, 0.5 * full.mean((0, 2)))
+    torch.testing.assert_close(layer.running_var, 0.5 + 0.5 * full.var((0, 2), unbiased=True))
+    test = _x((2, 3, 5), 3)
+    expected = F.batch_norm(
+        test, layer.running_mean, layer.running_var, layer.weight, layer.bias, False
+    )
+    torch.testing.assert_close(layer.eval()(test), expected)
+
+
+def test_ghost_without_running_stats_uses_virtual_batches_in_eval() -> None:
+    layer = nl.GhostBatchNorm(
+        2, virtual_batch_size=2, track_running_stats=False, affine=False
+    ).eval()
+    x = torch.tensor([[0.0, 0.0], [2.0, 2.0], [10.0, 10.0], [14.0, 14.0]])
+    assert torch.allclose(
+        layer(x), torch.tensor([[-1.0, -1.0], [1.0, 1.0], [-1.0, -1.0], [1.0, 1.0]]), atol=1e-4
+    )
+
+
+def test_noisy_batch_norm_noise_distribution() -> None:
+    """Santurkar et al.'s recipe: per step mu_t ~ U(-.5, .5), sigma_t ~ U(1, 1.25); per element
+    m ~ U(mu_t +- .1), s ~ N(sigma_t, .1). Tolerances from the sample size (n = 4e4 per step)."""
+    layer = nl.NoisyBatchNorm(4, seed=3)
+    step_means, step_scales = [], []
+    for _ in range(200):
+        s, m = layer.draw_noise((100, 4, 10, 10), torch.device("cpu"), torch.float64)
+        assert m.max() - m.min() <= 0.2 + 1e-12  # one step's m spans at most 2 x 0.1
+        assert abs(s.std().item() - 0.1) < 5 * 0.1 / math.sqrt(2 * s.numel())  # sd of the sd
+        step_means.append(m.mean().item())
+        step_scales.append(s.mean().item())
+    means, scales = torch.tensor(step_means), torch.tensor(step_scales)
+    assert -0.5 <= means.min() and means.max() <= 0.5
+    assert 1.0 - 0.01 <= scales.min() and scales.max() <= 1.25 + 0.01
+    # over 200 steps the step distributions are U(-.5, .5) and U(1, 1.25): mean and spread
+    assert abs(means.mean().item()) < 4 * math.sqrt(1 / 12 / 200)
+    assert abs(means.std().item() - math.sqrt(1 / 12)) < 0.06
+    assert abs(scales.mean().item() - 1.125) < 4 * 0.25 * math.sqrt(1 / 12 / 200)
+
+
+def test_noisy_batch_norm_mechanics() -> None:
+    x = _x((16, 4, 5, 5), 0, dtype=torch.float32)
+    layer, plain = nl.NoisyBatchNorm(4, seed=7), nn.BatchNorm2d(4)
+    y = layer.train()(x)
+    s, m = layer._noise
+    torch.testing.assert_close(y, s * plain.train()(x) + m)
+    assert not torch.equal(layer(x), y)  # a new draw every step: time-varying
+    layer.hold_noise = True
+    held = layer(x)
+    torch.testing.assert_close(layer(x), held)  # held across calls (e.g. landscape probes)
+    expected = F.batch_norm(
+        x, layer.running_mean, layer.running_var, layer.weight, layer.bias, False
+    )
+    torch.testing.assert_close(layer.eval()(x), expected)  # no noise at test time
+    again = nl.NoisyBatchNorm(4, seed=7).train()
+    torch.testing.assert_close(again(x), y)  # seeded: reproducible
+    channel = nl.NoisyBatchNorm(4, per="channel").train()
+    channel(x)
+    assert channel._noise[0].shape == (16, 4, 1, 1)
+
+
+def test_mean_only_batch_norm() -> None:
+    layer = nl.MeanOnlyBatchNorm(3, momentum=0.5, dtype=torch.float64)
+    with torch.no_grad():
+        layer.bias.copy_(torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64))
+    x = _x((8, 3, 4), 0).requires_grad_()
+    y = layer.train()(x)
+    torch.testing.assert_close(y.mean((0, 2)), layer.bias.detach())
+    torch.testing.assert_close(y.std((0, 2)), x.detach().std((0, 2)))  # only the mean changes
+    (g,) = torch.autograd.grad(y, x, _x((8, 3, 4), 1))
+    torch.testing.assert_close(
+        g.sum((0, 2)), torch.zeros(3, dtype=torch.float64), atol=1e-12, rtol=0
+    )
+    torch.testing.assert_close(layer.running_mean, 0.5 * x.detach().mean((0, 2)))
+    test = _x((2, 3, 4), 2)
+    torch.testing.assert_close(
+        layer.eval()(test),
+        (test - layer.running_mean.view(1, 3, 1) + layer.bias.view(1, 3, 1)).detach(),
+    )
+
+
+@pytest.mark.parametrize(
+    ("make", "exc", "match"),
+    [
+        (
+            lambda: nl.BatchRenorm2d(3, r_max=0.5),
+            ValueError,
+            r"BatchRenorm2d: argument 'r_max' must be a finite float >= 1 \(r is clipped to \[1/r_max, "
+            r"r_max\]\), got 0\.5\. Fix: pass e\.g\. r_max=3\.0",
+        ),
+        (
+            lambda: nl.BatchRenorm2d(3, d_max=-1),
+            ValueError,
+            r"argument 'd_max' must be a finite float >= 0",
+        ),
+        (
+            lambda: nl.BatchRenorm2d(3, warmup_steps=100, r_max_steps=50),
+            ValueError,
+            r"argument 'r_max_steps' must be >= warmup_steps=100 \(the ramp starts after the warm-up\), got 50",
+        ),
+        (
+            lambda: nl.BatchRenorm2d(3, warmup_steps=-1),
+            ValueError,
+            r"argument 'warmup_steps' must be an int >= 0",
+        ),
+        (
+            lambda: nl.GhostBatchNorm(3, virtual_batch_size=1),
+            ValueError,
+            r"GhostBatchNorm: argument 'virtual_batch_size' must be at least 2 \(statistics of one sample "
+            r"have zero variance\), got 1\. Fix",
+        ),
+        (
+            lambda: nl.NoisyBatchNorm(3, per="pixel"),
+            ValueError,
+            r"argument 'per' must be 'element' or 'channel', got 'pixel'",
+        ),
+        (
+            lambda: nl.NoisyBatchNorm(3, std_range=(2.0, 1.0)),
+            ValueError,
+            r"argument 'std_range' must be \(low, high\) with low <= high",
+        ),
+    ],
+)
+def test_errors(make, exc, match) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(exc, match=match):
+        make()
+
+
+def test_ghost_needs_two_samples_in_training() -> None:
+    with pytest.raises(ValueError, match=r"GhostBatchNorm: the batch size must be at least 2"):
+        nl.GhostBatchNorm(3, virtual_batch_size=4).train()(torch.randn(1, 3))

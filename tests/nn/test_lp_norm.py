@@ -1,0 +1,88 @@
+"""L1 and L-infinity batch norm against float64 closed forms."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import normlab.nn as nl
+from normlab.functional.lp_norm import L1_CONSTANT, linf_constant
+
+
+def _x(shape, seed=0, scale=2.0, shift=1.0):  # type: ignore[no-untyped-def]
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g, dtype=torch.float64) * scale + shift
+
+
+def test_constants() -> None:
+    assert L1_CONSTANT == pytest.approx(1.2533141373155002512, abs=1e-15)
+    assert linf_constant(128) == pytest.approx(
+        0.5 * (1 + math.sqrt(math.pi * math.log(4))) / math.sqrt(2 * math.log(128))
+    )
+
+
+def test_l1_closed_form_and_running_dispersion() -> None:
+    layer = nl.L1BatchNorm(3, momentum=0.5, dtype=torch.float64)
+    x = _x((16, 3, 4, 4))
+    y = layer.train()(x)
+    mean = x.mean((0, 2, 3), keepdim=True)
+    dispersion = L1_CONSTANT * (x - mean).abs().mean((0, 2, 3), keepdim=True)
+    torch.testing.assert_close(y, (x - mean) / (dispersion + 1e-5))
+    torch.testing.assert_close(layer.running_scale, 0.5 + 0.5 * dispersion.flatten())  # not 1/sigma
+    torch.testing.assert_close(
+        layer.eval()(x),
+        (x - layer.running_mean.view(1, 3, 1, 1)) / (layer.running_scale.view(1, 3, 1, 1) + 1e-5),
+    )
+
+
+def test_l1_dispersion_estimates_the_std_of_gaussian_data() -> None:
+    """C_L1 * mean|x - mu| / std -> 1; at n = 4096 the relative sd of mean|x-mu| is ~1.2 %."""
+    x = _x((4096, 2), seed=1, scale=3.0)
+    layer = nl.L1BatchNorm(2, momentum=1.0, dtype=torch.float64).train()
+    layer(x)
+    ratio = layer.running_scale / x.std(0)
+    assert (ratio - 1).abs().max() < 0.02
+    torch.testing.assert_close(
+        torch.corrcoef(
+            torch.stack([layer(x)[:, 0], nl.BatchNorm1d(2, dtype=torch.float64)(x)[:, 0]])
+        )[0, 1],
+        torch.tensor(1.0, dtype=torch.float64),
+        atol=1e-12,
+        rtol=0,
+    )
+
+
+def test_linf_top_k_closed_form() -> None:
+    layer = nl.LinfBatchNorm(3, k=4, dtype=torch.float64)
+    x = _x((8, 3, 5))
+    y = layer.train()(x)
+    mean = x.mean((0, 2), keepdim=True)
+    per_channel = (x - mean).abs().transpose(0, 1).reshape(3, -1)
+    top = per_channel.topk(4, dim=1).values.mean(1).view(1, 3, 1) * linf_constant(40)
+    torch.testing.assert_close(y, (x - mean) / (top + 1e-5))
+
+
+def test_santurkar_variant_uses_the_p_norm_before_centering() -> None:
+    layer = nl.L1BatchNorm(2, center=False, gaussian_constant=False, dtype=torch.float64)
+    x = _x((10, 2), shift=3.0)
+    mean = x.mean(0)
+    torch.testing.assert_close(layer.train()(x), (x - mean) / (x.abs().mean(0) + 1e-5))
+
+
+def test_float16_stays_finite_where_the_variance_overflows() -> None:
+    """|x| ~ 300: x**2 > 65504, the float16 variance is inf; the L1 dispersion is not."""
+    x = (torch.randn(256, 4, generator=torch.Generator().manual_seed(2)) * 300).half()
+    naive_var = ((x - x.mean(0)) ** 2).sum(0) / x.shape[0]  # float16 arithmetic throughout
+    assert torch.isinf(naive_var).all()
+    for layer in (nl.L1BatchNorm(4, dtype=torch.float16), nl.LinfBatchNorm(4, dtype=torch.float16)):
+        y = layer.train()(x)
+        assert y.dtype == torch.float16
+        assert torch.isfinite(y).all()
+        assert torch.isfinite(layer.running_scale).all()
+    ref = (x.double() - x.double().mean(0)) / (
+        L1_CONSTANT * (x.double() - x.double().mean(0)).abs().mean(0)
+    )
+    y = nl.L1BatchNorm(4, dtype=torch.float16).train()(x)
+    assert (y.double() - ref).abs().max() < 1e-2
