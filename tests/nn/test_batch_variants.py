@@ -195,8 +195,10 @@ def test_noisy_batch_norm_noise_distribution() -> None:
         step_means.append(m.mean().item())
         step_scales.append(s.mean().item())
     means, scales = torch.tensor(step_means), torch.tensor(step_scales)
-    assert -0.5 <= means.min() and means.max() <= 0.5
-    assert 1.0 - 0.01 <= scales.min() and scales.max() <= 1.25 + 0.01
+    assert means.min() >= -0.5
+    assert means.max() <= 0.5
+    assert scales.min() >= 1.0 - 0.01
+    assert scales.max() <= 1.25 + 0.01
     # over 200 steps the step distributions are U(-.5, .5) and U(1, 1.25): mean and spread
     assert abs(means.mean().item()) < 4 * math.sqrt(1 / 12 / 200)
     assert abs(means.std().item() - math.sqrt(1 / 12)) < 0.06

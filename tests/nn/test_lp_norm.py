@@ -17,7 +17,7 @@ def _x(shape, seed=0, scale=2.0, shift=1.0):  # type: ignore[no-untyped-def]
 
 
 def test_constants() -> None:
-    assert L1_CONSTANT == pytest.approx(1.2533141373155002512, abs=1e-15)
+    assert pytest.approx(1.2533141373155002512, abs=1e-15) == L1_CONSTANT
     assert linf_constant(128) == pytest.approx(
         0.5 * (1 + math.sqrt(math.pi * math.log(4))) / math.sqrt(2 * math.log(128))
     )
