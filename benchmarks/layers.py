@@ -68,6 +68,49 @@ LAYERS = [
     ),
 ]
 
+# Variants, each against the torch.nn layer a user would otherwise train with: BatchNorm2d.
+VARIANTS = [
+    Layer(
+        "BatchRenorm2d (r,d active) vs BN2d",
+        lambda c, s: _renorm(c),
+        lambda c, s: nn.BatchNorm2d(c),
+    ),
+    Layer(
+        "GhostBatchNorm(vbs=N/4) vs BN2d",
+        lambda c, s: nl.GhostBatchNorm(c, virtual_batch_size=max(2, s[0] // 4)),
+        lambda c, s: nn.BatchNorm2d(c),
+    ),
+    Layer("L1BatchNorm vs BN2d", lambda c, s: nl.L1BatchNorm(c), lambda c, s: nn.BatchNorm2d(c)),
+    Layer(
+        "LinfBatchNorm(k=10) vs BN2d",
+        lambda c, s: nl.LinfBatchNorm(c),
+        lambda c, s: nn.BatchNorm2d(c),
+    ),
+    Layer(
+        "NoisyBatchNorm vs BN2d", lambda c, s: nl.NoisyBatchNorm(c), lambda c, s: nn.BatchNorm2d(c)
+    ),
+    Layer("Conv2d3x3+WS vs Conv2d3x3", lambda c, s: _ws_conv(c), lambda c, s: _conv(c)),
+]
+
+
+def _renorm(c: int) -> nn.Module:
+    """Batch renorm past its warm-up, so that r and d are computed and applied."""
+    layer = nl.BatchRenorm2d(c, warmup_steps=0, r_max_steps=0, d_max_steps=0)
+    with torch.no_grad():
+        layer.running_std.fill_(1.3)
+    return layer
+
+
+def _conv(c: int) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Conv2d(c, c, 3, padding=1, bias=False)
+
+
+def _ws_conv(c: int) -> nn.Module:
+    from normlab.surgery import standardize_weights
+
+    return standardize_weights(_conv(c))
+
 
 def _fwd(layer: nn.Module, x: torch.Tensor) -> Callable[[], object]:
     def run() -> object:
@@ -96,7 +139,9 @@ def _row(name: str, ours: Timing, theirs: Timing, traffic: float) -> str:
     )
 
 
-def bench_shape(shape: tuple[int, ...], min_time: float, channels_last: bool) -> list[str]:
+def bench_shape(
+    shape: tuple[int, ...], min_time: float, channels_last: bool, variants: bool = True
+) -> list[str]:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(shape, generator=g)
     gy = torch.randn(shape, generator=g)
@@ -113,7 +158,7 @@ def bench_shape(shape: tuple[int, ...], min_time: float, channels_last: bool) ->
         "|---|---|---|---|---|---|",
     ]
     c = shape[1]
-    for spec in LAYERS:
+    for spec in LAYERS + (VARIANTS if variants else []):
         ours, theirs = (
             spec.ours(c, shape).train(spec.training),
             spec.theirs(c, shape).train(spec.training),
@@ -197,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
             shape = tuple(int(v) for v in spec.split("x"))
             lines += bench_shape(shape, args.min_time, channels_last=False)
             if args.channels_last:
-                lines += bench_shape(shape, args.min_time, channels_last=True)
+                lines += bench_shape(shape, args.min_time, channels_last=True, variants=False)
     return emit(lines, args.out)
 
 

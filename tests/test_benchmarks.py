@@ -58,3 +58,10 @@ def test_population_benchmarks_smoke(tmp_path: Path) -> None:
     out = tmp_path / "accuracy.md"
     assert accuracy.main(["--seeds", "1", "--steps", "3", "--out", str(out)]) == 0
     assert out.read_text().count("\n| ") == 9  # header + 8 rows
+
+
+def test_sync_benchmark_smoke(tmp_path: Path) -> None:
+    sync = _load("sync")
+    out = tmp_path / "sync.md"
+    assert sync.main(["--repeats", "1", "--out", str(out)]) == 0
+    assert "SyncBatchNorm (2 gloo processes)" in out.read_text()

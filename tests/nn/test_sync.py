@@ -43,6 +43,12 @@ def _worker(rank: int, init: str, out: str) -> None:
         grads = torch.autograd.grad(y, (x, layer.weight, layer.bias), gy)
         # one sample on this process is fine: the statistics are over both processes
         tiny = nl.SyncBatchNorm(3).train()(torch.randn(1 if rank == 0 else 4, 3))
+        # dense (N, C) input takes the float64 backward
+        dense = (
+            torch.arange(3.0 * (3 + 3 * rank)).view(-1, 3).double() + 10 * rank
+        ).requires_grad_()
+        dense_layer = nl.SyncBatchNorm(3, dtype=torch.float64).train()
+        dense_grad = torch.autograd.grad(dense_layer(dense).square().sum(), dense)[0]
         # inside DistributedDataParallel, converted from a torch model
         torch.manual_seed(0)
         model = convert_sync_batchnorm(
@@ -58,6 +64,7 @@ def _worker(rank: int, init: str, out: str) -> None:
                 "var": layer.running_var,
                 "tiny": tiny.shape,
                 "ddp_grad": model[0].weight.grad,
+                "dense_grad": dense_grad,
             },
             f"{out}.{rank}",
         )
@@ -86,6 +93,14 @@ def test_two_processes_equal_one_batch_norm_on_the_concatenation(tmp_path: Path)
         torch.testing.assert_close(r["mean"], plain.running_mean)
         torch.testing.assert_close(r["var"], plain.running_var)
     assert results[0]["tiny"] == (1, 3)
+    dense = torch.cat(
+        [torch.arange(3.0 * (3 + 3 * r)).view(-1, 3).double() + 10 * r for r in (0, 1)]
+    )
+    dense.requires_grad_()
+    dense_ref = torch.autograd.grad(
+        nn.BatchNorm1d(3, dtype=torch.float64).train()(dense).square().sum(), dense
+    )[0]
+    torch.testing.assert_close(torch.cat([r["dense_grad"] for r in results]), dense_ref)
     torch.testing.assert_close(results[0]["ddp_grad"], results[1]["ddp_grad"])  # DDP averaged
 
 

@@ -29,7 +29,14 @@ from torch import Tensor
 
 from normlab.functional._core import pool_moments
 
-__all__ = ["BatchNormTrainNCHW", "batch_moments", "row_moments", "use_fast_batch_stats"]
+__all__ = [
+    "BatchNormTrainNCHW",
+    "batch_moments",
+    "channel_grad_sums",
+    "input_grad",
+    "row_moments",
+    "use_fast_batch_stats",
+]
 
 # Below these sizes the fixed cost of the extra small ops outweighs the gain (measured with
 # `python benchmarks/layers.py --crossover`): rows (values per sample and channel) shorter than
@@ -188,23 +195,28 @@ class BatchNormTrainNCHW(torch.autograd.Function):
 def _fast_backward(
     grad_out: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, invstd: Tensor, need_x: bool
 ) -> tuple[Tensor | None, Tensor, Tensor]:
-    """Batch-norm backward from two per-channel reductions and two bandwidth-bound passes.
+    """Batch-norm backward from two per-channel reductions and two bandwidth-bound passes
+    (:func:`channel_grad_sums`, then :func:`input_grad`)."""
+    grad_w, grad_b = channel_grad_sums(grad_out, x, mean, invstd)
+    if not need_x:
+        return None, grad_w, grad_b
+    count = x.numel() // x.shape[1]
+    return input_grad(grad_out, x, weight, mean, invstd, grad_b, grad_w, count), grad_w, grad_b
 
-    With ``xhat = (x - mean) * invstd`` and ``M`` values per channel::
 
-        grad_bias   = sum(dy)                 grad_weight = sum(dy * xhat)
-        grad_x      = w * invstd * (dy - grad_bias / M - xhat * grad_weight / M)
-                    = a * dy + b * x + c      (per-channel a, b, c)
+def channel_grad_sums(
+    grad_out: Tensor, x: Tensor, mean: Tensor, invstd: Tensor
+) -> tuple[Tensor, Tensor]:
+    """``(sum(dy * xhat), sum(dy))`` per channel of contiguous ``(N, C, *)`` tensors, with
+    ``xhat = (x - mean) * invstd`` -- batch norm's ``grad_weight`` and ``grad_bias``.
 
-    The two sums come from torch's group-norm backward kernel (one group per channel, given the
-    batch statistics for every sample); it forms ``sum(dy * x) - mean * sum(dy)`` per row, which
-    loses ~``eps * |mean| / std`` relative accuracy -- the forward pass routes data with
-    ``|mean| / std > _MAX_OFFSET`` to torch's kernel instead. ``b * x + c`` is written by the
-    eval-mode batch-norm kernel, then ``a * dy`` is added in place.
+    From torch's group-norm backward kernel (one group per channel, given the batch statistics for
+    every sample) in one read of ``dy`` and ``x``. It forms ``sum(dy * x) - mean * sum(dy)`` per
+    row, which loses ~``eps * |mean| / std`` relative accuracy: callers keep far off-centre data
+    (``|mean| / std > _MAX_OFFSET``) on torch's exactly centred kernels.
     """
     n, c = x.shape[0], x.shape[1]
     row = x.numel() // (n * c)
-    count = n * row
     per_row = (n, c)
     _, grad_w, grad_b = torch.ops.aten.native_group_norm_backward(
         grad_out,
@@ -218,12 +230,31 @@ def _fast_backward(
         c,
         [False, True, True],
     )
-    if not need_x:
-        return None, grad_w, grad_b
+    return grad_w, grad_b
+
+
+def input_grad(
+    grad_out: Tensor,
+    x: Tensor,
+    weight: Tensor | None,
+    mean: Tensor,
+    invstd: Tensor,
+    sum_dy: Tensor,
+    sum_dy_xhat: Tensor,
+    count: int | float,
+) -> Tensor:
+    """Batch norm's input gradient given the per-channel sums over ``count`` values::
+
+        grad_x = w * invstd * (dy - sum_dy / M - xhat * sum_dy_xhat / M) = a * dy + b * x + c
+
+    ``b * x + c`` is written by the eval-mode batch-norm kernel, then ``a * dy`` is added in place:
+    two bandwidth-bound passes.
+    """
+    c = x.shape[1]
     w = torch.ones_like(invstd) if weight is None else weight
     a = (w * invstd).double()
     inv = invstd.double()
-    mean_dy, mean_dy_xhat = grad_b.double() / count, grad_w.double() / count
+    mean_dy, mean_dy_xhat = sum_dy.double() / count, sum_dy_xhat.double() / count
     b = -a * inv * mean_dy_xhat
     shift = a * (mean.double() * inv * mean_dy_xhat - mean_dy)
     zeros, ones = torch.zeros_like(mean), torch.ones_like(mean)
@@ -231,4 +262,4 @@ def _fast_backward(
         x, b.to(x.dtype), shift.to(x.dtype), zeros, ones, False, 0.0, 0.0, False
     )
     grad_x.addcmul_(grad_out, a.to(x.dtype).view(c, *([1] * (x.dim() - 2))))
-    return grad_x, grad_w, grad_b
+    return grad_x

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from normlab._checks import check_values_per_channel
 from normlab.functional._core import Moments, channel_view_shape, update_running_stats_
-from normlab.functional._fast import batch_moments
+from normlab.functional._fast import _MAX_OFFSET, batch_moments, channel_grad_sums, input_grad
 
 __all__ = ["is_distributed", "sync_batch_norm_unchecked"]
 
@@ -63,12 +63,26 @@ class _SyncBatchNorm(torch.autograd.Function):
         )
         mean, var = moments.mean, moments.variance()
         invstd = torch.rsqrt(var + eps)
-        shape = channel_view_shape(x.dim(), x.shape[1])
-        scale = invstd if weight is None else invstd * weight.double()
-        shift = -mean * scale + (0.0 if bias is None else bias.double())
-        y = x * scale.view(shape).to(x.dtype) + shift.view(shape).to(x.dtype)
+        # the eval-mode kernel with the global statistics: one pass
+        y = torch.batch_norm(
+            x,
+            weight,
+            bias,
+            mean.to(x.dtype),
+            var.to(x.dtype),
+            False,
+            0.0,
+            eps,
+            torch.backends.cudnn.enabled,
+        )
         ctx.save_for_backward(x, weight, mean, invstd, count)
         ctx.group = group
+        ctx.fast = (
+            x.dim() >= 3
+            and x.is_contiguous()
+            and x.shape[0] > 0
+            and bool((mean.abs() * invstd).max() <= _MAX_OFFSET)
+        )
         ctx.mark_non_differentiable(mean, var, count)
         return y, mean, var, count
 
@@ -77,19 +91,28 @@ class _SyncBatchNorm(torch.autograd.Function):
         ctx: Any, grad_out: Tensor, *_: Any
     ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None, None, None]:
         x, weight, mean, invstd, count = ctx.saved_tensors
-        shape = channel_view_shape(x.dim(), x.shape[1])
-        dims = [0, *range(2, x.dim())]
-        xhat = (x.double() - mean.view(shape)) * invstd.view(shape)
-        g = grad_out.double()
-        local = torch.stack([g.sum(dims), (g * xhat).sum(dims)])  # (2, C): sum dy, sum dy * xhat
+        n = float(count[0].item())
+        grad_out = grad_out.contiguous()
+        if ctx.fast:  # group-norm backward sums + two bandwidth-bound passes
+            mean_, invstd_ = mean.to(x.dtype), invstd.to(x.dtype)
+            sum_dy_xhat, sum_dy = channel_grad_sums(grad_out, x, mean_, invstd_)
+            local = torch.stack([sum_dy.double(), sum_dy_xhat.double()])
+        else:  # float64 sums, exact for any layout and offset
+            shape = channel_view_shape(x.dim(), x.shape[1])
+            dims = [0, *range(2, x.dim())]
+            xhat = (x.double() - mean.view(shape)) * invstd.view(shape)
+            g = grad_out.double()
+            local = torch.stack([g.sum(dims), (g * xhat).sum(dims)])  # (2, C)
         total = local.clone()
         dist.all_reduce(total, group=ctx.group)
-        n = count.view(shape)
-        w = invstd if weight is None else invstd * weight.double()
-        grad_x = w.view(shape) * (g - total[0].view(shape) / n - xhat * total[1].view(shape) / n)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = input_grad(
+                grad_out, x, weight, mean.to(x.dtype), invstd.to(x.dtype), total[0], total[1], n
+            )
         need_w, need_b = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         return (
-            grad_x.to(x.dtype) if ctx.needs_input_grad[0] else None,
+            grad_x,
             local[1].to(weight.dtype) if need_w and weight is not None else None,
             local[0].to(x.dtype) if need_b else None,
             None,
