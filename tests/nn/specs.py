@@ -198,8 +198,8 @@ SPECS = (
     ),
     LayerSpec(
         "ghost-whole-batch",
-        lambda **kw: nl.GhostBatchNorm(3, virtual_batch_size=64, **kw),
-        ((6, 3), (4, 3, 7)),
+        lambda **kw: nl.GhostBatchNorm(3, virtual_batch_size=4, **kw),
+        ((4, 3), (4, 3, 7)),
         True,
         lambda **kw: nn.BatchNorm1d(3, **kw),
     ),
@@ -241,6 +241,7 @@ SPECS = (
         "ws-gn", lambda **kw: nl.GroupNorm(6, 3, **kw), ((4, 6, 5),), False, None, ("ws_gn", 2)
     ),
     LayerSpec("sync", lambda **kw: nl.SyncBatchNorm(3, **kw), ((6, 3), (4, 3, 5, 6)), True),
+    LayerSpec("lp2", lambda **kw: nl.LpBatchNorm(3, p=2, **kw), ((6, 3), (4, 3, 5)), True),
     LayerSpec("frozen", lambda **kw: nl.FrozenBatchNorm(3, **kw), ((6, 3), (4, 3, 5)), False),
 )
 

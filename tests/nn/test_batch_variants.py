@@ -142,7 +142,7 @@ def test_batch_renorm_population_statistics() -> None:
 
 
 @pytest.mark.parametrize(
-    ("n", "chunks"), [(12, [4, 4, 4]), (14, [4, 4, 4, 2]), (13, [4, 4, 5]), (3, [3])]
+    ("n", "chunks"), [(12, [4, 4, 4]), (14, [4, 4, 4, 2]), (13, [4, 4, 5]), (4, [4])]
 )
 def test_ghost_batches_and_running_statistics(n: int, chunks: list[int]) -> None:
     layer = nl.GhostBatchNorm(3, virtual_batch_size=4, momentum=0.5, dtype=torch.float64)
@@ -293,6 +293,10 @@ def test_errors(make, exc, match) -> None:  # type: ignore[no-untyped-def]
         make()
 
 
-def test_ghost_needs_two_samples_in_training() -> None:
-    with pytest.raises(ValueError, match=r"GhostBatchNorm: the batch size must be at least 2"):
-        nl.GhostBatchNorm(3, virtual_batch_size=4).train()(torch.randn(1, 3))
+def test_ghost_needs_a_full_virtual_batch_in_training() -> None:
+    with pytest.raises(
+        ValueError,
+        match=r"GhostBatchNorm: the batch size must be at least "
+        r"virtual_batch_size=4, got 3 \(input shape \(3, 3\)\)\. Fix: use larger batches",
+    ):
+        nl.GhostBatchNorm(3, virtual_batch_size=4).train()(torch.randn(3, 3))

@@ -86,3 +86,27 @@ def test_float16_stays_finite_where_the_variance_overflows() -> None:
     )
     y = nl.L1BatchNorm(4, dtype=torch.float16).train()(x)
     assert (y.double() - ref).abs().max() < 1e-2
+
+
+@pytest.mark.parametrize(("p", "cls_p"), [(1, "1"), ("inf", "inf"), (math.inf, "inf"), (2, "2")])
+def test_lp_batch_norm_dispatches_on_p(p: object, cls_p: str) -> None:
+    layer = nl.LpBatchNorm(3, p=p, dtype=torch.float64)
+    assert layer._p == cls_p
+    x = _x((12, 3))
+    if cls_p == "2":  # the standard deviation, eps outside the square root
+        mean = x.mean(0)
+        torch.testing.assert_close(layer.train()(x), (x - mean) / (x.std(0, unbiased=False) + 1e-5))
+    elif cls_p == "1":
+        torch.testing.assert_close(
+            layer.train()(x), nl.L1BatchNorm(3, dtype=torch.float64).train()(x)
+        )
+
+
+@pytest.mark.parametrize("p", [3, 0.5, "two", True, None])
+def test_unsupported_p(p: object) -> None:
+    with pytest.raises(
+        ValueError,
+        match=r"LpBatchNorm: argument 'p' must be 1, 2 or inf \(math\.inf or "
+        r"'inf'\), got .*\. Fix: pick one of the supported norms",
+    ):
+        nl.LpBatchNorm(3, p=p)

@@ -102,8 +102,8 @@ def ghost_batch_norm_unchecked(
 ) -> Tensor:
     """Ghost batch norm (Hoffer, Hubara & Soudry, 2017) on validated arguments.
 
-    Training: the batch is cut into consecutive *virtual batches* of ``virtual_batch_size``
-    samples; each is normalized with its own statistics. A ragged remainder of at least 2 samples
+    Training: the batch (at least ``virtual_batch_size`` samples) is cut into consecutive *virtual
+    batches* of ``virtual_batch_size`` samples; each is normalized with its own statistics. A ragged remainder of at least 2 samples
     is a smaller virtual batch of its own; a single leftover sample joins the previous virtual
     batch. The running statistics are updated once per call with the statistics of the **whole**
     batch (exactly as ``BatchNorm`` would), so evaluation -- running statistics -- is plain batch
@@ -117,16 +117,17 @@ def ghost_batch_norm_unchecked(
             input, running_mean, running_var, weight, bias, False, 0.0, eps, owner
         )
     n, c = input.shape[0], input.shape[1]
-    if n < 2:
+    if n < virtual_batch_size:
         fail(
             ValueError,
             owner,
             "the batch size",
-            f"at least 2 (virtual_batch_size={virtual_batch_size})",
+            f"at least virtual_batch_size={virtual_batch_size}",
             f"{n} (input shape {tuple(input.shape)})",
-            "use a batch of at least 2 samples, or call .eval() to use the running statistics",
+            "use larger batches (e.g. drop_last=True in the DataLoader), a smaller "
+            "virtual_batch_size, or .eval() to use the running statistics",
         )
-    vbs = min(virtual_batch_size, n)
+    vbs = virtual_batch_size
     full, rest = divmod(n, vbs)
     if rest == 1:  # a lone sample has no variance: it joins the last full virtual batch
         full, rest = full - 1, vbs + 1

@@ -22,7 +22,7 @@ __all__ = ["L1_CONSTANT", "linf_constant", "lp_batch_norm_unchecked", "lp_disper
 #: ``L1_CONSTANT * mean|x - mu|`` estimates ``sigma``.
 L1_CONSTANT = math.sqrt(math.pi / 2)
 
-P = Literal["1", "inf"]
+P = Literal["1", "2", "inf"]
 
 
 def linf_constant(n: int) -> float:
@@ -49,6 +49,7 @@ def lp_dispersion(
     """Per-channel dispersion of ``(N, C, *)`` input, shape ``(C,)``, in the stats dtype.
 
     * ``p="1"``: ``mean |x - mu|`` (times ``sqrt(pi/2)`` with ``gaussian_constant``);
+    * ``p="2"``: ``sqrt(mean (x - mu)^2)``, the standard deviation (Hoffer's L2 baseline);
     * ``p="inf"``: the mean of the ``k`` largest ``|x - mu|`` (times ``C(n)``).
 
     ``center=False`` measures ``|x|`` instead of ``|x - mu|`` (Santurkar et al.'s variant: the
@@ -63,6 +64,9 @@ def lp_dispersion(
     if p == "1":
         value = per_channel.mean(1)
         constant = L1_CONSTANT
+    elif p == "2":
+        value = per_channel.square().mean(1).sqrt()
+        constant = 1.0
     else:
         value = per_channel.topk(min(k, n), dim=1).values.mean(1)
         constant = linf_constant(n)

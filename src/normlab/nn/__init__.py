@@ -11,7 +11,7 @@ from normlab.nn.batch_variants import (
 from normlab.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from normlab.nn.frozen import FrozenBatchNorm
 from normlab.nn.instancenorm import InstanceNorm1d, InstanceNorm2d, InstanceNorm3d
-from normlab.nn.lp_norm import L1BatchNorm, LinfBatchNorm
+from normlab.nn.lp_norm import L1BatchNorm, LinfBatchNorm, LpBatchNorm
 from normlab.nn.normalization import ChannelLayerNorm, GroupNorm, LayerNorm
 from normlab.nn.registry import (
     available_norms,
@@ -42,6 +42,7 @@ __all__ = [
     "L1BatchNorm",
     "LayerNorm",
     "LinfBatchNorm",
+    "LpBatchNorm",
     "MeanOnlyBatchNorm",
     "NoisyBatchNorm",
     "SyncBatchNorm",

@@ -309,8 +309,8 @@ class GhostBatchNorm(RunningStatsNorm, _TorchBatchNorm):
         ``(N, C, *)``, any number of trailing dims.
 
     Raises:
-        ValueError: ``virtual_batch_size < 2``; a training batch smaller than 2 samples; the
-            batch-norm errors.
+        ValueError: ``virtual_batch_size < 2``; a training batch smaller than
+            ``virtual_batch_size``; the batch-norm errors.
 
     Example:
         >>> GhostBatchNorm(4, virtual_batch_size=8)(torch.randn(32, 4)).shape

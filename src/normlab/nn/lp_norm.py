@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
-from normlab._checks import check_bool, check_eps, check_momentum, check_positive_int
+from normlab._checks import check_bool, check_eps, check_momentum, check_positive_int, fail
 from normlab.functional.lp_norm import P, lp_batch_norm_unchecked
 from normlab.nn._base import InputChecks
 
-__all__ = ["L1BatchNorm", "LinfBatchNorm"]
+__all__ = ["L1BatchNorm", "LinfBatchNorm", "LpBatchNorm"]
 
 
 class _LpBatchNorm(InputChecks, nn.Module):
@@ -149,3 +152,44 @@ class LinfBatchNorm(_LpBatchNorm):
     """
 
     _p: P = "inf"
+
+
+def _p_key(p: object) -> P | None:
+    """``"1"``, ``"2"`` or ``"inf"`` for the accepted spellings of ``p``; ``None`` otherwise."""
+    if isinstance(p, str):
+        return {"1": "1", "2": "2", "inf": "inf"}.get(p)  # type: ignore[return-value]
+    if isinstance(p, bool) or not isinstance(p, (int, float)):
+        return None
+    return {1.0: "1", 2.0: "2", math.inf: "inf"}.get(float(p))  # type: ignore[return-value]
+
+
+class LpBatchNorm(_LpBatchNorm):
+    """Batch norm normalized by an Lp dispersion, ``p`` in {1, 2, inf}: ``p=1`` is
+    :class:`L1BatchNorm`, ``p=inf`` :class:`LinfBatchNorm` (top-``k``), ``p=2`` divides by the
+    standard deviation with ``eps`` outside the square root (Hoffer's L2 baseline). Santurkar et
+    al.'s Lp layers are ``center=False, gaussian_constant=False``.
+
+    Raises:
+        ValueError: ``p`` not in {1, 2, inf}.
+
+    Example:
+        >>> LpBatchNorm(3, p=2)(torch.randn(8, 3)).shape
+        torch.Size([8, 3])
+    """
+
+    def __init__(self, num_features: int, p: float | str = 1, **kwargs: Any) -> None:
+        key = _p_key(p)
+        if key is None:
+            fail(
+                ValueError,
+                type(self).__name__,
+                "argument 'p'",
+                "1, 2 or inf (math.inf or 'inf')",
+                repr(p),
+                "pick one of the supported norms, e.g. p=1",
+            )
+        self._p = key
+        super().__init__(num_features, **kwargs)
+
+    def extra_repr(self) -> str:
+        return f"p={self._p}, {super().extra_repr()}"
