@@ -24,6 +24,7 @@ __all__ = [
     "check_divisible",
     "check_eps",
     "check_floating_tensor",
+    "check_min_float",
     "check_momentum",
     "check_ndim",
     "check_nonempty_batch",
@@ -298,3 +299,24 @@ def check_nonempty_batch(x: torch.Tensor, *, owner: str) -> None:
             "skip empty batches before calling the layer, or call .eval() to use the running "
             "statistics",
         )
+
+
+def check_min_float(
+    value: object, *, name: str, owner: str, minimum: float, meaning: str, fix: str
+) -> float:
+    """Return ``value`` as a float if it is a finite number ``>= minimum`` (``bool`` rejected);
+    ``meaning`` explains the bound in the message."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not minimum <= value < math.inf
+    ):
+        fail(
+            ValueError,
+            owner,
+            f"argument '{name}'",
+            f"a finite float >= {minimum:g} ({meaning})",
+            repr(value),
+            fix,
+        )
+    return float(value)

@@ -155,6 +155,8 @@ def test_tiny_but_real_variance_is_scaled_like_scikit_learn() -> None:
     floored = InputStandardizer(std_floor=1e-6).fit(torch.from_numpy(x))
     assert floored.scale.flatten()[0].item() == 1.0
     with pytest.raises(
-        ValueError, match=r"argument 'std_floor' must be a finite float >= 0, got -1\.0"
+        ValueError,
+        match=r"argument 'std_floor' must be a finite float >= 0 \(features with a smaller std are only "
+        r"centred\), got -1\.0",
     ):
         InputStandardizer(std_floor=-1.0)

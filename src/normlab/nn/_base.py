@@ -30,13 +30,41 @@ from normlab._checks import (
     check_positive_int,
 )
 
-__all__ = ["AffineNorm", "InputChecks", "RunningStatsNorm", "bias_kwarg", "is_traced"]
+__all__ = [
+    "AffineNorm",
+    "InputChecks",
+    "RunningStatsNorm",
+    "bias_kwarg",
+    "check_norm_args",
+    "is_traced",
+]
 
 # (input, running_mean, running_var, weight, bias, training, momentum, eps, owner) -> output
 NormFn = Callable[
     [Tensor, Tensor | None, Tensor | None, Tensor | None, Tensor | None, bool, float, float, str],
     Tensor,
 ]
+
+
+def check_norm_args(
+    owner: str,
+    num_features: object,
+    eps: object,
+    momentum: object = 0.1,
+    affine: object = True,
+    track_running_stats: object = True,
+    *,
+    allow_none_momentum: bool = True,
+) -> tuple[int, float, float | None, bool, bool]:
+    """Validate the vocabulary every norm shares; return it normalized
+    ``(num_features, eps, momentum, affine, track_running_stats)``."""
+    return (
+        check_positive_int(num_features, name="num_features", owner=owner),
+        check_eps(eps, owner=owner),
+        check_momentum(momentum, owner=owner, allow_none=allow_none_momentum),
+        check_bool(affine, name="affine", owner=owner),
+        check_bool(track_running_stats, name="track_running_stats", owner=owner),
+    )
 
 
 def bias_kwarg(bias: bool) -> dict[str, bool]:
@@ -83,10 +111,9 @@ class AffineNorm(InputChecks, nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        owner = type(self).__name__
-        self.num_features = check_positive_int(num_features, name="num_features", owner=owner)
-        self.eps = check_eps(eps, owner=owner)
-        self.affine = check_bool(affine, name="affine", owner=owner)
+        self.num_features, self.eps, _, self.affine, _ = check_norm_args(
+            type(self).__name__, num_features, eps, affine=affine
+        )
         if affine:
             self.weight = nn.Parameter(torch.empty(num_features, device=device, dtype=dtype))
             self.bias = nn.Parameter(torch.empty(num_features, device=device, dtype=dtype))
@@ -129,11 +156,7 @@ class RunningStatsNorm(InputChecks, _NormBase):
         bias: bool = True,
     ) -> None:
         owner = type(self).__name__
-        check_positive_int(num_features, name="num_features", owner=owner)
-        check_eps(eps, owner=owner)
-        check_momentum(momentum, owner=owner)
-        check_bool(affine, name="affine", owner=owner)
-        check_bool(track_running_stats, name="track_running_stats", owner=owner)
+        check_norm_args(owner, num_features, eps, momentum, affine, track_running_stats)
         check_bool(bias, name="bias", owner=owner)
         super().__init__(
             int(num_features),

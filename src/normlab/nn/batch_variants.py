@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -11,7 +10,7 @@ from torch.nn.modules.batchnorm import _BatchNorm as _TorchBatchNorm
 
 from normlab._checks import (
     check_bool,
-    check_eps,
+    check_min_float,
     check_momentum,
     check_positive_int,
     fail,
@@ -19,7 +18,7 @@ from normlab._checks import (
 from normlab.functional._core import channel_view_shape
 from normlab.functional.batch_norm import batch_norm_unchecked
 from normlab.functional.batch_variants import batch_renorm_unchecked, ghost_batch_norm_unchecked
-from normlab.nn._base import InputChecks, RunningStatsNorm, is_traced
+from normlab.nn._base import InputChecks, RunningStatsNorm, check_norm_args, is_traced
 
 __all__ = [
     "BatchRenorm1d",
@@ -109,37 +108,26 @@ class _BatchRenorm(InputChecks, nn.Module):
     ) -> None:
         super().__init__()
         owner = type(self).__name__
-        self.num_features = check_positive_int(num_features, name="num_features", owner=owner)
-        self.eps = check_eps(eps, owner=owner)
-        check_momentum(momentum, owner=owner, allow_none=False)
+        self.num_features, self.eps, _, self.affine, _ = check_norm_args(
+            owner, num_features, eps, momentum, affine, allow_none_momentum=False
+        )
         self.momentum: float = float(momentum)
-        self.affine = check_bool(affine, name="affine", owner=owner)
-        if (
-            isinstance(r_max, bool)
-            or not isinstance(r_max, (int, float))
-            or not 1.0 <= r_max < math.inf
-        ):
-            fail(
-                ValueError,
-                owner,
-                "argument 'r_max'",
-                "a finite float >= 1 (r is clipped to [1/r_max, r_max])",
-                repr(r_max),
-                "pass e.g. r_max=3.0; r_max=1 is plain batch norm",
-            )
-        if (
-            isinstance(d_max, bool)
-            or not isinstance(d_max, (int, float))
-            or not 0.0 <= d_max < math.inf
-        ):
-            fail(
-                ValueError,
-                owner,
-                "argument 'd_max'",
-                "a finite float >= 0 (d is clipped to [-d_max, d_max])",
-                repr(d_max),
-                "pass e.g. d_max=5.0; d_max=0 is plain batch norm",
-            )
+        check_min_float(
+            r_max,
+            name="r_max",
+            owner=owner,
+            minimum=1.0,
+            meaning="r is clipped to [1/r_max, r_max]",
+            fix="pass e.g. r_max=3.0; r_max=1 is plain batch norm",
+        )
+        check_min_float(
+            d_max,
+            name="d_max",
+            owner=owner,
+            minimum=0.0,
+            meaning="d is clipped to [-d_max, d_max]",
+            fix="pass e.g. d_max=5.0; d_max=0 is plain batch norm",
+        )
         warmup = _check_nonnegative_int(warmup_steps, name="warmup_steps", owner=owner)
         for name, end in (("r_max_steps", r_max_steps), ("d_max_steps", d_max_steps)):
             _check_nonnegative_int(end, name=name, owner=owner)

@@ -8,9 +8,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from normlab._checks import check_bool, check_eps, check_momentum, check_positive_int, fail
+from normlab._checks import check_bool, check_positive_int, fail
 from normlab.functional.lp_norm import P, lp_batch_norm_unchecked
-from normlab.nn._base import InputChecks
+from normlab.nn._base import InputChecks, check_norm_args
 
 __all__ = ["L1BatchNorm", "LinfBatchNorm", "LpBatchNorm"]
 
@@ -37,12 +37,8 @@ class _LpBatchNorm(InputChecks, nn.Module):
     ) -> None:
         super().__init__()
         owner = type(self).__name__
-        self.num_features = check_positive_int(num_features, name="num_features", owner=owner)
-        self.eps = check_eps(eps, owner=owner)
-        self.momentum = check_momentum(momentum, owner=owner)
-        self.affine = check_bool(affine, name="affine", owner=owner)
-        self.track_running_stats = check_bool(
-            track_running_stats, name="track_running_stats", owner=owner
+        (self.num_features, self.eps, self.momentum, self.affine, self.track_running_stats) = (
+            check_norm_args(owner, num_features, eps, momentum, affine, track_running_stats)
         )
         self.k = check_positive_int(k, name="k", owner=owner)
         self.center = check_bool(center, name="center", owner=owner)

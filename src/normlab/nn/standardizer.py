@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from normlab._batches import InputFn, iter_inputs
-from normlab._checks import fail
+from normlab._checks import check_min_float, fail
 from normlab.functional._core import Moments, keepdim_shape
 
 __all__ = ["InputStandardizer"]
@@ -76,21 +76,15 @@ class InputStandardizer(nn.Module):
                     "pass axis=1 for per-feature/per-channel statistics, or axis=None for one scalar",
                 )
             self.axis = axes
-        if (
-            isinstance(std_floor, bool)
-            or not isinstance(std_floor, (int, float))
-            or not (0.0 <= std_floor < float("inf"))
-        ):
-            fail(
-                ValueError,
-                owner,
-                "argument 'std_floor'",
-                "a finite float >= 0",
-                repr(std_floor),
-                "pass std_floor=0.0 (only exactly constant features are left unscaled) or a small "
-                "positive value",
-            )
-        self.std_floor = float(std_floor)
+        self.std_floor = check_min_float(
+            std_floor,
+            name="std_floor",
+            owner=owner,
+            minimum=0.0,
+            meaning="features with a smaller std are only centred",
+            fix="pass std_floor=0.0 (only exactly constant features are left unscaled) or a small "
+            "positive value",
+        )
         self.register_buffer("count", torch.zeros((), dtype=torch.float64))
         self.register_buffer("mean", torch.zeros(0, dtype=torch.float64))
         self.register_buffer("m2", torch.zeros(0, dtype=torch.float64))
