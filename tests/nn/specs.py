@@ -242,6 +242,87 @@ SPECS = (
     ),
     LayerSpec("sync", lambda **kw: nl.SyncBatchNorm(3, **kw), ((6, 3), (4, 3, 5, 6)), True),
     LayerSpec("lp2", lambda **kw: nl.LpBatchNorm(3, p=2, **kw), ((6, 3), (4, 3, 5)), True),
+    LayerSpec(
+        "dropout", lambda **kw: nl.Dropout(0.3, seed=0), ((6, 3), (4, 3, 5)), True, stochastic=True
+    ),
+    LayerSpec(
+        "dropout-classic",
+        lambda **kw: nl.Dropout(0.3, inverted=False, seed=0),
+        ((6, 3),),
+        True,
+        stochastic=True,
+    ),
+    LayerSpec(
+        "feature-dropout1d",
+        lambda **kw: nl.FeatureDropout1d(0.3, seed=0),
+        ((6, 3, 5),),
+        True,
+        stochastic=True,
+    ),
+    LayerSpec(
+        "feature-dropout2d",
+        lambda **kw: nl.FeatureDropout2d(0.3, seed=0),
+        ((6, 3, 4, 5),),
+        True,
+        stochastic=True,
+    ),
+    LayerSpec(
+        "feature-dropout3d",
+        lambda **kw: nl.FeatureDropout3d(0.3, seed=0),
+        ((4, 3, 2, 3, 4),),
+        True,
+        stochastic=True,
+    ),
+    LayerSpec(
+        "alpha-dropout", lambda **kw: nl.AlphaDropout(0.2, seed=0), ((6, 3),), True, stochastic=True
+    ),
+    LayerSpec(
+        "feature-alpha-dropout",
+        lambda **kw: nl.FeatureAlphaDropout(0.2, seed=0),
+        ((6, 3, 5),),
+        True,
+        stochastic=True,
+    ),
+    LayerSpec("selu", lambda **kw: nl.SELU(), ((6, 3), (2, 3, 4)), False, lambda **kw: nn.SELU()),
+    LayerSpec(
+        "dropconnect-linear",
+        lambda **kw: nl.DropConnectLinear(3, 3, p=0.3, samples=20, activation=nn.Tanh(), **kw),
+        ((6, 3),),
+        True,
+        stochastic=True,
+    ),
+    LayerSpec(
+        "dropconnect-linear-batch-mean",
+        lambda **kw: nl.DropConnectLinear(3, 3, p=0.3, mode="batch", inference="mean", **kw),
+        ((6, 3),),
+        True,
+        stochastic=True,
+    ),
+    LayerSpec(
+        "dropconnect-conv1d",
+        lambda **kw: nl.DropConnectConv1d(3, 3, 3, padding=1, p=0.3, samples=10, **kw),
+        ((4, 3, 5),),
+        True,
+        stochastic=True,
+    ),
+    LayerSpec(
+        "dropconnect-conv2d",
+        lambda **kw: nl.DropConnectConv2d(
+            3, 3, 3, padding=1, p=0.3, samples=10, activation=nn.ReLU(), **kw
+        ),
+        ((2, 3, 4, 4),),
+        True,
+        stochastic=True,
+    ),
+    LayerSpec(
+        "dropconnect-conv3d",
+        lambda **kw: nl.DropConnectConv3d(
+            3, 3, 3, padding=1, p=0.3, inference="mc", samples=5, **kw
+        ),
+        ((2, 3, 3, 3, 3),),
+        True,
+        stochastic=True,
+    ),
     LayerSpec("frozen", lambda **kw: nl.FrozenBatchNorm(3, **kw), ((6, 3), (4, 3, 5)), False),
 )
 

@@ -121,13 +121,17 @@ def test_gradcheck_float64(spec: LayerSpec, training: bool) -> None:
     _train_steps(layer, shape, torch.float64)
     layer.train(training)
     x = _input(shape, torch.float64, seed=5).requires_grad_()
-    if spec.stochastic:  # gradcheck calls forward many times: hold one draw of the noise
+    if spec.stochastic and hasattr(layer, "hold_noise"):  # hold one draw of the noise
         layer.hold_noise = True
         layer(x.detach())
     params = tuple(layer.parameters())
     ref = copy.deepcopy(layer)  # gradcheck calls forward many times; keep buffers of `ref` apart
 
     def fn(x: torch.Tensor, *p: torch.Tensor) -> torch.Tensor:
+        if spec.stochastic:  # gradcheck calls forward many times: the same masks every time
+            torch.manual_seed(0)
+            if getattr(ref, "generator", None) is not None:
+                ref.generator.manual_seed(0)
         return torch.func.functional_call(
             ref, dict(zip(dict(layer.named_parameters()), p, strict=False)), (x,)
         )

@@ -32,11 +32,21 @@ from normlab.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from normlab.nn.instancenorm import InstanceNorm1d, InstanceNorm2d, InstanceNorm3d
 from normlab.nn.lp_norm import L1BatchNorm, LinfBatchNorm
 from normlab.nn.normalization import ChannelLayerNorm, GroupNorm, LayerNorm
+from normlab.nn.stochastic import (
+    AlphaDropout,
+    Dropout,
+    FeatureAlphaDropout,
+    FeatureDropout1d,
+    FeatureDropout2d,
+    FeatureDropout3d,
+)
 
 __all__ = [
     "NormSpec",
+    "available_dropouts",
     "available_norms",
     "default_num_groups",
+    "get_dropout_layer",
     "get_norm_layer",
     "register_norm",
     "weight_transform_of",
@@ -355,3 +365,60 @@ def _ws_gn(
 ) -> nn.Module:
     groups = default_num_groups(num_features) if num_groups is None else num_groups
     return GroupNorm(num_features, groups, **kwargs)
+
+
+# -- stochastic regularizers --------------------------------------------------------------------
+
+_FEATURE = {1: FeatureDropout1d, 2: FeatureDropout2d, 3: FeatureDropout3d}
+_DROPOUTS: dict[str, str] = {
+    "none": "no dropout (identity)",
+    "dropout": "dropout of single units (inverted by default)",
+    "feature": "dropout of whole channels (spatial_dims >= 1)",
+    "alpha": "alpha dropout for SELU networks (keeps mean 0 / variance 1)",
+    "feature_alpha": "alpha dropout of whole channels",
+}
+
+
+def available_dropouts() -> dict[str, str]:
+    """Names :func:`get_dropout_layer` accepts, with one-line summaries. (DropConnect replaces the
+    Linear/Conv layer itself: ``normlab.nn.DropConnectLinear``/``DropConnectConv*d``.)"""
+    return dict(_DROPOUTS)
+
+
+def get_dropout_layer(name: str, p: float, *, spatial_dims: int = 0, **kwargs: Any) -> nn.Module:
+    """Build the dropout layer named ``name`` with drop probability ``p``.
+
+    >>> get_dropout_layer("feature", 0.1, spatial_dims=2)
+    FeatureDropout2d(p=0.1, inverted=True)
+
+    Raises:
+        ValueError: unknown ``name``, or a feature dropout without ``spatial_dims``.
+    """
+    owner = "get_dropout_layer"
+    if name not in _DROPOUTS:
+        fail(
+            ValueError,
+            owner,
+            "argument 'name'",
+            f"one of {sorted(_DROPOUTS)}",
+            repr(name),
+            "pass one of the listed names",
+        )
+    if name == "none":
+        return nn.Identity()
+    if name == "dropout":
+        return Dropout(p, **kwargs)
+    if name == "alpha":
+        return AlphaDropout(p, **kwargs)
+    if name == "feature_alpha":
+        return FeatureAlphaDropout(p, **kwargs)
+    if spatial_dims not in _FEATURE:
+        fail(
+            ValueError,
+            owner,
+            "'spatial_dims' for 'feature' dropout",
+            "1, 2 or 3",
+            repr(spatial_dims),
+            "use 'dropout' for (N, C) features",
+        )
+    return _FEATURE[spatial_dims](p, **kwargs)

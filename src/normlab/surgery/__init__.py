@@ -20,6 +20,7 @@ from normlab.surgery.population import PopulationStatsReport, recompute_populati
 from normlab.surgery.walk import copy_norm_state, replace_modules
 from normlab.surgery.weights import (
     apply_weight_norm,
+    init_self_normalizing_,
     init_weight_norm_,
     standardize_weights,
     weight_layers,
@@ -34,6 +35,7 @@ __all__ = [
     "freeze_batchnorm",
     "fusable_pairs",
     "fuse_batchnorm",
+    "init_self_normalizing_",
     "init_weight_norm_",
     "keras_to_torch_momentum",
     "load_keras_batchnorm",

@@ -12,11 +12,18 @@ from torch.nn.utils.parametrizations import weight_norm
 
 from normlab._batches import InputFn, iter_inputs
 from normlab._checks import fail
+from normlab.nn.init import lecun_normal_
 from normlab.nn.weight import WeightStandardization
 from normlab.surgery._state import preserved
 from normlab.surgery.walk import replace_modules
 
-__all__ = ["apply_weight_norm", "init_weight_norm_", "standardize_weights", "weight_layers"]
+__all__ = [
+    "apply_weight_norm",
+    "init_self_normalizing_",
+    "init_weight_norm_",
+    "standardize_weights",
+    "weight_layers",
+]
 
 _WEIGHTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -141,4 +148,33 @@ def init_weight_norm_(
                 bias.zero_()
             handles.append(module.register_forward_hook(initialise))
         model(*args)
+    return model
+
+
+def init_self_normalizing_(model: nn.Module, *, seed: int | None = None) -> nn.Module:
+    """In place: LeCun-normal weights (``N(0, 1/fan_in)``) and zero biases for every Linear and
+    Conv1d/2d/3d -- the initialisation SELU networks need to stay at their fixed point. Returns
+    ``model``.
+
+    Raises:
+        ValueError: the model has no Linear/Conv layer.
+    """
+    layers = weight_layers(model)
+    if not layers:
+        fail(
+            ValueError,
+            "init_self_normalizing_",
+            "the model",
+            "a module with Linear or Conv1d/2d/3d weights",
+            f"{type(model).__name__} without one",
+            "apply it to the network whose layers feed the SELUs",
+        )
+    generator = None if seed is None else torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in layers:
+            weight = cast(Tensor, layer.weight)
+            lecun_normal_(weight, generator=generator)
+            bias = getattr(layer, "bias", None)
+            if isinstance(bias, Tensor):
+                bias.zero_()
     return model
