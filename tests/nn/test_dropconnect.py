@@ -166,3 +166,65 @@ def test_gradients_flow_to_weights_and_inputs() -> None:
 def test_errors(make, exc, match) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(exc, match=match):
         make()
+
+
+def test_per_sample_masks_keep_no_weight_copies_for_backward() -> None:
+    """The backward pass draws the masks again: autograd keeps x, W and b only."""
+    layer = _layer(64, 32, 0.5)
+    x = torch.randn(128, 64, dtype=torch.float64, requires_grad=True)
+    saved = 0
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal saved
+        saved += t.numel()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = layer.train()(x)
+    assert saved <= x.numel() + layer.weight.numel() + layer.bias.numel()
+    y.square().sum().backward()
+    assert x.grad is not None
+
+
+def test_per_sample_gradients_match_an_explicit_loop() -> None:
+    """Gradients of the recomputing backward equal autograd through explicitly masked weights."""
+    layer = _layer(6, 3, 0.5)
+    x = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
+    torch.manual_seed(4)
+    y = layer.train()(x)
+    gx, gw, gb = torch.autograd.grad(y.square().sum(), (x, layer.weight, layer.bias))
+    from normlab.functional import dropconnect as dc
+
+    torch.manual_seed(4)
+    seed = int(torch.randint(0, 2**62, (1,)).item())
+    g = torch.Generator().manual_seed(seed)
+    xr = x.detach().requires_grad_()
+    w, b = layer.weight.detach().requires_grad_(), layer.bias.detach().requires_grad_()
+    ref = dc._masked_chunk(xr, w, b, 0.5, None, 1, g)  # chunk = whole batch here
+    torch.testing.assert_close(ref, y)
+    for a, r in zip((gx, gw, gb), torch.autograd.grad(ref.square().sum(), (xr, w, b)), strict=True):
+        torch.testing.assert_close(a, r)
+    assert dc.CHUNK_ELEMENTS // 18 >= 5  # the whole batch was indeed one chunk
+
+
+def test_chunked_per_sample_masks(monkeypatch: pytest.MonkeyPatch) -> None:
+    from normlab.functional import dropconnect as dc
+
+    monkeypatch.setattr(dc, "CHUNK_ELEMENTS", 36)  # weight 3x6: 2 samples per chunk
+    layer = _layer(6, 3, 0.5)
+    x = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
+    torch.manual_seed(5)
+    y = layer.train()(x)
+    gx, gw = torch.autograd.grad(y.square().sum(), (x, layer.weight))
+    torch.manual_seed(5)
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
+    xr, w = x.detach().requires_grad_(), layer.weight.detach().requires_grad_()
+    ref = torch.cat(
+        [
+            dc._masked_chunk(xr[i : i + 2], w, layer.bias.detach(), 0.5, None, 1, g)
+            for i in range(0, 5, 2)
+        ]
+    )
+    torch.testing.assert_close(ref, y)
+    for a, r in zip((gx, gw), torch.autograd.grad(ref.square().sum(), (xr, w)), strict=True):
+        torch.testing.assert_close(a, r)

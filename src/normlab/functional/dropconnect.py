@@ -12,20 +12,24 @@ rescaled, as in the paper. Inference:
 * ``"mc"``: average ``a(.)`` over ``samples`` forward passes with sampled masks.
 
 Sampled inference uses a generator seeded with ``seed`` at every call, so evaluation is
-deterministic. Memory of the per-sample training mode: a chunk of at most ``CHUNK_ELEMENTS`` mask
-entries (``chunk * out * in``) at a time, plus what autograd saves for those chunks -- there is no
-way around O(N * out * in) random bits, but there is no N-fold weight copy in memory at once.
+deterministic. The per-sample training mode draws its masks chunk by chunk (at most
+``CHUNK_ELEMENTS`` mask entries, ``chunk * out * in``, at a time) from a generator seeded once per
+call, and the backward pass draws the same masks again: memory O(chunk * out * in) instead of the N
+masked weight copies autograd would keep; compute O(N * out * in) -- there is no way around that
+many random bits.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from normlab.functional.stochastic import keep_mask
 
 __all__ = ["CHUNK_ELEMENTS", "Activation", "dropconnect", "gaussian_relu_mean"]
 
@@ -56,12 +60,93 @@ def _apply(activation: Activation, u: Tensor) -> Tensor:
     return u if activation is None else activation(u)
 
 
-def _mask(
-    shape: tuple[int, ...], keep: float, like: Tensor, generator: torch.Generator | None
+def _masked(t: Tensor, keep: float, generator: torch.Generator | None) -> Tensor:
+    """``t * M`` with ``M ~ Bernoulli(keep)``, unscaled."""
+    return t * keep_mask(tuple(t.shape), keep, t, generator)
+
+
+def _chunk_size(n: int, weight: Tensor) -> int:
+    return max(1, min(n, CHUNK_ELEMENTS // max(1, weight.numel())))
+
+
+def _masked_chunk(
+    xs: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    keep: float,
+    conv: ConvOp | None,
+    groups: int,
+    generator: torch.Generator,
 ) -> Tensor:
-    return torch.empty(shape, dtype=like.dtype, device=like.device).bernoulli_(
-        keep, generator=generator
-    )
+    """Pre-activations of a chunk of ``k`` samples, each with its own weight (and bias) mask.
+
+    Masks are drawn from ``generator`` in a fixed order (weights, then bias), so the backward
+    pass can draw them again instead of keeping them."""
+    k = xs.shape[0]
+    masked = weight.unsqueeze(0) * keep_mask((k, *weight.shape), keep, weight, generator)
+    if conv is None:  # linear: (k, out, in) @ (k, in, 1)
+        u = torch.bmm(masked, xs.unsqueeze(2)).squeeze(2)  # (k, out)
+    else:  # one grouped convolution, every sample with its own kernel
+        out_channels = weight.shape[0]
+        stacked = xs.reshape(1, k * xs.shape[1], *xs.shape[2:])  # (1, k * C_in, *)
+        u = conv(stacked, masked.reshape(k * out_channels, *weight.shape[1:]), None, k * groups)
+        u = u.reshape(k, out_channels, *u.shape[2:])  # (k, C_out, *)
+    if bias is not None:
+        b = bias.unsqueeze(0) * keep_mask((k, bias.shape[0]), keep, bias, generator)
+        u = u + b.view(k, -1, *([1] * (u.dim() - 2)))
+    return u
+
+
+class _PerSampleDropConnect(torch.autograd.Function):
+    """Per-sample masks without keeping them: the forward pass draws them chunk by chunk from a
+    seeded generator; the backward pass draws the same masks again and back-propagates one chunk
+    at a time. Memory: one chunk's masks and graph, not N masked weight copies."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        keep: float,
+        seed: int,
+        conv: ConvOp | None,
+        groups: int,
+    ) -> Tensor:
+        generator = torch.Generator(device=x.device).manual_seed(seed)
+        chunk = _chunk_size(x.shape[0], weight)
+        outputs = [
+            _masked_chunk(x[i : i + chunk], weight, bias, keep, conv, groups, generator)
+            for i in range(0, x.shape[0], chunk)
+        ]
+        ctx.save_for_backward(x, weight, bias)
+        ctx.keep, ctx.seed, ctx.conv, ctx.groups, ctx.chunk = keep, seed, conv, groups, chunk
+        return torch.cat(outputs)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight, bias = ctx.saved_tensors
+        generator = torch.Generator(device=x.device).manual_seed(ctx.seed)
+        w = weight.detach().requires_grad_()
+        b = None if bias is None else bias.detach().requires_grad_()
+        grad_x = torch.empty_like(x) if ctx.needs_input_grad[0] else None
+        with torch.enable_grad():
+            for i in range(0, x.shape[0], ctx.chunk):
+                xs = x[i : i + ctx.chunk].detach().requires_grad_(grad_x is not None)
+                u = _masked_chunk(xs, w, b, ctx.keep, ctx.conv, ctx.groups, generator)
+                u.backward(grad[i : i + ctx.chunk])  # type: ignore[no-untyped-call]
+                if grad_x is not None:
+                    grad_x[i : i + ctx.chunk] = xs.grad
+        return (
+            grad_x,
+            w.grad if ctx.needs_input_grad[1] else None,
+            None if b is None or not ctx.needs_input_grad[2] else b.grad,
+            None,
+            None,
+            None,
+            None,
+        )
 
 
 def _per_sample(
@@ -73,26 +158,9 @@ def _per_sample(
     groups: int,
     generator: torch.Generator | None,
 ) -> Tensor:
-    """Pre-activations with an independent weight (and bias) mask for every sample, in chunks."""
-    n = x.shape[0]
-    chunk = max(1, min(n, CHUNK_ELEMENTS // max(1, weight.numel())))
-    outputs = []
-    for start in range(0, n, chunk):
-        xs = x[start : start + chunk]
-        k = xs.shape[0]
-        masked = weight.unsqueeze(0) * _mask((k, *weight.shape), keep, weight, generator)
-        if conv is None:  # linear: (k, out, in) @ (k, in, 1)
-            u = torch.bmm(masked, xs.unsqueeze(2)).squeeze(2)  # (k, out)
-        else:  # one grouped convolution, every sample with its own kernel
-            out_channels = weight.shape[0]
-            stacked = xs.reshape(1, k * xs.shape[1], *xs.shape[2:])  # (1, k * C_in, *)
-            u = conv(stacked, masked.reshape(k * out_channels, *weight.shape[1:]), None, k * groups)
-            u = u.reshape(k, out_channels, *u.shape[2:])  # (k, C_out, *)
-        if bias is not None:
-            b = bias.unsqueeze(0) * _mask((k, bias.shape[0]), keep, bias, generator)
-            u = u + b.view(k, -1, *([1] * (u.dim() - 2)))
-        outputs.append(u)
-    return torch.cat(outputs)
+    """Pre-activations with an independent weight (and bias) mask for every sample."""
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator).item())
+    return _PerSampleDropConnect.apply(x, weight, bias, keep, seed, conv, groups)  # type: ignore[no-any-return, no-untyped-call]
 
 
 def dropconnect(
@@ -126,11 +194,8 @@ def dropconnect(
         if p == 0.0:
             return _apply(activation, op(x, weight, bias))
         if mode == "batch":
-            masked_w = weight * _mask(tuple(weight.shape), keep, weight, generator)
-            masked_b = (
-                None if bias is None else bias * _mask(tuple(bias.shape), keep, bias, generator)
-            )
-            return _apply(activation, op(x, masked_w, masked_b))
+            masked_b = None if bias is None else _masked(bias, keep, generator)
+            return _apply(activation, op(x, _masked(weight, keep, generator), masked_b))
         return _apply(activation, _per_sample(x, weight, bias, keep, conv, groups, generator))
     if inference == "mean":
         return _apply(activation, keep * op(x, weight, bias))

@@ -2,7 +2,8 @@
 
 ``p`` is always the probability of **dropping** a unit (torch's convention); ``1 - p`` is kept.
 Every function takes ``training`` as a required keyword and an optional ``generator``; without a
-generator torch's global RNG (and, where available, torch's fused kernel) is used.
+generator torch's global RNG is used. Masks are drawn as ``uniform < keep`` -- exactly
+Bernoulli(keep), and about 3x faster on CPU than torch's ``bernoulli_`` (benchmarks/stochastic.py).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ __all__ = [
     "check_probability",
     "dropout",
     "feature_dropout",
+    "keep_mask",
     "selu",
 ]
 
@@ -59,15 +61,16 @@ def check_probability(p: object, *, owner: str, name: str = "p") -> float:
     return float(p)
 
 
-def _keep_mask(
+def keep_mask(
     shape: tuple[int, ...] | torch.Size,
     keep: float,
     like: Tensor,
     generator: torch.Generator | None,
 ) -> Tensor:
-    """Bernoulli(keep) mask of ``shape`` with ``like``'s dtype and device."""
-    mask = torch.empty(shape, dtype=like.dtype, device=like.device)
-    return mask.bernoulli_(keep, generator=generator)
+    """Bernoulli(keep) mask of ``shape`` with ``like``'s dtype and device (from ``generator``, or
+    torch's global RNG)."""
+    # uniform < keep is Bernoulli(keep) exactly, and ~3x faster on CPU than bernoulli_
+    return (torch.rand(shape, device=like.device, generator=generator) < keep).to(like.dtype)
 
 
 def dropout(
@@ -95,10 +98,7 @@ def dropout(
         return x if inverted else x * keep
     if p == 0.0:
         return x
-    if generator is None:
-        y = F.dropout(x, p, True)
-        return y if inverted else y * keep
-    mask = _keep_mask(x.shape, keep, x, generator)
+    mask = keep_mask(x.shape, keep, x, generator)
     return x * mask / keep if inverted and keep > 0 else x * mask
 
 
@@ -117,8 +117,10 @@ def feature_dropout(
         return x if inverted else x * keep
     if p == 0.0:
         return x
-    mask = _keep_mask((x.shape[0], x.shape[1], *([1] * (x.dim() - 2))), keep, x, generator)
-    return x * mask / keep if inverted and keep > 0 else x * mask
+    mask = keep_mask((x.shape[0], x.shape[1], *([1] * (x.dim() - 2))), keep, x, generator)
+    if inverted and keep > 0:
+        mask.div_(keep)  # scale the small (N, C, 1, ...) mask, not the activations
+    return x * mask
 
 
 def alpha_dropout_affine(
@@ -162,9 +164,11 @@ def alpha_dropout(
         return torch.full_like(x, fixed_mean)
     a, b = alpha_dropout_affine(p, fixed_mean, fixed_var)
     shape = (x.shape[0], x.shape[1], *([1] * (x.dim() - 2))) if feature else x.shape
-    keep = _keep_mask(shape, 1.0 - p, x, generator)
+    keep = keep_mask(shape, 1.0 - p, x, generator)
+    # y = a * (x * m + alpha' * (1 - m)) + b = x * (a m) + (a alpha' + b - a alpha' m): one pass
     alpha_prime = -SELU_LAMBDA * SELU_ALPHA
-    return (x * keep + alpha_prime * (1.0 - keep)) * a + b
+    shift = keep * (-a * alpha_prime) + (a * alpha_prime + b)
+    return torch.addcmul(shift, x, keep.mul_(a))
 
 
 def selu(x: Tensor) -> Tensor:
