@@ -62,7 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--min-time", type=float, default=1.0)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (a smoke run)")
     args = parser.parse_args(argv)
+    n, width, image = (8, 64, (4, 8, 8, 8)) if args.quick else (128, 1024, (64, 64, 32, 32))
     torch.set_num_threads(1)
     fix_allocator()
     torch.manual_seed(0)
@@ -82,23 +84,24 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(lines[-1], file=sys.stderr, flush=True)
 
-    x = torch.randn(64, 64, 32, 32)
+    x = torch.randn(image)
+    shape = "x".join(map(str, image))
     ours, theirs = nl.Dropout(0.5).train(), nn.Dropout(0.5).train()
-    row("Dropout(0.5) fwd, 64x64x32x32", _fwd(ours, x), _fwd(theirs, x), "torch.nn.Dropout")
+    row(f"Dropout(0.5) fwd, {shape}", _fwd(ours, x), _fwd(theirs, x), "torch.nn.Dropout")
     row(
-        "Dropout(0.5) fwd+bwd, 64x64x32x32",
+        f"Dropout(0.5) fwd+bwd, {shape}",
         _fwd_bwd(ours, x),
         _fwd_bwd(theirs, x),
         "torch.nn.Dropout",
     )
     seeded = nl.Dropout(0.5, seed=0).train()
     row(
-        "Dropout(0.5, seed=0) fwd, 64x64x32x32",
+        f"Dropout(0.5, seed=0) fwd, {shape}",
         _fwd(seeded, x),
         _fwd(theirs, x),
         "torch.nn.Dropout",
     )
-    fx = torch.randn(64, 64, 32, 32)
+    fx = torch.randn(image)
     row(
         "FeatureDropout2d(0.5) fwd+bwd",
         _fwd_bwd(nl.FeatureDropout2d(0.5).train(), fx),
@@ -112,24 +115,24 @@ def main(argv: list[str] | None = None) -> int:
         "torch.nn.AlphaDropout",
     )
 
-    v = torch.randn(128, 1024)
-    dense = nn.Linear(1024, 1024)
-    batch_mode = nl.DropConnectLinear(1024, 1024, p=0.5, mode="batch").train()
-    sample_mode = nl.DropConnectLinear(1024, 1024, p=0.5, mode="sample").train()
+    v = torch.randn(n, width)
+    dense = nn.Linear(width, width)
+    batch_mode = nl.DropConnectLinear(width, width, p=0.5, mode="batch").train()
+    sample_mode = nl.DropConnectLinear(width, width, p=0.5, mode="sample").train()
     row(
-        "DropConnectLinear per-batch mask fwd+bwd, 128x1024->1024",
+        f"DropConnectLinear per-batch mask fwd+bwd, {n}x{width}->{width}",
         _fwd_bwd(batch_mode, v),
         _fwd_bwd(dense, v),
         "nn.Linear",
     )
     row(
-        "DropConnectLinear per-sample masks fwd+bwd, 128x1024->1024",
+        f"DropConnectLinear per-sample masks fwd+bwd, {n}x{width}->{width}",
         _fwd_bwd(sample_mode, v),
         _fwd_bwd(dense, v),
         "nn.Linear",
     )
     gaussian = nl.DropConnectLinear(
-        1024, 1024, p=0.5, inference="gaussian", samples=100, activation=nn.ReLU()
+        width, width, p=0.5, inference="gaussian", samples=100, activation=nn.ReLU()
     ).eval()
     row(
         "DropConnectLinear Gaussian inference (100 draws) fwd",
@@ -137,17 +140,17 @@ def main(argv: list[str] | None = None) -> int:
         _fwd(nn.Sequential(dense, nn.ReLU()), v),
         "nn.Linear + ReLU",
     )
-    chunk = min(128, CHUNK_ELEMENTS // (1024 * 1024)) * 1024 * 1024 * 4
+    chunk = min(n, CHUNK_ELEMENTS // (width * width)) * width * width * 4
     lines += [
         "",
-        "Memory for backward, 128x1024->1024 float32 (bytes autograd saves; DropConnect also draws "
+        f"Memory for backward, {n}x{width}->{width} float32 (bytes autograd saves; DropConnect also draws "
         f"at most {CHUNK_ELEMENTS:,} mask entries at once):",
         "",
         "| layer | saved for backward | largest mask chunk |",
         "|---|---|---|",
         f"| nn.Linear | {saved_bytes(dense, v) / 2**20:.1f} MiB | - |",
         f"| DropConnectLinear per-batch | {saved_bytes(batch_mode, v) / 2**20:.1f} MiB | "
-        f"{1024 * 1024 * 4 / 2**20:.1f} MiB |",
+        f"{width * width * 4 / 2**20:.1f} MiB |",
         f"| DropConnectLinear per-sample | {saved_bytes(sample_mode, v) / 2**20:.1f} MiB | "
         f"{chunk / 2**20:.1f} MiB |",
     ]

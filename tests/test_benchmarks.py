@@ -71,3 +71,10 @@ def test_sync_benchmark_smoke(tmp_path: Path) -> None:
         timeout=300,
     )
     assert "SyncBatchNorm (2 gloo processes)" in out.read_text()
+
+
+def test_stochastic_benchmark_smoke(tmp_path: Path) -> None:
+    stochastic = _load("stochastic")
+    out = tmp_path / "stochastic.md"
+    assert stochastic.main(["--quick", "--min-time", "0.001", "--out", str(out)]) == 0
+    assert "DropConnectLinear per-sample" in out.read_text()
