@@ -40,6 +40,15 @@ def test_dropout_keeps_the_expectation_and_drops_at_the_rate(
     assert abs(y.mean().item() - expected.mean().item()) < 5 * sd
 
 
+def test_dropout_values_match_torch() -> None:
+    """Like torch.nn.Dropout: every training output is 0 or x / (1 - p); eval is the identity."""
+    x = torch.randn(10000)
+    for layer in (nl.Dropout(0.3).train(), nn.Dropout(0.3).train()):
+        y = layer(x)
+        assert torch.all((y == 0) | torch.isclose(y, x / 0.7))
+    torch.testing.assert_close(nl.Dropout(0.3).eval()(x), nn.Dropout(0.3).eval()(x))
+
+
 def test_dropout_edge_probabilities() -> None:
     x = torch.randn(100)
     torch.testing.assert_close(nl.Dropout(0.0).train()(x), x)
