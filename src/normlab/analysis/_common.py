@@ -1,0 +1,236 @@
+"""What every analysis shares: the loss of a model on data, in an explicit mode, leaving nothing
+changed behind (modes, momenta, buffers, ``requires_grad``, RNG states, ``.grad``)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from normlab._checks import fail
+from normlab.analysis.mc import is_stochastic
+from normlab.surgery._state import preserved, running_stat_layers
+
+__all__ = [
+    "BNMode",
+    "Batch",
+    "LossFn",
+    "Measured",
+    "as_batches",
+    "check_bn_mode",
+    "flat",
+    "measuring",
+    "trainable",
+    "unflat",
+]
+
+BNMode = Literal["train", "eval"]
+Stochastic = Literal["fixed", "eval"]
+LossFn = Callable[[Tensor, Any], Tensor]
+Batch = tuple[Any, Any]  # (model input, target)
+
+
+def check_bn_mode(bn_mode: str, owner: str) -> None:
+    if bn_mode not in ("train", "eval"):
+        fail(
+            ValueError,
+            owner,
+            "argument 'bn_mode'",
+            "'train' (batch statistics, the function SGD optimizes) or 'eval' (running statistics)",
+            repr(bn_mode),
+            "pass bn_mode='train' or 'eval'",
+        )
+
+
+def as_batches(data: Any, owner: str) -> list[Batch]:
+    """``data`` as a list of ``(input, target)`` batches: one ``(x, y)`` tuple, or an iterable of
+    them (a DataLoader)."""
+    if isinstance(data, tuple) and len(data) == 2 and isinstance(data[0], Tensor):
+        return [data]
+    try:
+        batches = [tuple(b) for b in data]
+    except TypeError:
+        fail(
+            TypeError,
+            owner,
+            "'data'",
+            "an (input, target) tuple or an iterable of them",
+            type(data).__name__,
+            "pass (x, y) or a DataLoader yielding (x, y)",
+        )
+    if not batches:
+        fail(
+            ValueError,
+            owner,
+            "'data'",
+            "at least one (input, target) batch",
+            "no batch (empty loader)",
+            "pass a non-empty loader",
+        )
+    for b in batches:
+        if len(b) != 2:
+            fail(
+                TypeError,
+                owner,
+                "each batch",
+                "an (input, target) pair",
+                f"{len(b)} items",
+                "yield (x, y) from the loader",
+            )
+    return batches
+
+
+def trainable(model: nn.Module, owner: str) -> list[nn.Parameter]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        fail(
+            ValueError,
+            owner,
+            "the model's parameters",
+            "at least one with requires_grad=True",
+            "none",
+            "measure a model with trainable parameters (or set requires_grad on those to study)",
+        )
+    return params
+
+
+def flat(tensors: Sequence[Tensor | None], like: Sequence[Tensor]) -> Tensor:
+    """Concatenate into one float64 vector (``None`` -> zeros of the matching parameter)."""
+    return torch.cat(
+        [
+            (t if t is not None else torch.zeros_like(p)).reshape(-1).double()
+            for t, p in zip(tensors, like, strict=True)
+        ]
+    )
+
+
+def unflat(vector: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
+    """Split a flat vector into tensors shaped (and typed) like ``like``."""
+    out, start = [], 0
+    for p in like:
+        n = p.numel()
+        out.append(vector[start : start + n].view_as(p).to(p.dtype))
+        start += n
+    return out
+
+
+@dataclass
+class Measured:
+    """Handle inside :func:`measuring`: evaluates the loss (and gradients) of the model."""
+
+    model: nn.Module
+    loss_fn: LossFn
+    batches: list[Batch]
+    params: list[nn.Parameter]
+    reset_randomness: Callable[[], None]
+    owner: str
+
+    @property
+    def count(self) -> int:
+        return sum(_size(b) for b in self.batches)
+
+    def loss(self, batch: Batch) -> Tensor:
+        """The scalar loss of one batch (randomness reset first, so masks repeat)."""
+        self.reset_randomness()
+        x, y = batch
+        try:
+            out = self.model(x)
+        except ValueError as error:
+            if "used for each statistic" in str(error) or "more than 1 value" in str(error):
+                fail(
+                    ValueError,
+                    self.owner,
+                    "a batch for bn_mode='train'",
+                    "one on which every batch norm can compute batch statistics",
+                    str(error),
+                    "use bn_mode='eval', or batches of more than one sample",
+                )
+            raise
+        value = self.loss_fn(out, y)
+        if not isinstance(value, Tensor) or value.dim() != 0:
+            fail(
+                ValueError,
+                self.owner,
+                "the loss",
+                "a scalar tensor",
+                f"{type(value).__name__} of shape {tuple(getattr(value, 'shape', ()))}",
+                "reduce it, e.g. loss_fn=lambda out, y: F.cross_entropy(out, y) (mean)",
+            )
+        return value
+
+    def weight(self, batch: Batch) -> float:
+        return _size(batch) / self.count
+
+    def value_and_grad(self, create_graph: bool = False) -> tuple[float, list[Tensor]]:
+        """Sample-weighted mean loss over all batches and its gradient (w.r.t. ``params``)."""
+        total, grads = 0.0, [torch.zeros_like(p) for p in self.params]
+        for batch in self.batches:
+            w = self.weight(batch)
+            loss = self.loss(batch)
+            g = torch.autograd.grad(loss, self.params, create_graph=create_graph, allow_unused=True)
+            total += w * float(loss.detach())
+            grads = [
+                acc + w * (gi if gi is not None else torch.zeros_like(acc))
+                for acc, gi in zip(grads, g, strict=True)
+            ]
+        return total, grads
+
+
+def _size(batch: Batch) -> int:
+    x = batch[0]
+    return int(x.shape[0]) if isinstance(x, Tensor) and x.dim() > 0 else 1
+
+
+@contextmanager
+def measuring(
+    model: nn.Module,
+    loss_fn: LossFn,
+    data: Any,
+    *,
+    bn_mode: str = "train",
+    stochastic: Stochastic = "eval",
+    owner: str,
+) -> Iterator[Measured]:
+    """Put the model in the measurement mode and restore everything afterwards (also on error).
+
+    * batch-norm-like layers in ``bn_mode``; in ``"train"`` their momentum is 0 and their buffers
+      are restored, so the running statistics never move;
+    * stochastic layers (dropout, DropConnect) in eval mode, or with ``stochastic="fixed"`` in
+      training mode with the same masks at every evaluation (the RNG is reset before each forward);
+    * the global RNG and every module generator are restored bit for bit on exit; ``.grad`` is never
+      touched (gradients come from ``torch.autograd.grad``).
+    """
+    check_bn_mode(bn_mode, owner)
+    batches = as_batches(data, owner)
+    params = trainable(model, owner)
+    norms = [m for _, m in running_stat_layers(model)]
+    rng_state = torch.random.get_rng_state()
+    generators = [
+        g
+        for m in model.modules()
+        if isinstance(g := getattr(m, "generator", None), torch.Generator)
+    ]
+    generator_states = [g.get_state() for g in generators]
+
+    def reset_randomness() -> None:
+        torch.random.set_rng_state(rng_state)
+        for g, state in zip(generators, generator_states, strict=True):
+            g.set_state(state)
+
+    try:
+        with preserved(model, buffers_of=norms, restore_buffers=True):
+            model.eval()
+            for m in norms:
+                m.train(bn_mode == "train")
+                if hasattr(m, "momentum"):
+                    setattr(m, "momentum", 0.0)  # noqa: B010 -- any module type
+            for m in model.modules():
+                if stochastic == "fixed" and is_stochastic(m):
+                    m.train()
+            yield Measured(model, loss_fn, batches, params, reset_randomness, owner)
+    finally:
+        reset_randomness()
