@@ -20,12 +20,14 @@ __all__ = [
     "Batch",
     "LossFn",
     "Measured",
+    "ParamFilter",
     "as_batches",
     "check_bn_mode",
     "flat",
     "measuring",
     "trainable",
     "unflat",
+    "without_norm_affine",
 ]
 
 BNMode = Literal["train", "eval"]
@@ -84,18 +86,34 @@ def as_batches(data: Any, owner: str) -> list[Batch]:
     return batches
 
 
-def trainable(model: nn.Module, owner: str) -> list[nn.Parameter]:
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
+ParamFilter = Callable[[str, nn.Parameter], bool]
+
+
+def trainable(
+    model: nn.Module, owner: str, select: ParamFilter | None = None
+) -> list[tuple[str, nn.Parameter]]:
+    """``(name, parameter)`` of the parameters to measure: ``requires_grad`` and ``select``."""
+    named = [
+        (name, p)
+        for name, p in model.named_parameters()
+        if p.requires_grad and (select is None or select(name, p))
+    ]
+    if not named:
         fail(
             ValueError,
             owner,
             "the model's parameters",
-            "at least one with requires_grad=True",
+            "at least one with requires_grad=True"
+            + (" that 'parameters' selects" if select else ""),
             "none",
             "measure a model with trainable parameters (or set requires_grad on those to study)",
         )
-    return params
+    return named
+
+
+def without_norm_affine(name: str, parameter: nn.Parameter) -> bool:
+    """Parameter filter leaving out 1-D parameters (biases, normalization gamma and beta)."""
+    return parameter.dim() > 1
 
 
 def flat(tensors: Sequence[Tensor | None], like: Sequence[Tensor]) -> Tensor:
@@ -125,6 +143,7 @@ class Measured:
     model: nn.Module
     loss_fn: LossFn
     batches: list[Batch]
+    names: list[str]
     params: list[nn.Parameter]
     reset_randomness: Callable[[], None]
     owner: str
@@ -133,12 +152,17 @@ class Measured:
     def count(self) -> int:
         return sum(_size(b) for b in self.batches)
 
-    def loss(self, batch: Batch) -> Tensor:
-        """The scalar loss of one batch (randomness reset first, so masks repeat)."""
+    def loss(self, batch: Batch, values: Sequence[Tensor] | None = None) -> Tensor:
+        """The scalar loss of one batch (randomness reset first, so masks repeat), at the model's
+        parameters or with ``values`` in place of ``params`` (the model itself is not touched)."""
         self.reset_randomness()
         x, y = batch
         try:
-            out = self.model(x)
+            if values is None:
+                out = self.model(x)
+            else:
+                swapped = dict(zip(self.names, values, strict=True))
+                out = torch.func.functional_call(self.model, swapped, (x,), strict=False)
         except ValueError as error:
             if "used for each statistic" in str(error) or "more than 1 value" in str(error):
                 fail(
@@ -165,13 +189,19 @@ class Measured:
     def weight(self, batch: Batch) -> float:
         return _size(batch) / self.count
 
-    def value_and_grad(self, create_graph: bool = False) -> tuple[float, list[Tensor]]:
-        """Sample-weighted mean loss over all batches and its gradient (w.r.t. ``params``)."""
-        total, grads = 0.0, [torch.zeros_like(p) for p in self.params]
+    def value_and_grad(
+        self, values: Sequence[Tensor] | None = None, create_graph: bool = False
+    ) -> tuple[float, list[Tensor]]:
+        """Sample-weighted mean loss over all batches and its gradient w.r.t. ``params`` (or at
+        ``values``: detached copies are differentiated, the model's parameters stay as they are)."""
+        wrt: list[Tensor] = list(self.params)
+        if values is not None:
+            wrt = [v.detach().requires_grad_(True) for v in values]
+        total, grads = 0.0, [torch.zeros_like(p) for p in wrt]
         for batch in self.batches:
             w = self.weight(batch)
-            loss = self.loss(batch)
-            g = torch.autograd.grad(loss, self.params, create_graph=create_graph, allow_unused=True)
+            loss = self.loss(batch, None if values is None else wrt)
+            g = torch.autograd.grad(loss, wrt, create_graph=create_graph, allow_unused=True)
             total += w * float(loss.detach())
             grads = [
                 acc + w * (gi if gi is not None else torch.zeros_like(acc))
@@ -193,6 +223,7 @@ def measuring(
     *,
     bn_mode: str = "train",
     stochastic: Stochastic = "eval",
+    parameters: ParamFilter | None = None,
     owner: str,
 ) -> Iterator[Measured]:
     """Put the model in the measurement mode and restore everything afterwards (also on error).
@@ -205,8 +236,17 @@ def measuring(
       touched (gradients come from ``torch.autograd.grad``).
     """
     check_bn_mode(bn_mode, owner)
+    if stochastic not in ("eval", "fixed"):
+        fail(
+            ValueError,
+            owner,
+            "argument 'stochastic'",
+            "'eval' (dropout off) or 'fixed' (training-mode dropout with one fixed mask)",
+            repr(stochastic),
+            "pass stochastic='eval' or 'fixed'",
+        )
     batches = as_batches(data, owner)
-    params = trainable(model, owner)
+    named = trainable(model, owner, parameters)
     norms = [m for _, m in running_stat_layers(model)]
     rng_state = torch.random.get_rng_state()
     generators = [
@@ -231,6 +271,14 @@ def measuring(
             for m in model.modules():
                 if stochastic == "fixed" and is_stochastic(m):
                     m.train()
-            yield Measured(model, loss_fn, batches, params, reset_randomness, owner)
+            yield Measured(
+                model,
+                loss_fn,
+                batches,
+                [n for n, _ in named],
+                [p for _, p in named],
+                reset_randomness,
+                owner,
+            )
     finally:
         reset_randomness()
