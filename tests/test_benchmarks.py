@@ -78,3 +78,12 @@ def test_stochastic_benchmark_smoke(tmp_path: Path) -> None:
     out = tmp_path / "stochastic.md"
     assert stochastic.main(["--quick", "--min-time", "0.001", "--out", str(out)]) == 0
     assert "DropConnectLinear per-sample" in out.read_text()
+
+
+def test_analysis_benchmark_smoke(tmp_path: Path) -> None:
+    analysis = _load("analysis")
+    out = tmp_path / "analysis.md"
+    assert analysis.main(["--quick", "--out", str(out)]) == 0
+    table = out.read_text()
+    assert "| 9 (reported 9) |" in table
+    assert "train (batch statistics" in table

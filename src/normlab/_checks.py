@@ -320,3 +320,18 @@ def check_min_float(
             fix,
         )
     return float(value)
+
+
+def check_choice(value: object, choices: tuple[str, ...], *, name: str, owner: str) -> str:
+    """Return ``value`` if it is one of ``choices`` (strings), else raise a ValueError naming
+    them."""
+    if not isinstance(value, str) or value not in choices:
+        fail(
+            ValueError,
+            owner,
+            f"argument '{name}'",
+            " or ".join(repr(c) for c in choices),
+            repr(value),
+            f"pass {name}={choices[0]!r}",
+        )
+    return value

@@ -341,3 +341,36 @@ def test_filter_normalized_directions() -> None:
 def test_surface_errors(kwargs: dict, exc: type, match: str) -> None:  # type: ignore[type-arg]
     with pytest.raises(exc, match=match):
         loss_surface(_cnn(), F.cross_entropy, _images(), **kwargs)
+
+
+class Tied(nn.Module):
+    """An encoder and a decoder sharing one weight, the decoder weight-normalized."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.Linear(6, 4, bias=False)
+        self.dec = nn.Linear(4, 6, bias=False)
+        self.dec.weight = nn.Parameter(self.enc.weight.detach().T.clone())
+        self.shared = nn.Linear(6, 6)
+        self.again = self.shared  # the same module twice: its parameters appear once
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.again(self.dec(torch.tanh(self.enc(self.shared(x)))))
+
+
+def test_tied_and_parametrized_parameters_are_swapped_everywhere() -> None:
+    torch.manual_seed(0)
+    model = Tied().double()
+    nn.utils.parametrizations.weight_norm(model.dec)
+    data = (torch.randn(16, 6, dtype=torch.float64), torch.randn(16, 6, dtype=torch.float64))
+    names = [n for n, _ in model.named_parameters()]
+    assert "again.weight" not in names  # deduplicated: only the swap must reach both uses
+    probe = landscape_probe(model, F.mse_loss, data, step_sizes=[0.3])
+    ref = copy.deepcopy(model)
+    grads = torch.autograd.grad(F.mse_loss(ref(data[0]), data[1]), list(ref.parameters()))
+    with torch.no_grad():
+        for p, g in zip(ref.parameters(), grads, strict=True):
+            p -= 0.3 * g
+    assert probe.losses[0] == pytest.approx(F.mse_loss(ref(data[0]), data[1]).item(), rel=1e-12)
+    assert isinstance(model.shared.weight, nn.Parameter)
+    assert model.again.weight is model.shared.weight

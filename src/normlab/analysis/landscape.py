@@ -1,9 +1,9 @@
 """The loss landscape around the parameters: Santurkar et al.'s probes along the gradient and
 Li et al.'s filter-normalized slices.
 
-Every evaluation swaps parameter values in with :func:`torch.func.functional_call`, so the
-model's own parameters are never written to -- not even temporarily -- and an exception cannot
-leave the model displaced (loss-landscapes, by contrast, leaves it moved with
+Every evaluation swaps other tensors into the parameter slots for one forward and puts the
+original ``Parameter`` objects back, so the values of the model's parameters are never written
+to, and an exception cannot leave the model displaced (loss-landscapes, by contrast, leaves it moved with
 ``requires_grad=False``).
 """
 
@@ -17,7 +17,7 @@ from typing import Any, Generic, Literal, TypeVar
 import torch
 from torch import Tensor, nn
 
-from normlab._checks import check_positive_int, fail
+from normlab._checks import check_choice, check_positive_int, fail
 from normlab.analysis._common import LossFn, ParamFilter, measuring, trainable
 
 __all__ = [
@@ -230,8 +230,8 @@ def random_directions(
     """
     owner = "random_directions"
     check_positive_int(count, name="count", owner=owner)
-    _check_choice(normalization, ("filter", "layer", "none"), "normalization", owner)
-    _check_choice(bias_and_norm, ("zero", "weights", "random"), "bias_and_norm", owner)
+    check_choice(normalization, ("filter", "layer", "none"), name="normalization", owner=owner)
+    check_choice(bias_and_norm, ("zero", "weights", "random"), name="bias_and_norm", owner=owner)
     generator = torch.Generator().manual_seed(seed)
     named = trainable(model, owner, parameters)
     out = []
@@ -258,18 +258,6 @@ def random_directions(
     return out
 
 
-def _check_choice(value: str, choices: tuple[str, ...], name: str, owner: str) -> None:
-    if value not in choices:
-        fail(
-            ValueError,
-            owner,
-            f"argument '{name}'",
-            " or ".join(repr(c) for c in choices),
-            repr(value),
-            f"pass {name}={choices[0]!r}",
-        )
-
-
 def loss_surface(
     model: nn.Module,
     loss_fn: LossFn,
@@ -292,9 +280,10 @@ def loss_surface(
     ``directions``: 1 or 2 for random directions (see :func:`random_directions` for
     ``normalization``, ``bias_and_norm``, ``seed``), or the directions themselves as
     ``{parameter name: tensor}`` dicts (missing names are not moved). ``data``: one ``(x, y)``
-    batch or a loader (sample-weighted mean). ``memory_format="auto"`` runs 4-D inputs and conv
-    weights channels-last, where torch's CPU convolutions and pooling are several times faster;
-    values then differ from the default layout in float rounding only. ``progress(done, total)``
+    batch or a loader (sample-weighted mean). ``memory_format="auto"`` runs 2-D convolutions
+    (of 4+ input channels) channels-last, where torch's CPU convolutions, batch norm and pooling
+    are faster (max-pooling ~10x); values then differ from the default layout in float rounding
+    only. ``progress(done, total)``
     is called after each grid row. The model is never modified.
 
     Example:
@@ -315,7 +304,7 @@ def loss_surface(
             repr(distance),
             "pass distance=1.0",
         )
-    _check_choice(memory_format, ("auto", "preserve"), "memory_format", owner)
+    check_choice(memory_format, ("auto", "preserve"), name="memory_format", owner=owner)
     named = trainable(model, owner)
     if isinstance(directions, int):
         if directions not in (1, 2):
@@ -344,7 +333,7 @@ def loss_surface(
     coords = torch.linspace(-distance, distance, steps, dtype=torch.float64)
     with measuring(model, loss_fn, data, bn_mode=bn_mode, stochastic=stochastic, owner=owner) as m:
         last = _channels_last(m.batches, model) if memory_format == "auto" else False
-        batches = [(_layout(x, last), y) for x, y in m.batches]
+        batches = m.batches
         weights = [m.weight(b) for b in m.batches]
         theta = [p.detach() for p in m.params]
         moving = [[d.get(name) for d in dirs] for name in m.names]
@@ -427,7 +416,9 @@ def _channels_last(batches: list[Any], model: nn.Module) -> bool:
     )
 
 
-def _layout(t: Any, channels_last: bool) -> Any:
-    if channels_last and isinstance(t, Tensor) and t.dim() == 4:
+def _layout(t: Tensor, channels_last: bool) -> Tensor:
+    """Conv weights with 4+ input channels channels-last: the convolution then runs (and hands
+    on its output) channels-last. Thin first layers (1-3 channels) are faster as they are."""
+    if channels_last and t.dim() == 4 and t.shape[1] >= 4:
         return t.contiguous(memory_format=torch.channels_last)
     return t
