@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import normlab.nn as nl
 from _harness import compare, emit, fix_allocator, machine
 from normlab.analysis import (
+    dense_hessian,
     hessian_eigenvalues,
     hessian_trace,
     landscape_probe,
@@ -94,23 +95,6 @@ def trained(make: Callable[[], nn.Module], x: torch.Tensor, y: torch.Tensor) -> 
     return model.eval()
 
 
-def dense_hessian(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    ref = copy.deepcopy(model).double().eval()
-    names = [n for n, _ in ref.named_parameters()]
-    shapes = [p.shape for p in ref.parameters()]
-    theta = torch.cat([p.detach().reshape(-1) for p in ref.parameters()])
-
-    def loss(t: torch.Tensor) -> torch.Tensor:
-        params, start = {}, 0
-        for name, shape in zip(names, shapes, strict=True):
-            size = int(torch.Size(shape).numel())
-            params[name] = t[start : start + size].view(shape)
-            start += size
-        return F.cross_entropy(torch.func.functional_call(ref, params, (x.double(),)), y)
-
-    return torch.autograd.functional.hessian(loss, theta)
-
-
 def timed(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[Any, float]:
     """``fn(*args, **kwargs)`` and its wall time in seconds."""
     start = time.perf_counter()
@@ -123,7 +107,7 @@ def accuracy_rows(seeds: int, x: torch.Tensor, y: torch.Tensor) -> list[str]:
 
     model = trained(mlp, x, y)
     xb, yb = x[:512], y[:512]
-    h = dense_hessian(model, xb, yb)
+    h = dense_hessian(model, F.cross_entropy, (xb, yb), bn_mode="eval")
     eig_true = float(torch.linalg.eigvalsh(h)[-1])
     trace_true = float(torch.trace(h))
     ph: dict[str, list[float]] = {

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,6 +9,7 @@ from torch import nn
 
 import normlab.nn as nl
 from normlab.analysis.hessian import (
+    dense_hessian,
     hessian_density,
     hessian_eigenvalues,
     hessian_trace,
@@ -136,21 +135,13 @@ def _mlp() -> nn.Sequential:
     return nn.Sequential(nn.Linear(3, 5), nl.BatchNorm1d(5), nn.Tanh(), nn.Linear(5, 2)).double()
 
 
-def _dense_hessian(model: nn.Module, x: torch.Tensor, y: torch.Tensor, train: bool) -> torch.Tensor:
-    ref = copy.deepcopy(model).train(train)
-    names = [n for n, _ in ref.named_parameters()]
-    shapes = [p.shape for _, p in ref.named_parameters()]
-    theta = torch.cat([p.detach().reshape(-1) for p in ref.parameters()])
-
-    def loss(t: torch.Tensor) -> torch.Tensor:
-        params, start = {}, 0
-        for name, shape in zip(names, shapes, strict=True):
-            size = int(torch.tensor(shape).prod())
-            params[name] = t[start : start + size].view(shape)
-            start += size
-        return F.mse_loss(torch.func.functional_call(ref, params, (x,)), y)
-
-    return torch.autograd.functional.hessian(loss, theta)
+def test_dense_hessian_of_least_squares_is_2_xtx_over_n() -> None:
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(20, 4, generator=g, dtype=torch.float64)
+    model = nn.Linear(4, 1).double()
+    h = dense_hessian(model, F.mse_loss, (x, torch.randn(20, 1, generator=g, dtype=torch.float64)))
+    xb = torch.cat([x, torch.ones(20, 1, dtype=torch.float64)], 1)  # weight, then bias
+    torch.testing.assert_close(h, 2 * xb.T @ xb / 20)
 
 
 @pytest.mark.parametrize("bn_mode", ["train", "eval"])
@@ -163,7 +154,7 @@ def test_model_hessian_matches_the_dense_hessian(bn_mode: str) -> None:
     )
     model.train()
     model(x)  # give the running statistics something
-    dense = _dense_hessian(model, x, y, train=bn_mode == "train")
+    dense = dense_hessian(model, F.mse_loss, (x, y), bn_mode=bn_mode)
     eig = torch.linalg.eigvalsh(dense)
     n = dense.shape[0]
     ev = hessian_eigenvalues(model, F.mse_loss, (x, y), k=2, bn_mode=bn_mode, steps=n)

@@ -8,6 +8,7 @@ sees (batch statistics) by an order of magnitude (shared/reference/anchor-measur
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -17,13 +18,14 @@ import torch
 from torch import Tensor, nn
 
 from normlab._checks import check_choice, check_positive_int, fail
-from normlab.analysis._common import LossFn, flat, measuring, unflat
+from normlab.analysis._common import LossFn, check_bn_mode, flat, measuring, unflat
 
 __all__ = [
     "Eigenvalues",
     "Lanczos",
     "SpectralDensity",
     "Trace",
+    "dense_hessian",
     "hessian_density",
     "hessian_eigenvalues",
     "hessian_trace",
@@ -396,6 +398,39 @@ def hessian_vector_product(
             return solver(hvp_autograd if method == "autograd" else hvp_fd, n)
 
     return run
+
+
+def dense_hessian(
+    model: nn.Module, loss_fn: LossFn, batch: Any, *, bn_mode: str = "train"
+) -> Tensor:
+    """The full Hessian (float64, ``(n, n)`` over the trainable parameters in ``parameters()``
+    order) of the loss on one ``(x, y)`` batch, by ``torch.autograd.functional.hessian`` on a
+    float64 copy of the model -- an oracle for small models (n^2 memory, n backward passes).
+
+    Example:
+        >>> model = nn.Linear(2, 1, bias=False)
+        >>> x = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+        >>> dense_hessian(model, nn.functional.mse_loss, (x, torch.zeros(2, 1)))  # 2 X^T X / N
+        tensor([[1., 0.],
+                [0., 4.]], dtype=torch.float64)
+    """
+    check_bn_mode(bn_mode, "dense_hessian")
+    ref = copy.deepcopy(model).double().train(bn_mode == "train")
+    named = [(name, p.shape) for name, p in ref.named_parameters() if p.requires_grad]
+    theta = torch.cat([p.detach().reshape(-1) for p in ref.parameters() if p.requires_grad])
+    x, y = batch
+    x = x.double() if isinstance(x, Tensor) and x.is_floating_point() else x
+    y = y.double() if isinstance(y, Tensor) and y.is_floating_point() else y
+
+    def loss(t: Tensor) -> Tensor:
+        params, start = {}, 0
+        for name, shape in named:
+            size = shape.numel()
+            params[name] = t[start : start + size].view(shape)
+            start += size
+        return loss_fn(torch.func.functional_call(ref, params, (x,)), y)
+
+    return torch.autograd.functional.hessian(loss, theta)  # type: ignore[no-untyped-call,no-any-return]
 
 
 def hessian_eigenvalues(
