@@ -34,3 +34,56 @@ def test_python_dash_m_and_version() -> None:
         [sys.executable, "-m", "normlab", "--version"], capture_output=True, text=True, check=True
     )
     assert done.stdout.strip() == f"normlab {normlab.__version__}"
+
+
+def test_study_list_names_every_study(capsys: pytest.CaptureFixture[str]) -> None:
+    from normlab.experiments.studies import available_studies
+
+    assert main(["study", "list"]) == 0
+    out = capsys.readouterr().out
+    for name in available_studies():
+        assert name in out
+    assert "bn-training (default)" in out
+
+
+def test_study_run_then_report(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:  # type: ignore[no-untyped-def]
+    args = [
+        "--data",
+        "digits",
+        "--seeds",
+        "1",
+        "--steps",
+        "3",
+        "--workers",
+        "1",
+        "--out",
+        str(tmp_path),
+    ]
+    assert main(["study", "run", "population-stats", *args]) == 0
+    out = capsys.readouterr().out
+    assert "population-stats: 2 runs on 1 worker(s)" in out
+    assert "[  2/2]" in out
+    assert (tmp_path / "report.html").exists()
+    (tmp_path / "report.html").unlink()
+    assert main(["report", str(tmp_path)]) == 0
+    assert (tmp_path / "report.html").exists()
+    assert main(["study", "run", "population-stats", *args]) == 0  # finished runs are reused
+    assert "complete" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["study", "run", "bn"], "the study name must be one of ['batch-size'"),
+        (["study", "run", "dropout", "--data", "cifar10"], "argument 'data' must be one of"),
+        (["report", "/nonexistent/dir"], "a study output directory (with studies.json)"),
+        (["study", "run", "dropout", "--out", "/proc/normlab"], "must be a writable directory"),
+    ],
+)
+def test_study_errors_are_one_clear_line(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("normlab: error: ")
+    assert message in err

@@ -19,7 +19,7 @@ def test_readme_starts_with_the_two_commands() -> None:
     first_block = text.index("```")
     assert "## " not in text[:first_block]  # nothing but the title and a line before them
     main_job, tests = _readme_commands()
-    assert main_job.endswith("normlab demo")
+    assert main_job.endswith("normlab study")
     assert tests.endswith("python -m pytest")
     for command in (main_job, tests):
         assert "\n" not in command

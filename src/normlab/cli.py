@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import time
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import normlab
 
@@ -27,7 +31,49 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--batch-size", type=int, default=60, help="mini-batch size (default 60)")
     demo.add_argument("--activation", default="sigmoid", choices=["sigmoid", "relu", "tanh"])
     demo.add_argument("--seed", type=int, default=0, help="seed for weights and batches")
+    _study_parser(sub)
+    report = sub.add_parser(
+        "report", help="re-render report.md and report.html from a study directory (no training)"
+    )
+    report.add_argument("dir", type=Path, help="the --out directory of `normlab study`")
     return parser
+
+
+DEFAULT_OUT = Path("normlab-study")
+
+
+def _study_parser(sub: Any) -> None:
+    study = sub.add_parser(
+        "study",
+        help="reproduce the lecture's claims on offline data and write a report",
+        description=(
+            "Without a subcommand: run the default selection (bn-training, noisy-bn, landscape) "
+            "and write report.html / report.md. Rerunning the same command skips finished runs "
+            "and resumes interrupted ones."
+        ),
+    )
+    _run_options(study)
+    study_sub = study.add_subparsers(dest="study_command", metavar="SUBCOMMAND")
+    study_sub.add_parser("list", help="list the studies and their claims")
+    run = study_sub.add_parser("run", help="run named studies and write the report")
+    run.add_argument("names", nargs="+", metavar="NAME", help="study names (see `study list`)")
+    _run_options(run)
+
+
+def _run_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quick", action="store_true", help="fewer seeds and steps")
+    parser.add_argument("--data", default=None, help="dataset instead of each study's own")
+    parser.add_argument("--seeds", type=int, default=None, help="seeds per configuration")
+    parser.add_argument("--steps", type=int, default=None, help="override every run's length")
+    parser.add_argument(
+        "--out", type=Path, default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT})"
+    )
+    parser.add_argument(
+        "--workers", type=int, default=os.cpu_count() or 1, help="parallel runs (default: cores)"
+    )
+    parser.add_argument(
+        "--executor", default="process", choices=["process", "ray"], help="local pool or Ray"
+    )
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -59,6 +105,62 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _study_list() -> int:
+    from normlab.experiments.studies import DEFAULT_SELECTION, available_studies, get_study
+
+    for name in available_studies():
+        study = get_study(name)
+        mark = " (default)" if name in DEFAULT_SELECTION else ""
+        print(f"{name}{mark}: {study.title}")
+        print(f"    data {study.data}, {study.seeds} seeds; claim: {study.claim}")
+    return 0
+
+
+def _study_run(names: Sequence[str], args: argparse.Namespace) -> int:
+    from normlab.experiments.runner import Interrupted, execute, update_manifest
+    from normlab.experiments.studies import Options, get_study
+    from normlab.report import render_report
+
+    options = Options(quick=args.quick, data=args.data, seeds=args.seeds, steps=args.steps)
+    studies = [get_study(name) for name in names]
+    configs = [cfg for study in studies for _, cfg in study.runs(options)]
+    out = args.out
+    from normlab.experiments.runner import check_output_dir
+
+    check_output_dir(out)
+    update_manifest(out, names, options)
+    total = len({c.run_id for c in configs})
+    print(f"{', '.join(names)}: {total} runs on {args.workers} worker(s) into {out}/")
+    start = time.perf_counter()
+
+    def on_done(cfg: Any, result: Any, done: int, count: int) -> None:
+        elapsed = time.perf_counter() - start
+        eta = elapsed / done * (count - done)
+        if isinstance(result, BaseException):
+            what = f"FAILED: {result}"
+        else:
+            acc = (result.get("final") or {}).get("test_acc_exact")
+            what = (
+                f"{result['status']}, test {100 * acc:.1f}%"
+                if acc is not None
+                else result["status"]
+            )
+            what += f", {result['seconds']:.1f} s"
+        print(
+            f"[{done:3d}/{count}] {cfg.run_id}: {what} (elapsed {elapsed:.0f} s, ~{eta:.0f} s left)",
+            flush=True,
+        )
+
+    try:
+        execute(configs, out, workers=args.workers, executor=args.executor, on_done=on_done)
+    except Interrupted as stop:
+        print(f"\n{stop}", file=sys.stderr)
+        return 130
+    md, html = render_report(out)
+    print(f"done in {time.perf_counter() - start:.0f} s; report: {html} and {md}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``normlab`` console script and ``python -m normlab``."""
     parser = _parser()
@@ -68,7 +170,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    if args.command == "demo":
-        return _demo(args)
+    try:
+        if args.command == "demo":
+            return _demo(args)
+        if args.command == "study":
+            from normlab.experiments.studies import DEFAULT_SELECTION
+
+            if args.study_command == "list":
+                return _study_list()
+            if args.study_command == "run":
+                return _study_run(args.names, args)
+            return _study_run(DEFAULT_SELECTION, args)
+        if args.command == "report":
+            from normlab.report import render_report
+
+            md, html = render_report(args.dir)
+            print(f"report: {html} and {md}")
+            return 0
+    except (ValueError, TypeError, FileNotFoundError, ImportError) as error:
+        print(f"normlab: error: {error}", file=sys.stderr)
+        return 2
     parser.print_help()
     return 2

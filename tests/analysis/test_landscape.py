@@ -374,3 +374,23 @@ def test_tied_and_parametrized_parameters_are_swapped_everywhere() -> None:
     assert probe.losses[0] == pytest.approx(F.mse_loss(ref(data[0]), data[1]).item(), rel=1e-12)
     assert isinstance(model.shared.weight, nn.Parameter)
     assert model.again.weight is model.shared.weight
+
+
+@pytest.mark.parametrize("norm", [nl.L1BatchNorm, nl.LinfBatchNorm, nl.GhostBatchNorm])
+def test_every_batch_statistics_layer_follows_bn_mode(norm) -> None:  # type: ignore[no-untyped-def]
+    """Layers without running_var (Lp norms) or with their own rules must use batch statistics in
+    train mode too -- a regression: they were left in eval mode, so their probes were a plain
+    network's."""
+    torch.manual_seed(0)
+    layer = norm(8, 4) if norm is nl.GhostBatchNorm else norm(8)
+    model = nn.Sequential(nn.Linear(5, 8), layer, nn.Tanh(), nn.Linear(8, 3)).double()
+    batch = _batch(16)
+    probe = landscape_probe(model, F.cross_entropy, batch, step_sizes=[0.1])
+    ref = copy.deepcopy(model).train()
+    for m in ref.modules():
+        if hasattr(m, "momentum"):
+            m.momentum = 0.0
+    assert probe.loss == pytest.approx(F.cross_entropy(ref(batch[0]), batch[1]).item(), rel=1e-12)
+    buffers = {k: v.clone() for k, v in model.state_dict().items()}
+    landscape_probe(model, F.cross_entropy, batch, step_sizes=[0.1])
+    assert all(torch.equal(v, buffers[k]) for k, v in model.state_dict().items())

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from normlab._checks import fail
 from normlab.analysis.mc import is_stochastic
-from normlab.surgery._state import preserved, running_stat_layers
+from normlab.surgery._state import preserved
 
 __all__ = [
     "BNMode",
@@ -252,8 +252,10 @@ def measuring(
 ) -> Iterator[Measured]:
     """Put the model in the measurement mode and restore everything afterwards (also on error).
 
-    * batch-norm-like layers in ``bn_mode``; in ``"train"`` their momentum is 0 and their buffers
-      are restored, so the running statistics never move;
+    * every module in ``bn_mode`` -- so all layers that normalize with batch statistics (batch
+      norm, Lp and ghost batch norm, batch renorm, layers of other libraries) use them in
+      ``"train"`` -- with ``momentum`` 0 and every buffer restored afterwards, so running
+      statistics never move;
     * stochastic layers (dropout, DropConnect) in eval mode, or with ``stochastic="fixed"`` in
       training mode with the same masks at every evaluation (the RNG is reset before each forward);
     * the global RNG and every module generator are restored bit for bit on exit; ``.grad`` is never
@@ -271,7 +273,6 @@ def measuring(
         )
     batches = as_batches(data, owner)
     named = trainable(model, owner, parameters)
-    norms = [m for _, m in running_stat_layers(model)]
     rng_state = torch.random.get_rng_state()
     generators = [
         g
@@ -286,15 +287,16 @@ def measuring(
             g.set_state(state)
 
     try:
-        with preserved(model, buffers_of=norms, restore_buffers=True):
-            model.eval()
-            for m in norms:
-                m.train(bn_mode == "train")
-                if hasattr(m, "momentum"):
-                    setattr(m, "momentum", 0.0)  # noqa: B010 -- any module type
+        with preserved(model, buffers_of=list(model.modules()), restore_buffers=True):
+            model.train(bn_mode == "train")  # every layer that uses batch statistics (BN, Lp, ...)
             for m in model.modules():
-                if stochastic == "fixed" and is_stochastic(m):
-                    m.train()
+                if is_stochastic(m):
+                    m.train(stochastic == "fixed")
+                momentum = getattr(m, "momentum", False)
+                if momentum is None or (
+                    isinstance(momentum, float) and not isinstance(momentum, bool)
+                ):
+                    setattr(m, "momentum", 0.0)  # noqa: B010 -- running statistics stand still
             yield Measured(
                 model,
                 loss_fn,

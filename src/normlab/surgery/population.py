@@ -470,7 +470,7 @@ def _one_pass(
             samples += _batch_size(args)
             batches += 1
             if total and batches % max(1, total // 4) == 0:
-                log.info("  %d/%d batches", batches, total)
+                log.debug("  %d/%d batches", batches, total)
     for handle in local:
         handle.remove()
     with torch.no_grad():  # train-mode passes updated running buffers: undo before writing

@@ -1,0 +1,212 @@
+"""Studies: tiny runs of every study end to end, shared runs, and the judges on records whose
+answer is known."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from normlab.experiments import judges
+from normlab.experiments.config import RunConfig
+from normlab.experiments.records import load_records
+from normlab.experiments.runner import Interrupted, execute, read_manifest, update_manifest
+from normlab.experiments.studies import DEFAULT_SELECTION, Options, available_studies, get_study
+from tests.conftest import TINY
+
+
+@pytest.mark.parametrize("name", list(available_studies()))
+def test_every_study_runs_tiny_and_is_judged(name: str, tiny_study_dir: Path) -> None:
+    study = get_study(name)
+    runs = study.runs(TINY)
+    assert runs
+    records = {r["config"].run_id: r for r in load_records(tiny_study_dir)}
+    groups: dict[str, list] = {}  # type: ignore[type-arg]
+    for label, cfg in runs:
+        groups.setdefault(label, []).append(records[cfg.run_id])
+    verdict = study.judge(groups)
+    assert verdict.status in ("supported", "not supported", "inconclusive")
+    assert verdict.summary
+    assert len(verdict.table[0]) == len(verdict.table[-1])
+
+
+def test_studies_share_runs_and_scale() -> None:
+    ids = {name: {cfg.run_id for _, cfg in get_study(name).runs()} for name in DEFAULT_SELECTION}
+    assert ids["bn-training"] <= ids["noisy-bn"] | ids["bn-training"]
+    assert ids["bn-training"] & ids["noisy-bn"]  # plain and BN at both learning rates
+    assert ids["landscape"] & ids["bn-training"]
+    full, quick = (
+        get_study("bn-training").runs(),
+        get_study("bn-training").runs(Options(quick=True)),
+    )
+    assert len(full) == 4 * 3
+    assert len(quick) == 4 * 2
+    assert quick[0][1].steps < full[0][1].steps
+    assert {cfg.data for _, cfg in get_study("landscape").runs(Options(data="digits"))} == {
+        "digits"
+    }
+
+
+def test_bad_names_and_options() -> None:
+    with pytest.raises(
+        ValueError,
+        match=r"get_study: the study name must be one of \['batch-size', .* got 'bn'\. Fix: run `normlab study list`",
+    ):
+        get_study("bn")
+    with pytest.raises(
+        ValueError, match=r"Options: argument 'data' must be one of .* got 'cifar10'"
+    ):
+        Options(data="cifar10")
+    with pytest.raises(ValueError, match="seeds"):
+        Options(seeds=0)
+
+
+def test_interrupted_execution_keeps_what_finished(tmp_path: Path) -> None:
+    configs = [RunConfig(steps=3, seed=s, width=8, depth=1) for s in range(3)]
+    seen = []
+
+    def stop_after_first(cfg, result, done, total):  # type: ignore[no-untyped-def]
+        seen.append(cfg.run_id)
+        if done == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(Interrupted, match=r"interrupted after 1 of 3 runs"):
+        execute(configs, tmp_path, workers=1, on_done=stop_after_first)
+    assert len(list((tmp_path / "runs").glob("*.json"))) == 1
+    again: list[str] = []
+    execute(configs, tmp_path, workers=1, on_done=lambda c, r, d, t: again.append(c.run_id))
+    assert len(again) == 3  # the finished one comes back from its record, the rest train
+    assert len(list((tmp_path / "runs").glob("*.json"))) == 3
+
+
+def test_a_process_pool_gives_the_same_records(tmp_path: Path) -> None:
+    configs = [RunConfig(steps=3, seed=s, width=8, depth=1) for s in range(2)]
+    pooled = execute(configs, tmp_path / "pool", workers=2)
+    serial = execute(configs, tmp_path / "serial", workers=1)
+    assert {k: v["train_loss"] for k, v in pooled.items()} == {
+        k: v["train_loss"] for k, v in serial.items()
+    }
+
+
+def test_ray_executor_runs_locally_when_installed(tmp_path: Path) -> None:
+    pytest.importorskip("ray")
+    configs = [RunConfig(steps=3, seed=s, width=8, depth=1) for s in range(2)]
+    records = execute(configs, tmp_path, workers=2, executor="ray")
+    assert len(records) == 2
+
+
+def test_manifest_round_trip_and_output_dir_errors(tmp_path: Path) -> None:
+    update_manifest(tmp_path, ["landscape"], Options(quick=True))
+    update_manifest(tmp_path, ["dropout"], TINY)
+    assert read_manifest(tmp_path) == {"landscape": Options(quick=True), "dropout": TINY}
+    (tmp_path / "studies.json").write_text('{"schema": "other"}')
+    with pytest.raises(ValueError, match=r"studies\.json must be a normlab study manifest"):
+        read_manifest(tmp_path)
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(
+        ValueError,
+        match=r"the output directory .*file/sub must be a writable directory, got NotADirectoryError",
+    ):
+        execute([RunConfig(steps=1)], blocker / "sub")
+
+
+# -- judges on records with known answers ---------------------------------------------------------
+
+
+def _record(
+    losses: list[float], acc: float = 0.9, status: str = "complete", **extra: object
+) -> dict:  # type: ignore[type-arg]
+    return {
+        "config": RunConfig(steps=len(losses)),
+        "status": status,
+        "train_loss": losses,
+        "final": {"test_acc_ema": acc, "test_acc_exact": acc, "train_acc": acc, **extra},
+        "probes": [],
+    }
+
+
+def _fast(step: int, n: int = 60) -> list[float]:
+    return [1.0 if i < step else 0.05 for i in range(n)]
+
+
+def test_bn_training_judge() -> None:
+    groups = {
+        "plain, lr 0.1": [_record(_fast(40)) for _ in range(3)],
+        "BN, lr 0.1": [_record(_fast(20)) for _ in range(3)],
+        "plain, lr 0.5": [_record([2.3] * 60, acc=0.1) for _ in range(3)],
+        "BN, lr 0.5": [_record(_fast(25)) for _ in range(3)],
+    }
+    assert judges.bn_training(groups).status == "supported"
+    groups["BN, lr 0.1"] = [_record(_fast(50)) for _ in range(3)]
+    verdict = judges.bn_training(groups)
+    assert verdict.status == "not supported"
+    assert "first in 0 of 3 seeds" in verdict.summary
+
+
+def _probe(step: int, scale: float) -> dict:  # type: ignore[type-arg]
+    return {
+        "step": step,
+        "losses": [1.0, 1.0 + scale],
+        "grad_changes": [0.0, scale],
+        "beta": scale,
+        "grad_norm": 1.0,
+    }
+
+
+def test_landscape_judge_uses_late_probes_of_runs_that_trained() -> None:
+    def run(scale_early: float, scale_late: float, acc: float = 0.9) -> dict:  # type: ignore[type-arg]
+        r = _record(_fast(10), acc=acc)
+        r["probes"] = [
+            _probe(0, scale_early),
+            _probe(50, scale_early),
+            _probe(150, scale_late),
+            _probe(200, scale_late),
+        ]
+        return r
+
+    groups = {"plain": [run(1.0, 1.0) for _ in range(3)], "BN": [run(5.0, 0.2) for _ in range(3)]}
+    verdict = judges.landscape(groups)
+    assert verdict.status == "supported"  # rougher early, smoother late: judged on late
+    late = next(row for row in verdict.table if row[0] == "BN" and ">" in row[1])
+    assert late[2].startswith("0.2; smaller in 6/6")
+    groups["BN"] = [run(0.2, 3.0) for _ in range(3)]
+    assert judges.landscape(groups).status == "not supported"
+    groups["plain"] = [run(1.0, 1.0, acc=0.1) for _ in range(3)]  # dead plain networks
+    assert judges.landscape(groups).status == "inconclusive"
+
+
+def test_population_judge() -> None:
+    def run(gain: float) -> dict:  # type: ignore[type-arg]
+        return _record(
+            _fast(5), acc=0.9, ema_momenta={"0.001": 0.9 - gain, "0.1": 0.9, "0.9": 0.9 - gain}
+        )
+
+    assert (
+        judges.population(
+            {"batch 8": [run(0.05) for _ in range(3)], "batch 128": [run(0.0)] * 3}
+        ).status
+        == "supported"
+    )
+    assert judges.population({"batch 8": [run(-0.01) for _ in range(3)]}).status == "not supported"
+
+
+def test_self_normalizing_judge() -> None:
+    def run(var: float) -> dict:  # type: ignore[type-arg]
+        r = _record(_fast(5))
+        r["activations"] = {
+            "start": [{"mean": 0.0, "variance": 1.0}] * 8 + [{"mean": 0.0, "variance": var}]
+        }
+        return r
+
+    good = {"SELU + LeCun": [run(1.1)], "ReLU + Glorot": [run(1e-3)], "tanh + Glorot": [run(0.05)]}
+    assert judges.self_normalizing(good).status == "supported"
+    bad = {"SELU + LeCun": [run(1e-4)], "ReLU + Glorot": [run(1e-3)]}
+    assert judges.self_normalizing(bad).status == "not supported"
+
+
+def test_steps_to_threshold_treats_never_as_infinitely_late() -> None:
+    assert math.isinf(judges._steps(_record([1.0] * 30)))
+    assert judges._faster([_record(_fast(10))], [_record([1.0] * 30)]) == (1, 1)
+    assert judges._faster([_record([1.0] * 30)], [_record([1.0] * 30)]) == (0, 0)
