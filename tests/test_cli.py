@@ -87,3 +87,60 @@ def test_study_errors_are_one_clear_line(
     err = capsys.readouterr().err
     assert err.startswith("normlab: error: ")
     assert message in err
+
+
+def test_ctrl_c_keeps_checkpoints_and_a_rerun_completes(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import os
+    import signal
+    import time
+
+    args = [
+        sys.executable,
+        "-m",
+        "normlab",
+        "study",
+        "run",
+        "bn-training",
+        "--data",
+        "digits",
+        "--seeds",
+        "1",
+        "--steps",
+        "3000",
+        "--workers",
+        "2",
+        "--out",
+        str(tmp_path),
+    ]
+    proc = subprocess.Popen(
+        args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    time.sleep(10)  # workers spawned, data loaded, the first runs part-way (3000 steps each)
+    os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole group
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "interrupted after" in err
+    assert "run the same command again to continue" in err
+    saved = list((tmp_path / "checkpoints").glob("*.pt")) + list((tmp_path / "runs").glob("*.json"))
+    assert saved
+    assert (
+        main(
+            [
+                "study",
+                "run",
+                "bn-training",
+                "--data",
+                "digits",
+                "--seeds",
+                "1",
+                "--steps",
+                "3000",
+                "--workers",
+                "2",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
+    assert len(list((tmp_path / "runs").glob("*.json"))) == 4

@@ -112,3 +112,13 @@ def test_dropconnect_replaces_the_hidden_linear_layers() -> None:
     assert isinstance(model[1].activation, nn.ReLU)
     assert type(model[-1]) is nn.Linear
     assert count_parameters(model) == 64 * 128 + 128 + 2 * (128 * 128 + 128) + 128 * 10 + 10
+
+
+def test_batch_renorm_schedule_is_scaled_to_the_run() -> None:
+    # with the paper's 5000-step warm-up a 1000-step run would be plain batch norm throughout
+    model = build_model(RunConfig(norm="renorm", steps=1600), (1, 8, 8), 10)
+    norms = [m for m in model.modules() if hasattr(m, "renorm_schedule")]
+    assert norms
+    for norm in norms:
+        r_max, d_max, warmup, r_end, d_end = norm.renorm_schedule.tolist()
+        assert (r_max, d_max, warmup, r_end, d_end) == (3.0, 5.0, 100.0, 800.0, 500.0)

@@ -210,3 +210,42 @@ def test_steps_to_threshold_treats_never_as_infinitely_late() -> None:
     assert math.isinf(judges._steps(_record([1.0] * 30)))
     assert judges._faster([_record(_fast(10))], [_record([1.0] * 30)]) == (1, 1)
     assert judges._faster([_record([1.0] * 30)], [_record([1.0] * 30)]) == (0, 0)
+
+
+def test_batch_size_judge_compares_norms_at_equal_batch_size() -> None:
+    def run(norm: str, bs: int, acc: float) -> dict:  # type: ignore[type-arg]
+        r = _record(_fast(5), acc=acc)
+        r["config"] = RunConfig(norm=norm, batch_size=bs, arch="vgg", width=16)
+        return r
+
+    # large batches train fewer samples' worth here: everyone is worse there; only BN's
+    # standing against group/layer norm at equal batch size counts
+    groups = {
+        "a": [run("batch", 2, 0.70), run("batch", 128, 0.80)],
+        "b": [run("group", 2, 0.85), run("group", 128, 0.78)],
+        "c": [run("layer", 2, 0.84), run("layer", 128, 0.76)],
+    }
+    verdict = judges.batch_size(groups)
+    assert verdict.status == "supported"
+    assert "+2.0 points at batch 128, -15.0 at batch 2" in verdict.summary
+    assert "still ahead" not in verdict.summary
+    # BN's lead shrinks from 2 to 1 point: that is the claim's effect, without the crossover
+    groups["a"] = [run("batch", 2, 0.86), run("batch", 128, 0.80)]
+    assert judges.batch_size(groups).status == "inconclusive"  # within 2 points
+    groups["a"] = [run("batch", 2, 0.855), run("batch", 128, 0.83)]
+    verdict = judges.batch_size(groups)
+    assert verdict.status == "supported"
+    assert "BN is still ahead at batch 2" in verdict.summary
+    groups["a"] = [run("batch", 2, 0.90), run("batch", 128, 0.80)]
+    assert judges.batch_size(groups).status == "not supported"
+
+
+def test_input_normalization_judge_takes_each_variant_at_its_best_rate() -> None:
+    groups = {
+        "raw inputs, lr 0.01": [_record(_fast(50))],
+        "raw inputs, lr 0.2": [_record([float("nan")] * 5, status="diverged")],
+        "training-split statistics, lr 0.01": [_record(_fast(55))],
+        "training-split statistics, lr 0.2": [_record(_fast(20))],
+        "test-split statistics (leak), lr 0.2": [_record(_fast(20))],
+    }
+    assert judges.input_normalization(groups).status == "supported"

@@ -36,6 +36,10 @@ class RunConfig:
     ``"mean"`` or ``"gaussian"``). Init ``"glorot"`` (Santurkar et al.), ``"he"``, ``"lecun"``
     (SELU) or ``"default"`` (torch's), weights times ``init_scale``.
 
+    Data: ``data`` standardized per ``standardize``; ``train_size`` > 0 trains on the first
+    ``train_size`` examples of the (fixed, shuffled) training split only -- to provoke
+    overfitting -- with the standardization of the whole split.
+
     Training: plain SGD (``momentum``) at ``lr``, ``batch_size``, ``steps``; norm layers use
     ``bn_momentum`` (torch's convention: the weight of the new batch). Measured: train loss every
     step; test/validation loss and accuracy every ``eval_every`` steps (eval mode); Santurkar
@@ -47,6 +51,7 @@ class RunConfig:
 
     data: str = "digits"
     standardize: str = "train"
+    train_size: int = 0
     arch: str = "mlp"
     norm: str = "batch"
     activation: str = "relu"
@@ -85,13 +90,13 @@ class RunConfig:
         check_choice(self.init, INITS, name="init", owner=owner)
         for name in ("depth", "width", "batch_size", "steps", "eval_every"):
             check_positive_int(getattr(self, name), name=name, owner=owner)
-        if self.seed < 0 or self.probe_every < 0:
+        if self.seed < 0 or self.probe_every < 0 or self.train_size < 0:
             fail(
                 ValueError,
                 owner,
-                "'seed' and 'probe_every'",
+                "'seed', 'probe_every' and 'train_size'",
                 ">= 0",
-                f"{self.seed}, {self.probe_every}",
+                f"{self.seed}, {self.probe_every}, {self.train_size}",
                 "pass non-negative integers",
             )
         for name in ("lr", "init_scale"):

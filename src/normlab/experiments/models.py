@@ -59,7 +59,8 @@ def _block(cfg: RunConfig, layer: nn.Module, features: int, spatial_dims: int) -
 
 def _norm_options(cfg: RunConfig) -> dict[str, object]:
     """``bn_momentum`` for the norms with running statistics; ghost batch norm splits each batch
-    into virtual batches of ``batch_size / 4`` (2 ... 32 samples)."""
+    into virtual batches of ``batch_size / 4`` (2 ... 32 samples); batch renorm's schedule is
+    scaled to the run's length."""
     options: dict[str, object] = {}
     if cfg.norm in ("batch", "renorm", "ghost", "l1", "linf", "noisy", "instance", "weight"):
         options["momentum"] = cfg.bn_momentum
@@ -67,6 +68,14 @@ def _norm_options(cfg: RunConfig) -> dict[str, object]:
         options["virtual_batch_size"] = max(2, min(32, cfg.batch_size // 4))
     if cfg.norm == "noisy":
         options["seed"] = cfg.seed
+    if cfg.norm == "renorm":
+        # The paper's schedule (plain BN for 5k steps, ramps ending at 25k/40k) scaled to the run:
+        # with the defaults a run of a few thousand steps would never leave the warm-up.
+        options.update(
+            warmup_steps=max(1, cfg.steps // 16),
+            r_max_steps=max(2, cfg.steps // 2),
+            d_max_steps=max(2, 5 * cfg.steps // 16),
+        )
     return options
 
 

@@ -9,6 +9,7 @@ the resumed run is identical to an uninterrupted one -- no step is lost or recor
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib.metadata
 import logging
 import math
@@ -194,6 +195,10 @@ def train_run(
         if done["config"] == cfg:
             return done
     data = dataset if dataset is not None else load_dataset(cfg.data, standardize=cfg.standardize)
+    if cfg.train_size:
+        data = dataclasses.replace(
+            data, x_train=data.x_train[: cfg.train_size], y_train=data.y_train[: cfg.train_size]
+        )
     outer_rng = torch.random.get_rng_state()
     try:
         return _train(cfg, data, out, final_path, ckpt, checkpoint_seconds, progress)

@@ -117,9 +117,9 @@ def render_report(out: Path) -> tuple[Path, Path]:
             fig.savefig(png, dpi=110, bbox_inches="tight")
             plt.close(fig)
         seeds = max((len(v) for v in r.groups.values()), default=0)
-        size = "quick" if r.options.quick else "full"
+        size = "quick" if r.options.quick else ("custom-length" if r.options.steps else "full")
         meta = (
-            f"{size} run, data `{r.options.data or get_study(r.name).data}`, {seeds} seed(s) per "
+            f"{size} run, data {r.options.data or get_study(r.name).data}, {seeds} seed(s) per "
             f"configuration, {r.seconds:.0f} s of training in all"
         )
         md += [
