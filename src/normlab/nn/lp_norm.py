@@ -139,8 +139,9 @@ class LinfBatchNorm(_LpBatchNorm):
 
     Args:
         k: number of largest deviations averaged. Default: 10.
-        num_features, eps, momentum, affine, track_running_stats, device, dtype, center,
-            gaussian_constant: as in :class:`L1BatchNorm`.
+        num_features, eps, momentum, affine, track_running_stats, device, dtype: as in
+            :class:`L1BatchNorm`.
+        center, gaussian_constant: as in :class:`L1BatchNorm`.
 
     Example:
         >>> LinfBatchNorm(3, k=5)(torch.randn(16, 3, 4, 4)).shape
