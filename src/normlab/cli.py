@@ -57,22 +57,41 @@ def _study_parser(sub: Any) -> None:
     study_sub.add_parser("list", help="list the studies and their claims")
     run = study_sub.add_parser("run", help="run named studies and write the report")
     run.add_argument("names", nargs="+", metavar="NAME", help="study names (see `study list`)")
-    _run_options(run)
+    _run_options(run, keep_parent=True)
 
 
-def _run_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--quick", action="store_true", help="fewer seeds and steps")
-    parser.add_argument("--data", default=None, help="dataset instead of each study's own")
-    parser.add_argument("--seeds", type=int, default=None, help="seeds per configuration")
-    parser.add_argument("--steps", type=int, default=None, help="override every run's length")
+def _run_options(parser: argparse.ArgumentParser, keep_parent: bool = False) -> None:
+    """The options of ``study`` and ``study run``. With ``keep_parent`` (on ``run``) they have no
+    defaults of their own, so ``study --quick run NAME`` keeps the ``--quick`` given before."""
+
+    def default(value: Any) -> Any:
+        return argparse.SUPPRESS if keep_parent else value
+
     parser.add_argument(
-        "--out", type=Path, default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT})"
+        "--quick", action="store_true", default=default(False), help="fewer seeds and steps"
+    )
+    parser.add_argument("--data", default=default(None), help="dataset instead of each study's own")
+    parser.add_argument("--seeds", type=int, default=default(None), help="seeds per configuration")
+    parser.add_argument(
+        "--steps", type=int, default=default(None), help="override every run's length"
     )
     parser.add_argument(
-        "--workers", type=int, default=os.cpu_count() or 1, help="parallel runs (default: cores)"
+        "--out",
+        type=Path,
+        default=default(DEFAULT_OUT),
+        help=f"output directory (default {DEFAULT_OUT})",
     )
     parser.add_argument(
-        "--executor", default="process", choices=["process", "ray"], help="local pool or Ray"
+        "--workers",
+        type=int,
+        default=default(os.cpu_count() or 1),
+        help="parallel runs (default: cores)",
+    )
+    parser.add_argument(
+        "--executor",
+        default=default("process"),
+        choices=["process", "ray"],
+        help="local pool or Ray",
     )
 
 
@@ -187,7 +206,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             md, html = render_report(args.dir)
             print(f"report: {html} and {md}")
             return 0
-    except (ValueError, TypeError, FileNotFoundError, ImportError) as error:
+    except (ValueError, TypeError, OSError, ImportError) as error:  # OSError: unwritable --out
         print(f"normlab: error: {error}", file=sys.stderr)
         return 2
     parser.print_help()

@@ -27,6 +27,15 @@ from normlab.nn import DropConnectLinear
             r"'bn_momentum' and 'ema_momenta' must be in \(0, 1\]",
         ),
         ({"steps": 0}, r"steps"),
+        (
+            {"norm": "instance", "arch": "mlp"},
+            r"argument 'norm' must be a norm that works on feature vectors .* got norm='instance' "
+            r"with arch='mlp'.*use arch='vgg' or norm='layer'",
+        ),
+        (
+            {"dropout": "dropconnect", "p": 0.5, "arch": "vgg"},
+            r"argument 'dropout' must be 'dropout' or 'alpha' with arch='vgg'.*use arch='mlp'",
+        ),
         ({"p": 1.0}, r"'p' and 'momentum' must be in \[0, 1\)"),
     ],
 )
@@ -68,7 +77,7 @@ NORMS = [
 )
 def test_every_norm_fits_every_model(norm: str, arch: str, shape: tuple[int, ...]) -> None:
     if norm == "instance" and arch != "vgg":
-        pytest.skip("instance norm needs positions (conv layers)")
+        pytest.skip("instance norm needs positions (conv layers): RunConfig rejects it")
     cfg = RunConfig(arch=arch, norm=norm, width=16, depth=2, batch_size=128)
     model = build_model(cfg, shape, 10)
     model.train()
@@ -122,3 +131,16 @@ def test_batch_renorm_schedule_is_scaled_to_the_run() -> None:
     for norm in norms:
         r_max, d_max, warmup, r_end, d_end = norm.renorm_schedule.tolist()
         assert (r_max, d_max, warmup, r_end, d_end) == (3.0, 5.0, 100.0, 800.0, 500.0)
+
+
+@pytest.mark.parametrize("dropout", ["dropout", "dropconnect"])
+def test_a_deep_linear_network_stays_linear_with_dropout(dropout: str) -> None:
+    model = build_model(RunConfig(arch="dln", dropout=dropout, p=0.3, depth=2), (1, 8, 8), 10)
+    kinds = [type(m).__name__ for m in model]
+    assert ("Dropout" in kinds) == (dropout == "dropout")
+    assert kinds.count("DropConnectLinear") == (2 if dropout == "dropconnect" else 0)
+    model.eval()  # eval: dropout off, DropConnect's deterministic inference; linear in x
+    x = torch.randn(4, 1, 8, 8)
+    torch.testing.assert_close(
+        model(2 * x) - model(torch.zeros_like(x)), 2 * (model(x) - model(torch.zeros_like(x)))
+    )

@@ -39,6 +39,7 @@ def test_a_record_has_every_field_and_the_global_rng_is_left_alone(tmp_path: Pat
     # rounding, which can flip a borderline test sample; the statistics are compared below)
     assert abs(final["ema_momenta"]["0.1"] - final["test_acc_ema"]) <= 2 / len(DIGITS.y_test)
     assert set(final) >= {"test_acc_exact", "test_loss_exact", "train_acc", "train_loss"}
+    assert final["exact_stats"] is True
     assert len(record["activations"]["start"]) == 2
     assert len(record["activations"]["end"]) == 2
     assert record_path(tmp_path, record["config"]).exists()
@@ -88,8 +89,12 @@ class Stop(Exception):
 
 
 @pytest.mark.parametrize("norm", ["batch", "noisy"])
-def test_an_interrupted_run_resumes_to_the_identical_record(tmp_path: Path, norm: str) -> None:
-    cfg = _cfg(norm=norm, dropout="dropout", p=0.2, probe_every=7, ema_momenta=(0.5,))
+def test_an_interrupted_run_resumes_to_the_identical_record(
+    tmp_path: Path, norm: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    cfg = _cfg(
+        norm=norm, dropout="dropout", p=0.2, probe_every=7, ema_momenta=(0.5,), activations=True
+    )
     whole = train_run(cfg, tmp_path / "whole", dataset=DIGITS)
 
     def interrupt(step: int, steps: int) -> None:
@@ -101,11 +106,19 @@ def test_an_interrupted_run_resumes_to_the_identical_record(tmp_path: Path, norm
     checkpoint = tmp_path / "cut" / "checkpoints" / f"{cfg.run_id}.pt"
     assert checkpoint.exists()
     assert not record_path(tmp_path / "cut", cfg).exists()
-    resumed = train_run(cfg, tmp_path / "cut", dataset=DIGITS)
+    steps_run: list[int] = []
+    with caplog.at_level(logging.INFO, logger="normlab.experiments.trainer"):
+        resumed = train_run(
+            cfg, tmp_path / "cut", dataset=DIGITS, progress=lambda s, n: steps_run.append(s)
+        )
+    assert "ignoring checkpoint" not in caplog.text
+    assert steps_run[0] == 12  # it went on from the checkpoint, not from the start
     assert resumed["train_loss"] == whole["train_loss"]  # nothing lost, nothing twice
     assert resumed["probes"] == whole["probes"]
     assert resumed["evals"] == whole["evals"]
     assert resumed["final"] == whole["final"]
+    assert resumed["activations"] == whole["activations"]
+    assert resumed["activations"]["start"]
     assert not checkpoint.exists()
 
 
@@ -126,6 +139,9 @@ def test_a_finished_run_is_not_retrained_and_a_bad_checkpoint_restarts(
         record = train_run(other, tmp_path, dataset=DIGITS)
     assert "ignoring checkpoint" in caplog.text
     assert record["steps_done"] == 24
+    assert (
+        record["train_loss"] == train_run(other, tmp_path / "clean", dataset=DIGITS)["train_loss"]
+    )
 
 
 def test_divergence_stops_the_run_and_is_recorded(tmp_path: Path) -> None:
@@ -136,6 +152,13 @@ def test_divergence_stops_the_run_and_is_recorded(tmp_path: Path) -> None:
     assert record["steps_done"] < 40
     assert record["train_loss"][-1] is None  # non-finite -> null in JSON
     assert record["final"]["test_acc_exact"] == record["final"]["test_acc_ema"]
+    assert record["final"]["exact_stats"] is False
+
+
+def test_a_norm_without_recomputed_statistics_says_so(tmp_path: Path) -> None:
+    final = train_run(_cfg(norm="l1", steps=4), tmp_path, dataset=DIGITS)["final"]
+    assert final["exact_stats"] is False  # L1 BN keeps its running dispersion
+    assert final["test_acc_exact"] == final["test_acc_ema"]
 
 
 def test_records_reject_corrupt_foreign_and_newer_files(tmp_path: Path) -> None:

@@ -128,6 +128,24 @@ class RunConfig:
                 f"{self.bn_momentum}, {self.ema_momenta}",
                 "Keras' momentum=0.99 is torch's 0.01",
             )
+        if self.norm == "instance" and self.arch != "vgg":
+            fail(
+                ValueError,
+                owner,
+                "argument 'norm'",
+                "a norm that works on feature vectors with arch='mlp'/'dln'",
+                f"norm='instance' with arch={self.arch!r}",
+                "instance norm needs positions to average over: use arch='vgg' or norm='layer'",
+            )
+        if self.dropout == "dropconnect" and self.arch == "vgg":
+            fail(
+                ValueError,
+                owner,
+                "argument 'dropout'",
+                "'dropout' or 'alpha' with arch='vgg' (DropConnect replaces linear layers)",
+                "dropout='dropconnect' with arch='vgg'",
+                "use arch='mlp' for DropConnect, or dropout='dropout'",
+            )
         if self.dropout != "none" and self.p == 0.0:
             fail(
                 ValueError,

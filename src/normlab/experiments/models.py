@@ -39,7 +39,8 @@ def _stochastic(cfg: RunConfig) -> list[nn.Module]:
 def _block(cfg: RunConfig, layer: nn.Module, features: int, spatial_dims: int) -> list[nn.Module]:
     """``layer -> norm -> activation -> dropout`` (the order of Ioffe & Szegedy and Santurkar).
     A DropConnect layer holds its activation (its Gaussian inference samples through it): then
-    ``layer(+activation) -> norm``."""
+    ``layer(+activation) -> norm``. A deep linear network has no activation (in DropConnect
+    neither)."""
     out = [layer]
     if isinstance(layer, DropConnectLinear):
         if cfg.norm != "none":
@@ -51,9 +52,9 @@ def _block(cfg: RunConfig, layer: nn.Module, features: int, spatial_dims: int) -
         out.append(
             get_norm_layer(cfg.norm, features, spatial_dims=spatial_dims, **_norm_options(cfg))
         )
-    if cfg.arch != "dln":
+    if cfg.arch != "dln":  # a deep linear network: no activation, but dropout if asked
         out.append(_activation(cfg.activation))
-        out.extend(_stochastic(cfg))
+    out.extend(_stochastic(cfg))
     return out
 
 
@@ -89,7 +90,7 @@ def _linear(cfg: RunConfig, n_in: int, n_out: int, hidden: bool) -> nn.Module:
             p=cfg.p,
             mode="batch",
             inference=cfg.dropconnect_inference,
-            activation=_activation(cfg.activation),
+            activation=None if cfg.arch == "dln" else _activation(cfg.activation),
             samples=200,  # Gaussian inference draws: 1000 cost 5x more for no visible change here
             seed=cfg.seed,
         )

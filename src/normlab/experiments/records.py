@@ -16,13 +16,16 @@ Schema (``"schema": "normlab.run"``, ``"version": 1``)::
       "probes": [{"step", "loss", "grad_norm", "step_sizes", "losses", "grad_changes",
                   "loss_range", "grad_pred_range", "beta"}, ...],     # Santurkar et al.
       "final": {"test_acc_ema", "test_loss_ema", "test_acc_exact", "test_loss_exact",
-                "train_acc", "train_loss",            # eval mode, running statistics
+                "exact_stats": bool, "train_acc", "train_loss",   # eval mode, running statistics
                 "ema_momenta": {"<momentum>": test_acc, ...}} | null,
       "activations": {"start": [{"name", "kind", "mean", "variance"}, ...], "end": [...]} | null
     }
 
 Accuracies are fractions in [0, 1]; ``test_acc_exact`` is measured after
-``recompute_population_stats`` (equal to the EMA value for models without running statistics).
+``recompute_population_stats`` when ``exact_stats`` is true. It is false -- and the "exact" values
+equal the EMA ones -- for models without running statistics, for diverged runs, and for the norms
+whose running estimates ``recompute_population_stats`` does not recompute yet (L1/L-inf batch
+norm's dispersion, weight norm's mean-only batch norm).
 """
 
 from __future__ import annotations

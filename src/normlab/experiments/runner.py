@@ -125,13 +125,29 @@ def _dataset(name: str, standardize: str) -> Dataset:
     return load_dataset(name, standardize=standardize)
 
 
+_stopping = False  # set in a pool worker by its first SIGINT
+
+
 def _job(config: dict[str, Any], out: str) -> RunRecord:
+    if _stopping:  # a queued run reached a worker that was told to stop: do not start it
+        raise KeyboardInterrupt
     cfg = RunConfig.from_dict(config)
     return train_run(cfg, Path(out), dataset=_dataset(cfg.data, cfg.standardize))
 
 
+def _on_sigint(signum: int, frame: Any) -> None:
+    """A pool worker's SIGINT: the first stops the run (its checkpoint is written on the way out);
+    later ones -- the terminal's Ctrl-C and the parent's forwarded copy both arrive -- are
+    ignored, so they cannot interrupt that write."""
+    global _stopping
+    if not _stopping:
+        _stopping = True
+        raise KeyboardInterrupt
+
+
 def _init_worker() -> None:
     torch.set_num_threads(1)
+    signal.signal(signal.SIGINT, _on_sigint)
 
 
 def _cost(cfg: RunConfig) -> float:

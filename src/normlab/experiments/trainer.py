@@ -155,7 +155,7 @@ def _new_record(cfg: RunConfig, model: nn.Module) -> RunRecord:
         "schema": SCHEMA,
         "version": VERSION,
         "normlab": _version(),
-        "torch": torch.__version__,
+        "torch": str(torch.__version__),  # a TorchVersion would not load with weights_only
         "config": cfg.to_dict(),
         "status": "running",
         "steps_done": 0,
@@ -215,15 +215,17 @@ def _train(
     checkpoint_seconds: float,
     progress: Callable[[int, int], None] | None,
 ) -> RunRecord:
-    model = build_model(cfg, data.input_shape, data.num_classes)
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
-    record = _new_record(cfg, model)
-    tracker = _EmaTracker(model, cfg.ema_momenta) if cfg.ema_momenta else None
-    torch.manual_seed(cfg.seed)  # dropout masks and the like
-    step = 0
+    model, opt, record, tracker = _start(cfg, data)
+    step, resumed = 0, False
     if ckpt.exists():
-        step = _resume(ckpt, cfg, model, opt, record, tracker)
-    elif cfg.activations:
+        at = _resume(ckpt, cfg, model, opt, record, tracker)
+        if at is None:  # unusable: the model may be half loaded, so start from scratch
+            if tracker is not None:
+                tracker.close()
+            model, opt, record, tracker = _start(cfg, data)
+        else:
+            step, resumed = at, True
+    if not resumed and cfg.activations:
         record["activations"] = {"start": _activations(model, data.x_train[:256]), "end": None}
     n = len(data.y_train)
     started, last_save = time.perf_counter() - record["seconds"], time.perf_counter()
@@ -284,6 +286,17 @@ def _train(
     return read_record(final_path)
 
 
+def _start(
+    cfg: RunConfig, data: Dataset
+) -> tuple[nn.Module, torch.optim.Optimizer, RunRecord, _EmaTracker | None]:
+    """A freshly initialised run: model, optimizer, empty record, EMA tracker; global RNG seeded."""
+    model = build_model(cfg, data.input_shape, data.num_classes)
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
+    tracker = _EmaTracker(model, cfg.ema_momenta) if cfg.ema_momenta else None
+    torch.manual_seed(cfg.seed)  # dropout masks and the like
+    return model, opt, _new_record(cfg, model), tracker
+
+
 def _probe(model: nn.Module, x: Tensor, y: Tensor, lr: float, step: int) -> dict[str, Any]:
     p = landscape_probe(model, F.cross_entropy, (x, y), lr=lr)
     return {
@@ -311,7 +324,8 @@ def _final(
     loss_ema, acc_ema = evaluate(model, data.x_test, data.y_test)
     final: dict[str, Any] = {"test_acc_ema": acc_ema, "test_loss_ema": loss_ema}
     final["train_loss"], final["train_acc"] = evaluate(model, data.x_train, data.y_train)
-    if running_stat_layers(model) and status == "complete":
+    final["exact_stats"] = bool(running_stat_layers(model)) and status == "complete"
+    if final["exact_stats"]:
         exact = copy.deepcopy(model)
         chunks = [data.x_train[i : i + 512] for i in range(0, len(data.y_train), 512)]
         recompute_population_stats(exact, chunks)
@@ -356,7 +370,9 @@ def _resume(
     opt: torch.optim.Optimizer,
     record: RunRecord,
     tracker: _EmaTracker | None,
-) -> int:
+) -> int | None:
+    """Load the checkpoint into the run; its step, or ``None`` (deleted, with a warning) when it
+    is corrupt or belongs to another configuration."""
     try:
         state = torch.load(path, weights_only=True)
         if state["config"] != cfg.to_dict():
@@ -371,8 +387,7 @@ def _resume(
     except Exception as error:  # a corrupt or foreign checkpoint: start over, say so
         log.warning("ignoring checkpoint %s (%s); the run starts from step 0", path, error)
         path.unlink(missing_ok=True)
-        torch.manual_seed(cfg.seed)
-        return 0
+        return None
     record.clear()
     record.update(state["record"])
     log.info("%s resumes at step %d", cfg.run_id, state["step"])
