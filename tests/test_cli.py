@@ -111,10 +111,7 @@ def test_ctrl_c_keeps_checkpoints_and_a_rerun_completes(tmp_path) -> None:  # ty
     import signal
     import time
 
-    args = [
-        sys.executable,
-        "-m",
-        "normlab",
+    study = [
         "study",
         "run",
         "bn-training",
@@ -127,8 +124,8 @@ def test_ctrl_c_keeps_checkpoints_and_a_rerun_completes(tmp_path) -> None:  # ty
         "--workers",
         "2",
         "--out",
-        str(tmp_path),
     ]
+    args = [sys.executable, "-m", "normlab", *study, str(tmp_path)]
     proc = subprocess.Popen(
         args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
     )
@@ -142,24 +139,5 @@ def test_ctrl_c_keeps_checkpoints_and_a_rerun_completes(tmp_path) -> None:  # ty
     assert checkpoints, "Ctrl-C after 10 s of 2000-step runs should leave checkpoints"
     for path in checkpoints:  # loadable as the rerun loads them (the rerun's workers log apart)
         assert torch.load(path, weights_only=True)["step"] > 0
-    assert (
-        main(
-            [
-                "study",
-                "run",
-                "bn-training",
-                "--data",
-                "digits",
-                "--seeds",
-                "1",
-                "--steps",
-                "2000",
-                "--workers",
-                "2",
-                "--out",
-                str(tmp_path),
-            ]
-        )
-        == 0
-    )
+    assert main([*study, str(tmp_path)]) == 0
     assert len(list((tmp_path / "runs").glob("*.json"))) == 4

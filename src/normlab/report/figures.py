@@ -141,6 +141,14 @@ def grid(groups: Grouped, title: str) -> Figure:
     return fig
 
 
+def _finish(fig: Figure, ax: Axes, title: str) -> Figure:
+    """Legend, title and layout of a one-panel figure."""
+    ax.legend(fontsize=8)
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
 def batch_sizes(groups: Grouped, title: str) -> Figure:
     """Test accuracy (exact statistics) vs batch size, one line per norm."""
     records = [r for rs in groups.values() for r in rs]
@@ -164,10 +172,7 @@ def batch_sizes(groups: Grouped, title: str) -> Figure:
     ax.set_xscale("log", base=2)
     ax.set_xlabel("batch size")
     ax.set_ylabel("test accuracy (%), exact statistics")
-    ax.legend(fontsize=8)
-    ax.set_title(title)
-    fig.tight_layout()
-    return fig
+    return _finish(fig, ax, title)
 
 
 def momenta(groups: Grouped, title: str) -> Figure:
@@ -185,10 +190,7 @@ def momenta(groups: Grouped, title: str) -> Figure:
     ax.set_xscale("log")
     ax.set_xlabel("EMA momentum (torch convention: weight of the new batch; Keras = 1 - it)")
     ax.set_ylabel("test accuracy (%)")
-    ax.legend(fontsize=8)
-    ax.set_title(title)
-    fig.tight_layout()
-    return fig
+    return _finish(fig, ax, title)
 
 
 def depth_profiles(groups: Grouped, title: str) -> Figure:
@@ -233,10 +235,7 @@ def accuracy_bars(groups: Grouped, title: str) -> Figure:
     ax.set_xticks(x, labels, rotation=20, ha="right", fontsize=8)
     ax.set_ylim(min([*train, *test, 100.0]) - 5, 100.5)
     ax.set_ylabel("accuracy (%)")
-    ax.legend(fontsize=8)
-    ax.set_title(title)
-    fig.tight_layout()
-    return fig
+    return _finish(fig, ax, title)
 
 
 FIGURES: dict[str, Callable[[Grouped, str], Figure]] = {
