@@ -34,6 +34,8 @@ def test_report_has_every_study_with_verdict_figure_and_table(study_dir: Path) -
     assert page.count('src="data:image/png;base64,') == 9  # self-contained: no file references
     assert "figures/" not in page
     assert "<table>" in page
+    assert "mean (smallest-largest)" in md
+    assert "mean (smallest-largest)" in page
 
 
 def test_re_rendering_reads_records_only_and_reports_missing_runs(

@@ -39,6 +39,13 @@ class StudyReport:
     seconds: float
 
 
+#: How every "mean (low-high)" in a report reads.
+INTERVALS = (
+    "Numbers over seeds read 'mean (smallest-largest)': the interval is the full range over the "
+    "seeds, and the bands in the figures show the same range."
+)
+
+
 def study_reports(out: Path) -> list[StudyReport]:
     """Judge every study of ``out``'s manifest on the records found there.
 
@@ -101,7 +108,12 @@ def render_report(out: Path) -> tuple[Path, Path]:
     figures = out / "figures"
     figures.mkdir(exist_ok=True)
     stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
-    md = ["# normlab study report", "", f"Generated {stamp} from the records in `{out}`.", ""]
+    md = [
+        "# normlab study report",
+        "",
+        f"Generated {stamp} from the records in `{out}`. {INTERVALS}",
+        "",
+    ]
     md += ["| study | verdict | runs |", "|---|---|---|"]
     md += [
         f"| [{r.name}](#{r.name}) | **{r.verdict.status}** | {sum(len(v) for v in r.groups.values())}"
@@ -204,7 +216,8 @@ def _html_page(reports: list[StudyReport], body: list[str], stamp: str, out: Pat
     return (
         f"<!doctype html><html lang=en><head><meta charset=utf-8><title>normlab study report</title>"
         f"<style>{style}</style></head><body><h1>normlab study report</h1>"
-        f"<p class=meta>Generated {e(stamp)} from the records in {e(str(out))}.</p>"
+        f"<p class=meta>Generated {e(stamp)} from the records in {e(str(out))}. "
+        f"{e(INTERVALS)}</p>"
         f"<table><tr><th>study</th><th>verdict</th><th>runs</th></tr>{rows}</table>"
         + "\n".join(body)
         + "</body></html>\n"
