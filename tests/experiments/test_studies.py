@@ -178,19 +178,33 @@ def test_landscape_judge_uses_late_probes_of_runs_that_trained() -> None:
     assert judges.landscape(groups).status == "inconclusive"
 
 
-def test_population_judge() -> None:
-    def run(gain: float) -> dict:  # type: ignore[type-arg]
-        return _record(
-            _fast(5), acc=0.9, ema_momenta={"0.001": 0.9 - gain, "0.1": 0.9, "0.9": 0.9 - gain}
-        )
-
-    assert (
-        judges.population(
-            {"batch 8": [run(0.05) for _ in range(3)], "batch 128": [run(0.0)] * 3}
-        ).status
-        == "supported"
+def _population_run(gain: float, steps: int = 1000, default_gap: float = 0.0) -> dict:  # type: ignore[type-arg]
+    """Exact statistics give 0.9; EMA at the extreme momenta 0.9 - gain, at 0.1 0.9 - default_gap."""
+    r = _record(
+        _fast(5),
+        acc=0.9,
+        ema_momenta={"0.001": 0.9 - gain, "0.1": 0.9 - default_gap, "0.9": 0.9 - gain},
     )
-    assert judges.population({"batch 8": [run(-0.01) for _ in range(3)]}).status == "not supported"
+    r["config"] = RunConfig(steps=steps)
+    return r
+
+
+def test_population_judge() -> None:
+    groups = {
+        "batch 8, 1000 steps": [_population_run(0.05) for _ in range(3)],
+        "batch 128, 300 steps": [_population_run(0.0, 300)] * 3,
+        "batch 8, 40 steps": [_population_run(0.0, 40, default_gap=0.03)] * 3,
+        "batch 128, 40 steps": [_population_run(0.0, 40, default_gap=0.01)] * 3,
+    }
+    verdict = judges.population(groups)
+    assert verdict.status == "supported"
+    assert "cost 5.0 points" in verdict.summary
+    assert "gap is +0.0 points in full runs -- a null effect" in verdict.summary
+    assert "After only 100 steps or fewer it is +2.0 points" in verdict.summary
+    worse = {"batch 8, 1000 steps": [_population_run(-0.01) for _ in range(3)]}
+    assert judges.population(worse).status == "not supported"
+    short_only = {"batch 8, 40 steps": [_population_run(0.05, 40)] * 3}
+    assert judges.population(short_only).status == "inconclusive"  # no full run to judge
 
 
 def test_self_normalizing_judge() -> None:
@@ -354,9 +368,12 @@ def test_dropout_judge_compares_generalisation_gaps() -> None:
 
 
 def test_population_judge_says_when_exact_statistics_hurt() -> None:
-    def run(exact: float) -> dict:  # type: ignore[type-arg]
-        return _record(_fast(5), acc=exact, ema_momenta={"0.001": 0.8, "0.1": 0.9, "0.9": 0.85})
-
-    summary = judges.population({"batch 8": [run(0.88), run(0.88)]}).summary
+    # EMA 0.1 gives 0.9, exact only 0.88
+    summary = judges.population(
+        {"batch 8, 1000 steps": [_population_run(0.1, default_gap=0.0)] * 2}
+    ).summary
+    assert "Exact statistics were never worse" in summary
+    hurt = _population_run(0.1)
+    hurt["final"]["test_acc_exact"] = 0.88
+    summary = judges.population({"batch 8, 1000 steps": [hurt, hurt]}).summary
     assert "worse than a running average by up to 2.0 points" in summary
-    assert "gap is -2.0 points." in summary

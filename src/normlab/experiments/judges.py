@@ -18,6 +18,8 @@ Status = Literal["supported", "not supported", "inconclusive"]
 Grouped = dict[str, list[RunRecord]]  # label -> records over seeds, in seed order
 #: Training-loss level (10-step mean) whose first crossing measures convergence speed.
 LOSS_THRESHOLD = 0.2
+#: Runs of at most this many steps count as "short training" (population-stats).
+SHORT_STEPS = 100
 #: Probes at steps up to here are "early" (BN can be rougher there: pilot lesson).
 EARLY_STEPS = 100
 
@@ -393,6 +395,7 @@ def population(groups: Grouped) -> Verdict:
     rows = []
     extreme_gains: list[float] = []
     default_gap: list[float] = []
+    short_gap: list[float] = []
     all_diffs: list[float] = []
     for label, records in groups.items():
         momenta = sorted({m for r in records for m in (final(r, "ema_momenta") or {})}, key=float)
@@ -411,10 +414,11 @@ def population(groups: Grouped) -> Verdict:
                     f"{100 * spread(diffs).mean:+.1f} pt",
                 )
             )
-            if label.endswith(" 8") and float(m) in (0.001, 0.9):
+            short = min(r["config"].steps for r in records) <= SHORT_STEPS
+            if label.startswith("batch 8,") and not short and float(m) in (0.001, 0.9):
                 extreme_gains += diffs
             if float(m) == 0.1:
-                default_gap += diffs
+                (short_gap if short else default_gap).extend(diffs)
             all_diffs += diffs
     if not extreme_gains:
         status: Status = "inconclusive"
@@ -424,24 +428,39 @@ def population(groups: Grouped) -> Verdict:
         status = "not supported"
     else:
         status = "inconclusive"
-    default = spread(default_gap)
+    default, short = spread(default_gap), spread(short_gap)
     worst = min(all_diffs, default=math.nan)
-    summary = (
-        f"At batch 8 the extreme momenta (torch 0.001 and 0.9) cost "
+    parts = [
+        f"At batch 8 (full runs) the extreme momenta (torch 0.001 and 0.9) cost "
         f"{100 * spread(extreme_gains).mean:.1f} points on average against exact statistics "
-        f"(per run: {spread([100 * g for g in extreme_gains])} pt); at the default momentum 0.1 the "
-        f"gap is {100 * default.mean:+.1f} points"
-        + (
-            " -- a null effect, as the pilots found."
-            if default.n and abs(default.mean) < 0.01
-            else "."
+        f"(per run: {spread([100 * g for g in extreme_gains])} pt)."
+        if extreme_gains
+        else "There were no full runs at batch 8 to judge the extreme momenta."
+    ]
+    if default.n:
+        parts.append(
+            f"At the default momentum 0.1 the gap is {100 * default.mean:+.1f} points in full "
+            "runs"
+            + (" -- a null effect, as the pilots found." if abs(default.mean) < 0.01 else ".")
         )
-        + (
-            " Exact statistics were never worse than a running average by more than 0.5 points."
+    if short.n:
+        lag = short.mean > (default.mean if default.n else 0.0) + 0.005
+        parts.append(
+            f"After only {SHORT_STEPS} steps or fewer it is {100 * short.mean:+.1f} points"
+            + (
+                ": the running averages lag weights that still move fast."
+                if lag
+                else ", no larger than in full runs here."
+            )
+        )
+    if all_diffs:
+        parts.append(
+            "Exact statistics were never worse than a running average by more than 0.5 points."
             if worst >= -0.005
-            else f" Exact statistics were worse than a running average by up to {-100 * worst:.1f} points."
+            else f"Exact statistics were worse than a running average by up to {-100 * worst:.1f} "
+            "points."
         )
-    )
+    summary = " ".join(parts)
     return Verdict(status, summary, (header, *rows))
 
 

@@ -286,6 +286,9 @@ BATCH_SIZE = _register(
     )
 )
 
+#: Length of the short runs of the population-stats study.
+SHORT_RUN = 40
+
 POPULATION = _register(
     Study(
         name="population-stats",
@@ -305,16 +308,18 @@ POPULATION = _register(
         seeds=3,
         build=lambda data, quick: [
             (
-                f"batch {bs}",
+                f"batch {bs}, {steps} steps",
                 _mlp(
                     data,
                     batch_size=bs,
-                    steps=(500 if quick else 1000) if bs == 8 else 300,
+                    steps=steps,
                     ema_momenta=(0.001, 0.01, 0.1, 0.5, 0.9),
                     eval_every=100_000,
                 ),
             )
             for bs in (8, 128)
+            # a full run, and a short one (the EMA lags weights that still move fast)
+            for steps in ((500 if quick else 1000) if bs == 8 else 300, SHORT_RUN)
         ],
         judge=judges.population,
     )
