@@ -251,6 +251,10 @@ def test_batch_size_judge_compares_norms_at_equal_batch_size() -> None:
     verdict = judges.batch_size(groups)
     assert verdict.status == "supported"
     assert "BN is still ahead at batch 2" in verdict.summary
+    groups["d"] = [run("renorm", 2, 0.88), run("renorm", 128, 0.83)]
+    assert (
+        "At batch 2, against BN (points): batch renorm +2.5." in judges.batch_size(groups).summary
+    )
     groups["a"] = [run("batch", 2, 0.90), run("batch", 128, 0.80)]
     assert judges.batch_size(groups).status == "not supported"
 

@@ -374,6 +374,19 @@ def batch_size(groups: Grouped) -> Verdict:
         if math.isfinite(small) and small > 0
         else ""
     )
+    if sizes and ("batch", sizes[0]) in acc:
+        b0 = sizes[0]
+        versus = [
+            f"{name} {100 * (acc[(norm, b0)] - acc[('batch', b0)]):+.1f}"
+            for norm, name in (
+                ("renorm", "batch renorm"),
+                ("ghost", "ghost BN"),
+                ("instance", "instance norm"),
+            )
+            if (norm, b0) in acc
+        ]
+        if versus:
+            lead += f" At batch {b0}, against BN (points): {', '.join(versus)}."
     summary = (
         "Test accuracy with exact population statistics; at each batch size every norm trains "
         f"the same number of steps ({steps_text}) at learning rate "
