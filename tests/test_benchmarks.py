@@ -87,3 +87,14 @@ def test_analysis_benchmark_smoke(tmp_path: Path) -> None:
     table = out.read_text()
     assert "| 9 (reported 9) |" in table
     assert "train (batch statistics" in table
+
+
+def test_audit_benchmark_smoke(tmp_path: Path) -> None:
+    bench = _load("audit")
+    out = tmp_path / "audit.md"
+    assert (
+        bench.main(["--samples", "300", "--repeats", "1", "--steps", "5", "--out", str(out)]) == 0
+    )
+    table = out.read_text()
+    assert "| stale-statistics |" in table
+    assert "target < 30 s" in table

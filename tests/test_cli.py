@@ -141,3 +141,66 @@ def test_ctrl_c_keeps_checkpoints_and_a_rerun_completes(tmp_path) -> None:  # ty
         assert torch.load(path, weights_only=True)["step"] > 0
     assert main([*study, str(tmp_path)]) == 0
     assert len(list((tmp_path / "runs").glob("*.json"))) == 4
+
+
+def test_audit_command_writes_json_html_and_a_fixed_copy(
+    tmp_path, capsys: pytest.CaptureFixture[str]
+) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    (tmp_path / "flawed.py").write_text(
+        "import torch.nn as nn\n"
+        "def build():\n"
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.BatchNorm1d(32, "
+        "momentum=0.99), nn.ReLU(), nn.Linear(32, 10))\n"
+    )
+    torch.save(
+        {"x": torch.randn(300, 1, 8, 8) * 50, "y": torch.randint(0, 10, (300,))},
+        tmp_path / "data.pt",
+    )
+    out = [str(tmp_path / n) for n in ("a.json", "a.html", "fixed.pt")]
+    argv = ["audit", f"{tmp_path / 'flawed.py'}:build", "--data", str(tmp_path / "data.pt")]
+    code = main([*argv, "--json", out[0], "--html", out[1], "--fix", out[2]])
+    assert code == 1  # findings
+    printed = capsys.readouterr().out
+    assert "input-scale" in printed
+    assert "bias-before-norm" in printed
+    record = json.loads((tmp_path / "a.json").read_text())
+    assert {f["check"] for f in record["findings"]} >= {"input-scale", "bias-before-norm", "modes"}
+    page = (tmp_path / "a.html").read_text()
+    assert page.startswith("<!doctype html>")
+    assert "bias-before-norm" in page
+    fixed = torch.load(out[2], weights_only=True)
+    assert "1.bias" not in fixed
+    assert "2.running_mean" in fixed
+    clean = tmp_path / "clean.py"
+    clean.write_text("import torch.nn as nn\ndef build():\n    return nn.Linear(64, 10)\n")
+    x = torch.randn(300, 64)
+    torch.save(x, tmp_path / "x.pt")
+    assert main(["audit", f"{clean}:build", "--data", str(tmp_path / "x.pt")]) == 0
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("nomodule", "the model must be 'module:factory' or 'file.py:factory', got 'nomodule'"),
+        ("no_such_module_xyz:build", "the module 'no_such_module_xyz' must be importable"),
+        ("torch.nn:NotThere", "torch.nn:NotThere must be a callable that builds the model"),
+        ("math:pi", "math:pi must be a callable"),
+    ],
+)
+def test_audit_command_errors(spec: str, message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["audit", spec]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("normlab: error: ")
+    assert message in err
+
+
+def test_audit_command_checks_the_checkpoint(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:  # type: ignore[no-untyped-def]
+    (tmp_path / "m.py").write_text(
+        "import torch.nn as nn\ndef build():\n    return nn.Linear(64, 10)\n"
+    )
+    torch.save({"weight": torch.zeros(3, 3)}, tmp_path / "bad.pt")
+    argv = ["audit", f"{tmp_path / 'm.py'}:build", "--checkpoint", str(tmp_path / "bad.pt")]
+    assert main(argv) == 2
+    assert "the checkpoint" in capsys.readouterr().err

@@ -1,6 +1,6 @@
 """The import direction of design.md: a package imports only from packages above it.
 
-_checks <- functional <- nn <- surgery <- analysis <- data <- experiments <- report <- cli
+_checks <- functional <- nn <- surgery <- analysis <- audit <- data <- experiments <- report <- cli
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ ORDER = [
     "nn",
     "surgery",
     "analysis",
+    "audit",
     "data",
     "experiments",
     "report",

@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--activation", default="sigmoid", choices=["sigmoid", "relu", "tanh"])
     demo.add_argument("--seed", type=int, default=0, help="seed for weights and batches")
     _study_parser(sub)
+    _audit_parser(sub)
     report = sub.add_parser(
         "report", help="re-render report.md and report.html from a study directory (no training)"
     )
@@ -40,6 +41,92 @@ def _parser() -> argparse.ArgumentParser:
 
 
 DEFAULT_OUT = Path("normlab-study")
+
+
+def _audit_parser(sub: Any) -> None:
+    audit = sub.add_parser(
+        "audit",
+        help="find normalization and regularization mistakes in a model",
+        description=(
+            "Measure MODEL (built by 'module:factory' or 'file.py:factory') on a sample of its "
+            "training data and report each problem with evidence, cost and fix. Exit status: "
+            "0 without findings, 1 with findings, 2 on bad input."
+        ),
+    )
+    audit.add_argument("model", metavar="MODEL", help="module:factory or file.py:factory")
+    audit.add_argument("--checkpoint", type=Path, help="a state dict to load (weights_only)")
+    audit.add_argument(
+        "--data",
+        default="digits",
+        help="an embedded dataset (its training split) or a .pt file of tensors (default digits)",
+    )
+    audit.add_argument("--samples", type=int, default=2000, help="inputs to use (default 2000)")
+    audit.add_argument(
+        "--batch-size", type=int, default=None, help="the per-device training batch size"
+    )
+    audit.add_argument(
+        "--loss",
+        default="auto",
+        choices=["auto", "cross-entropy", "mse", "none"],
+        help="loss for the statistics check (auto: cross-entropy for integer targets)",
+    )
+    audit.add_argument("--checks", nargs="+", metavar="CHECK", help="a subset of the checks")
+    audit.add_argument("--json", type=Path, help="write the report as JSON here")
+    audit.add_argument("--html", type=Path, help="write the report as an HTML page here")
+    audit.add_argument(
+        "--fix", type=Path, help="save the state dict of the repaired copy (apply_fixes) here"
+    )
+
+
+def _audit(args: argparse.Namespace) -> int:
+    import torch
+    import torch.nn.functional as F
+    from rich.console import Console
+
+    from normlab.audit import apply_fixes, audit
+    from normlab.audit.loading import load_model, load_tensors
+    from normlab.data import available_datasets, load_dataset
+    from normlab.report.audit import audit_html_page, audit_table
+
+    model = load_model(args.model, args.checkpoint)
+    y: torch.Tensor | None
+    if args.data in available_datasets():
+        dataset = load_dataset(args.data)
+        x, y = dataset.x_train, dataset.y_train
+    else:
+        x, y = load_tensors(args.data)
+    losses: dict[str, Callable[..., torch.Tensor] | None] = {
+        "cross-entropy": F.cross_entropy,
+        "mse": F.mse_loss,
+        "none": None,
+    }
+    loss_name = args.loss
+    if loss_name == "auto":
+        integer = y is not None and not torch.is_floating_point(y)
+        loss_name = "cross-entropy" if integer else ("mse" if y is not None else "none")
+    loss_fn = losses[loss_name]
+    data = (x, y) if y is not None else x
+    report = audit(
+        model,
+        data,
+        loss_fn=loss_fn,
+        batch_size=args.batch_size,
+        checks=args.checks,
+        max_samples=args.samples,
+    )
+    Console(stderr=False, width=140).print(audit_table(report))
+    for check, why in report.skipped.items():
+        print(f"skipped {check}: {why}")
+    if args.json:
+        args.json.write_text(report.to_json())
+        print(f"JSON: {args.json}")
+    if args.html:
+        args.html.write_text(audit_html_page(report, f"normlab audit of {args.model}"))
+        print(f"HTML: {args.html}")
+    if args.fix:
+        torch.save(apply_fixes(model, report, x[: args.samples]).state_dict(), args.fix)
+        print(f"repaired copy (state dict): {args.fix}")
+    return 0 if report.ok else 1
 
 
 def _study_parser(sub: Any) -> None:
@@ -200,6 +287,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.study_command == "run":
                 return _study_run(args.names, args)
             return _study_run(DEFAULT_SELECTION, args)
+        if args.command == "audit":
+            return _audit(args)
         if args.command == "report":
             from normlab.report import render_report
 

@@ -46,6 +46,17 @@ INTERVALS = (
 )
 
 
+#: The CSS of normlab's HTML pages (study report, audit).
+STYLE = (
+    "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;"
+    "line-height:1.45;color:#222}img{max-width:100%;border:1px solid #ddd;margin:.5em 0}"
+    "table{border-collapse:collapse;margin:.8em 0;font-size:.9em}td,th{border:1px solid #ccc;"
+    "padding:.3em .6em;text-align:left;vertical-align:top}th{background:#f3f3f3}"
+    ".badge{color:#fff;padding:.1em .5em;border-radius:.3em;font-weight:600}"
+    ".meta{color:#666;font-size:.9em}section{margin-top:2.5em}"
+)
+
+
 def study_reports(out: Path) -> list[StudyReport]:
     """Judge every study of ``out``'s manifest on the records found there.
 
@@ -206,16 +217,9 @@ def _html_page(reports: list[StudyReport], body: list[str], stamp: str, out: Pat
         f"<td>{sum(len(v) for v in r.groups.values())}</td></tr>"
         for r in reports
     )
-    style = (
-        "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;"
-        "line-height:1.45;color:#222}img{max-width:100%;border:1px solid #ddd;margin:.5em 0}"
-        "table{border-collapse:collapse;margin:.8em 0;font-size:.9em}td,th{border:1px solid #ccc;"
-        "padding:.3em .6em;text-align:left}th{background:#f3f3f3}.badge{color:#fff;padding:.1em .5em;"
-        "border-radius:.3em;font-weight:600}.meta{color:#666;font-size:.9em}section{margin-top:2.5em}"
-    )
     return (
         f"<!doctype html><html lang=en><head><meta charset=utf-8><title>normlab study report</title>"
-        f"<style>{style}</style></head><body><h1>normlab study report</h1>"
+        f"<style>{STYLE}</style></head><body><h1>normlab study report</h1>"
         f"<p class=meta>Generated {e(stamp)} from the records in {e(str(out))}. "
         f"{e(INTERVALS)}</p>"
         f"<table><tr><th>study</th><th>verdict</th><th>runs</th></tr>{rows}</table>"
