@@ -380,3 +380,13 @@ def test_a_failing_loss_leaves_the_model_unchanged() -> None:
 def test_bad_input(call, error: type[Exception], match: str) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(error, match=match):
         call()
+
+
+def test_normlab_audit_is_callable_from_the_package() -> None:
+    import normlab
+
+    report = normlab.audit(_bn_mlp(bias=True), X, checks=["bias-before-norm"])
+    assert _checks(report) == ["bias-before-norm"]
+    assert normlab.audit.CHECKS == CHECKS
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        normlab.nope  # noqa: B018

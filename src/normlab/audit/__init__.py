@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import copy
 import logging
+import sys
 import time
+import types
 from collections.abc import Callable, Sequence
 from typing import Any, cast
 
@@ -212,3 +214,13 @@ def _remove_biases(model: nn.Module, report: AuditReport) -> None:
             if isinstance(running, Tensor):
                 running.sub_(bias.detach().to(running.dtype))
             layer.bias = None  # type: ignore[assignment]
+
+
+class _CallableModule(types.ModuleType):
+    """``normlab.audit(model, data, ...)`` is :func:`audit`; the module's names stay reachable."""
+
+    def __call__(self, model: nn.Module, data: Any, **options: Any) -> AuditReport:
+        return audit(model, data, **options)
+
+
+sys.modules[__name__].__class__ = _CallableModule

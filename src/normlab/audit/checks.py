@@ -223,7 +223,7 @@ def stale_statistics(ctx: Context) -> list[Finding]:
         if gain > STALE_LOSS * max(now["loss"], 1e-12) and gain > 1e-3:
             reasons.append(f"loss {now['loss']:.4g} -> {then['loss']:.4g}")
         points = 100 * (then["accuracy"] - now["accuracy"])
-        if points > STALE_ACCURACY:
+        if points > STALE_ACCURACY and gain >= 0:  # an accuracy blip against a worse loss is noise
             reasons.append(f"accuracy +{points:.1f} points")
     elif change > STALE_OUTPUT:
         reasons.append(f"outputs change by {100 * change:.0f}%")
