@@ -138,15 +138,6 @@ def build_context(
     batch_size: int | None,
     max_samples: int,
 ) -> Context:
-    if not isinstance(model, nn.Module):
-        fail(
-            TypeError,
-            "audit",
-            "argument 'model'",
-            "a torch.nn.Module",
-            type(model).__name__,
-            "pass the model object (not its state_dict)",
-        )
     check_positive_int(max_samples, name="max_samples", owner="audit")
     if batch_size is not None:
         check_positive_int(batch_size, name="batch_size", owner="audit")
