@@ -171,8 +171,11 @@ def test_audit_command_writes_json_html_and_a_fixed_copy(
     assert page.startswith("<!doctype html>")
     assert "bias-before-norm" in page
     fixed = torch.load(out[2], weights_only=True)
-    assert "1.bias" not in fixed
-    assert "2.running_mean" in fixed
+    assert not fixed["1.bias"].any()  # the redundant bias is zeroed and folded
+    from normlab.audit.loading import load_model
+
+    reloaded = load_model(f"{tmp_path / 'flawed.py'}:build", out[2])  # the factory's model
+    assert not reloaded[1].bias.any()
     clean = tmp_path / "clean.py"
     clean.write_text("import torch.nn as nn\ndef build():\n    return nn.Linear(64, 10)\n")
     x = torch.randn(300, 64)
@@ -194,6 +197,37 @@ def test_audit_command_errors(spec: str, message: str, capsys: pytest.CaptureFix
     err = capsys.readouterr().err
     assert err.startswith("normlab: error: ")
     assert message in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--data", "cifar99"], "the data file 'cifar99' must be an existing file"),
+        (["--samples", "0"], "option --samples must be a positive number of inputs, got 0"),
+        (["--checkpoint", "CORRUPT"], "must be a state dict saved with torch.save"),
+    ],
+)
+def test_audit_command_input_errors(
+    argv: list[str], message: str, tmp_path, capsys: pytest.CaptureFixture[str]
+) -> None:  # type: ignore[no-untyped-def]
+    (tmp_path / "m.py").write_text(
+        "import torch.nn as nn\ndef build():\n    return nn.Linear(64, 10)\n"
+    )
+    (tmp_path / "corrupt.pt").write_bytes(b"not a checkpoint")
+    argv = [a.replace("CORRUPT", str(tmp_path / "corrupt.pt")) for a in argv]
+    assert main(["audit", f"{tmp_path / 'm.py'}:build", *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_audit_command_reports_a_failing_factory(
+    tmp_path, capsys: pytest.CaptureFixture[str]
+) -> None:  # type: ignore[no-untyped-def]
+    (tmp_path / "f.py").write_text("def build():\n    raise RuntimeError('no GPU')\n")
+    assert main(["audit", f"{tmp_path / 'f.py'}:build"]) == 2
+    assert (
+        "must be a factory that builds the model without arguments, got RuntimeError: no GPU"
+        in (capsys.readouterr().err)
+    )
 
 
 def test_audit_command_checks_the_checkpoint(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:  # type: ignore[no-untyped-def]

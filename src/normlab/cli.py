@@ -88,6 +88,11 @@ def _audit(args: argparse.Namespace) -> int:
     from normlab.data import available_datasets, load_dataset
     from normlab.report.audit import audit_html_page, audit_table
 
+    if args.samples < 1:
+        raise ValueError(
+            f"normlab audit: option --samples must be a positive number of inputs, got "
+            f"{args.samples}. Fix: pass e.g. --samples 2000"
+        )
     model = load_model(args.model, args.checkpoint)
     y: torch.Tensor | None
     if args.data in available_datasets():
@@ -124,8 +129,13 @@ def _audit(args: argparse.Namespace) -> int:
         args.html.write_text(audit_html_page(report, f"normlab audit of {args.model}"))
         print(f"HTML: {args.html}")
     if args.fix:
-        torch.save(apply_fixes(model, report, x[: args.samples]).state_dict(), args.fix)
-        print(f"repaired copy (state dict): {args.fix}")
+        fixed = apply_fixes(model, report, x[: args.samples], keep_architecture=True)
+        torch.save(fixed.state_dict(), args.fix)
+        print(f"repaired copy (state dict, loads into {args.model}()): {args.fix}")
+        if any(f.check == "modes" for f in report.findings):
+            print(
+                "note: momentum and mode fixes are not in a state dict; change them in the factory"
+            )
     return 0 if report.ok else 1
 
 

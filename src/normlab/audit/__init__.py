@@ -23,9 +23,9 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from normlab._batches import InputFn
 from normlab._checks import fail
-from normlab.audit._context import LossFn, build_context
+from normlab.audit._context import LossFn, build_context, read_batches
 from normlab.audit._report import CHECKS, AuditReport, Finding, Severity, sort_findings
-from normlab.audit.checks import RUNNERS
+from normlab.audit.checks import RUNNERS, remove_biases
 from normlab.nn import AlphaDropout
 from normlab.surgery import (
     freeze_batchnorm,
@@ -125,13 +125,13 @@ def audit(
                 if name in _NEEDS and (ctx.loss_fn is None or ctx.targets is None):
                     skipped[name] = "partial: " + _NEEDS[name]
                 log.info("audit: %s", name)
-                findings += RUNNERS[name](ctx)
+                try:
+                    findings += RUNNERS[name](ctx)
+                except Exception as error:  # one check's failure must not lose the others
+                    log.warning("audit check %s failed: %s", name, error)
+                    skipped[name] = f"failed: {type(error).__name__}: {error}"
         finally:
-            with torch.no_grad():
-                current = model.state_dict(keep_vars=True)
-                for key, value in state.items():
-                    if key in current:
-                        current[key].copy_(value)
+            _restore_changed(model, state)
     return AuditReport(
         findings=sort_findings(findings),
         checks=chosen,
@@ -141,36 +141,59 @@ def audit(
     )
 
 
+def _restore_changed(model: nn.Module, state: dict[str, Tensor]) -> None:
+    """Put back any tensor a check changed (none should): only those, so that the version
+    counters autograd checks stay as they were for everything else."""
+    with torch.no_grad():
+        for key, value in model.state_dict(keep_vars=True).items():
+            saved = state.get(key)
+            if saved is not None and not torch.equal(value.detach(), saved):
+                log.warning("audit: restoring %s, which a check changed", key)
+                value.copy_(saved)
+
+
 def apply_fixes(
     model: nn.Module,
     report: AuditReport,
     data: Any = None,
     *,
     fuse: bool = False,
+    keep_architecture: bool = False,
     input_fn: InputFn | None = None,
+    max_samples: int | None = None,
 ) -> nn.Module:
     """A copy of ``model`` with every mechanical fix of ``report`` applied (the original is not
-    touched): redundant biases removed (folded into the running mean: outputs unchanged),
-    Keras-looking momenta converted, frozen batch norms made :class:`FrozenBatchNorm`, plain
-    dropout in SELU networks replaced by alpha dropout, population statistics recomputed on
-    ``data`` (stale statistics), and with ``fuse=True`` batch norms
-    folded for inference (the copy is then in eval mode).
+    touched): redundant biases removed and folded into the running mean (outputs unchanged),
+    Keras-looking momenta converted, the frozen batch norms named in the report made
+    :class:`~normlab.nn.FrozenBatchNorm`, plain dropout in SELU networks replaced by alpha
+    dropout, population statistics recomputed on ``data`` (stale statistics; ``data`` as for
+    :func:`audit`), and with ``fuse=True`` batch norms folded into the layer before them for
+    inference (the copy is then in eval mode).
+
+    ``keep_architecture=True`` keeps the copy's ``state_dict`` loadable into the original
+    architecture: redundant biases are zeroed (and folded) instead of removed, frozen batch norms
+    are not replaced, nothing is fused.
 
     Raises:
         ValueError: a statistics fix is needed but ``data`` is None.
     """
     checks = {f.check for f in report.findings if f.fixable}
     fixed = copy.deepcopy(model)
-    if "bias-before-norm" in checks:
-        _remove_biases(fixed, report)
+    pairs = [tuple(p) for f in report.by_check("bias-before-norm") for p in f.evidence["pairs"]]
+    if pairs:
+        remove_biases(fixed, pairs, keep=keep_architecture)
     for f in report.by_check("modes"):
-        if "momentum" in f.evidence:
-            for name, value in f.evidence["momentum"].items():
-                norm = cast(_BatchNorm, fixed.get_submodule(name))
-                norm.momentum = keras_to_torch_momentum(value)
-    if any("frozen_affine_but_tracking" in f.evidence for f in report.by_check("modes")):
-        fixed = freeze_batchnorm(fixed)
-    if any("dropout_layers" in f.evidence for f in report.by_check("self-normalizing")):
+        for name, value in f.evidence.get("momentum", {}).items():
+            norm = cast(_BatchNorm, fixed.get_submodule(name))
+            norm.momentum = keras_to_torch_momentum(value)
+    frozen = {
+        n
+        for f in report.by_check("modes")
+        for n in f.evidence.get("frozen_affine_but_tracking", [])
+    }
+    if frozen and not keep_architecture:
+        fixed = freeze_batchnorm(fixed, only=frozen)
+    if _dropout_names(report):
         fixed = replace_modules(
             fixed,
             lambda name, m: name in _dropout_names(report),
@@ -186,8 +209,9 @@ def apply_fixes(
                 "None",
                 "pass the training loader: apply_fixes(model, report, train_loader)",
             )
-        recompute_population_stats(fixed, data, input_fn=input_fn)
-    if fuse and "fusion" in checks:
+        inputs, _, _ = read_batches(data, input_fn, None, max_samples or 1 << 62)
+        recompute_population_stats(fixed, inputs, input_fn=lambda args: args)
+    if fuse and not keep_architecture:
         fixed = fuse_batchnorm(fixed.eval())
     return fixed
 
@@ -198,22 +222,6 @@ def _dropout_names(report: AuditReport) -> set[str]:
         for f in report.by_check("self-normalizing")
         for name in f.evidence.get("dropout_layers", [])
     }
-
-
-def _remove_biases(model: nn.Module, report: AuditReport) -> None:
-    """Drop each redundant bias; a norm with running statistics absorbs it into its running mean
-    (eval outputs unchanged; in training the mean subtraction removed it anyway)."""
-    pairs = [tuple(p) for f in report.by_check("bias-before-norm") for p in f.evidence["pairs"]]
-    with torch.no_grad():
-        for layer_name, norm_name in pairs:
-            layer, norm = model.get_submodule(layer_name), model.get_submodule(norm_name)
-            bias = layer.bias
-            if not isinstance(bias, Tensor):
-                continue
-            running = getattr(norm, "running_mean", None)
-            if isinstance(running, Tensor):
-                running.sub_(bias.detach().to(running.dtype))
-            layer.bias = None  # type: ignore[assignment]
 
 
 class _CallableModule(types.ModuleType):

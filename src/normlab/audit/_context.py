@@ -51,20 +51,66 @@ class Context:
         pos = {n: i for i, n in enumerate(self.order)}
         return a in pos and b in pos and pos[a] < pos[b]
 
-    def run(self, args: tuple[Any, ...]) -> Any:
+    def run(self, args: tuple[Any, ...], model: nn.Module | None = None) -> Any:
+        """``model(*args)`` (default: the audited model) without gradients; a failure names the
+        batch."""
         with torch.no_grad():
-            return self.model(*args)
+            try:
+                return (model or self.model)(*args)
+            except Exception as error:
+                fail(
+                    ValueError,
+                    "audit",
+                    "the model",
+                    "able to run on every batch of 'data'",
+                    f"{type(error).__name__} on batch {_index(self.inputs, args)}: {error}",
+                    "check that every batch holds the model's inputs (input_fn= for dicts)",
+                )
+
+    def tensor_output(self, out: Any) -> Tensor:
+        """The output tensor of a model that may return a tuple or dict (its first tensor)."""
+        found = _first_tensor(out)
+        if found is None:
+            fail(
+                ValueError,
+                "audit",
+                "the model's output",
+                "a tensor (or a tuple/dict holding one)",
+                type(out).__name__,
+                "wrap the model so that it returns its logits",
+            )
+        return found
+
+
+def _first_tensor(value: Any) -> Tensor | None:
+    """The first tensor with a batch dimension inside nested tuples/lists/dicts."""
+    if isinstance(value, Tensor):
+        return value if value.dim() > 0 else None
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (tuple, list)):
+        for v in value:
+            found = _first_tensor(v)
+            if found is not None:
+                return found
+    return None
 
 
 def _rows(args: tuple[Any, ...]) -> int:
-    first = args[0] if args else None
-    return int(first.shape[0]) if isinstance(first, Tensor) and first.dim() > 0 else 1
+    """Samples in one batch of model inputs (also inside dicts and tuples)."""
+    first = _first_tensor(args)
+    return int(first.shape[0]) if first is not None else 1
+
+
+def _index(inputs: list[tuple[Any, ...]], args: tuple[Any, ...]) -> int:
+    return next((i for i, a in enumerate(inputs) if a is args), -1)
 
 
 def _split_pair(data: Any) -> tuple[Any, Any | None]:
-    """``(inputs, targets)`` from a ``(X, y)`` pair of equally long tensors, else ``(data, None)``."""
+    """``(inputs, targets)`` from an ``(X, y)`` *tuple* of equally long tensors, else
+    ``(data, None)`` (a list is a list of batches)."""
     if (
-        isinstance(data, (tuple, list))
+        isinstance(data, tuple)
         and len(data) == 2
         and all(isinstance(d, (Tensor, np.ndarray)) for d in data)
         and len(data[0]) == len(data[1])
@@ -75,7 +121,7 @@ def _split_pair(data: Any) -> tuple[Any, Any | None]:
     return data, None
 
 
-def _batches(
+def read_batches(
     data: Any, input_fn: InputFn | None, target_fn: Callable[[Any], Any] | None, max_samples: int
 ) -> tuple[list[tuple[Any, ...]], list[Any] | None, int | None]:
     """At most ``max_samples`` inputs as batches, their targets, and the loader's batch size."""
@@ -141,7 +187,7 @@ def build_context(
     check_positive_int(max_samples, name="max_samples", owner="audit")
     if batch_size is not None:
         check_positive_int(batch_size, name="batch_size", owner="audit")
-    inputs, targets, loader_batch = _batches(data, input_fn, target_fn, max_samples)
+    inputs, targets, loader_batch = read_batches(data, input_fn, target_fn, max_samples)
     ctx = Context(
         model=model,
         inputs=inputs,
@@ -156,7 +202,7 @@ def build_context(
 
 def _trace(ctx: Context) -> None:
     """One eval-mode forward on the first batch, recording who feeds whom."""
-    produced: dict[int, str] = {}
+    produced: dict[int, tuple[str, int]] = {}  # id(tensor) -> (producer, version when made)
     keep: list[Tensor] = []  # outputs stay alive, so that no id is reused during the pass
 
     def tensors(value: Any) -> list[Tensor]:
@@ -173,8 +219,9 @@ def _trace(ctx: Context) -> None:
         if name not in ctx.order:
             ctx.order.append(name)
         for t in tensors(args):
-            if id(t) in produced:
-                ctx.feeds.setdefault(name, set()).add(produced[id(t)])
+            producer, version = produced.get(id(t), ("?", -1))
+            if version == t._version:  # changed in place since (e.g. F.relu_): producer unknown
+                ctx.feeds.setdefault(name, set()).add(producer)
 
     def post(module: nn.Module, args: Any, out: Any) -> None:
         name = ctx.names.get(id(module), "?")
@@ -183,11 +230,11 @@ def _trace(ctx: Context) -> None:
             # the innermost module that made a tensor owns it (children finish before their
             # parents); an in-place module's output is its input object, made by it now
             if id(t) not in produced or (id(t) in ins and not list(module.children())):
-                produced[id(t)] = name
+                produced[id(t)] = (name, t._version)
             keep.append(t)
 
     for t in tensors(ctx.inputs[0]):
-        produced[id(t)] = INPUT
+        produced[id(t)] = (INPUT, t._version)
     with preserved(ctx.model) as handles:
         ctx.model.eval()
         for m in ctx.model.modules():
@@ -195,14 +242,4 @@ def _trace(ctx: Context) -> None:
                 continue
             handles.append(m.register_forward_pre_hook(pre))
             handles.append(m.register_forward_hook(post))
-        try:
-            ctx.run(ctx.inputs[0])
-        except Exception as error:
-            fail(
-                ValueError,
-                "audit",
-                "the model",
-                "able to run on the first batch of 'data' in eval mode",
-                f"{type(error).__name__}: {error}",
-                "check that 'data' holds the model's inputs (use input_fn= for dict batches)",
-            )
+        ctx.run(ctx.inputs[0])

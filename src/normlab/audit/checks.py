@@ -20,7 +20,7 @@ from torch.nn.modules.conv import _ConvNd
 from torch.nn.modules.instancenorm import _InstanceNorm
 
 from normlab.analysis import activation_statistics, is_stochastic
-from normlab.audit._context import INPUT, Context
+from normlab.audit._context import Context
 from normlab.audit._report import Finding
 from normlab.nn import AlphaDropout, InputStandardizer
 from normlab.surgery import fusable_pairs, fuse_batchnorm, recompute_population_stats
@@ -37,6 +37,9 @@ INPUT_STD_RATIO = 20.0
 STALE_LOSS = 0.02
 STALE_OUTPUT = 0.05
 STALE_ACCURACY = 0.5
+#: stale-statistics: the output change must also exceed this many times the sampling noise
+#: (the change between exact statistics from the two halves of the sample).
+STALE_NOISE = 3.0
 #: dropout-before-norm: |variance ratio - 1| at a norm's input between train and eval noise.
 VARIANCE_SHIFT = 0.1
 #: small-batch: std of a channel's batch mean over batches, in units of its population std.
@@ -82,15 +85,39 @@ def _moments(parts: list[tuple[Tensor, Tensor, Tensor]]) -> tuple[Tensor, Tensor
 # -- 1. inputs not standardized -----------------------------------------------------------------
 
 
+def _first_layer(ctx: Context) -> str | None:
+    """The first module with weights that runs (Linear/Conv/Embedding...), unless a norm or an
+    InputStandardizer runs before it (then the model standardizes its own input)."""
+    for name in ctx.order:
+        module = ctx.module(name) if name else None
+        if module is None or list(module.children()):
+            continue
+        if isinstance(module, InputStandardizer) or _is_norm(module):
+            return None
+        if isinstance(getattr(module, "weight", None), Tensor):
+            return name
+    return None
+
+
 def input_scale(ctx: Context) -> list[Finding]:
-    consumers = [name for name, producers in ctx.feeds.items() if INPUT in producers]
-    first = [ctx.module(n) for n in consumers if n]
-    if any(isinstance(m, InputStandardizer) or _is_norm(m) for m in first):
-        return []  # the model standardizes its own input
-    xs = [a[0] for a in ctx.inputs if a and isinstance(a[0], Tensor) and a[0].is_floating_point()]
-    if not xs or xs[0].dim() < 2:
+    first = _first_layer(ctx)
+    if first is None:
         return []
-    mean, std = _moments([_per_channel(x) for x in xs])
+    parts: list[tuple[Tensor, Tensor, Tensor]] = []
+
+    def grab(module: nn.Module, args: Any) -> None:
+        x = args[0] if args else None
+        if isinstance(x, Tensor) and x.is_floating_point() and x.dim() >= 2:
+            parts.append(_per_channel(x))
+
+    with preserved(ctx.model) as handles:
+        ctx.model.eval()
+        handles.append(ctx.module(first).register_forward_pre_hook(grab))
+        for args in ctx.inputs:
+            ctx.run(args)
+    if not parts:
+        return []  # integer inputs (an embedding) or a first layer without a tensor input
+    mean, std = _moments(parts)
     varying = std[std > 1e-12]
     offset = (mean.abs() / std.clamp_min(1.0)).max().item()
     low, high = (varying.min().item(), varying.max().item()) if varying.numel() else (0.0, 0.0)
@@ -108,15 +135,17 @@ def input_scale(ctx: Context) -> list[Finding]:
             check="input-scale",
             severity="warning",
             title="inputs are not standardized",
-            modules=(INPUT,),
+            modules=(first,),
             evidence={
+                "layer": first,
                 "channels": int(mean.numel()),
                 "mean_range": [mean.min().item(), mean.max().item()],
                 "std_range": [low, high],
                 "reasons": reasons,
             },
             cost=(
-                "; ".join(reasons) + ": the first layer sees badly scaled inputs, which slows "
+                "; ".join(reasons)
+                + f": the first layer ({first}) sees badly scaled inputs, which slows "
                 "SGD and narrows the learning rates that work"
             ),
             fix=(
@@ -152,8 +181,61 @@ def _bias(layer: nn.Module) -> Tensor:
     return bias
 
 
+def remove_biases(model: nn.Module, pairs: list[tuple[str, str]], keep: bool = False) -> None:
+    """Drop each layer's bias (``keep``: zero it instead); a norm with running statistics absorbs
+    it into its running mean (eval outputs unchanged; in training the mean subtraction removed it
+    anyway). In place."""
+    with torch.no_grad():
+        for layer_name, norm_name in pairs:
+            layer, norm = model.get_submodule(layer_name), model.get_submodule(norm_name)
+            bias = getattr(layer, "bias", None)
+            if not isinstance(bias, Tensor):
+                continue
+            running = getattr(norm, "running_mean", None)
+            if isinstance(running, Tensor):
+                running.sub_(bias.detach().to(running.dtype))
+            if keep:
+                bias.zero_()
+            else:
+                layer.register_parameter("bias", None)
+
+
+def _same_function(ctx: Context, a: nn.Module, b: nn.Module) -> bool:
+    """Whether ``a`` and ``b`` (copies) give the same outputs on the first batch in eval and in
+    train mode (same random masks)."""
+    args = ctx.inputs[0]
+    for training in (False, True):
+        outs = []
+        for model in (a, b):
+            model.train(training)
+            with torch.random.fork_rng():
+                torch.manual_seed(0)
+                try:
+                    outs.append(ctx.tensor_output(ctx.run(args, model)))
+                except ValueError:
+                    if training:  # e.g. a batch of one in train mode: eval decides
+                        outs = []
+                        break
+                    raise
+        if outs and not torch.allclose(
+            outs[0], outs[1], rtol=1e-4, atol=1e-5 * (1 + float(outs[0].abs().max()))
+        ):
+            return False
+    return True
+
+
 def bias_before_norm(ctx: Context) -> list[Finding]:
-    pairs = redundant_biases(ctx)
+    candidates = redundant_biases(ctx)
+    if not candidates:
+        return []
+    # measured, not assumed: the bias is redundant if removing it changes no output (a second
+    # consumer of the layer's output, e.g. a residual add, would see it)
+    pairs = []
+    for pair in candidates:
+        base, trial = copy.deepcopy(ctx.model), copy.deepcopy(ctx.model)
+        remove_biases(trial, [pair])
+        if _same_function(ctx, base, trial):
+            pairs.append(pair)
     if not pairs:
         return []
     biases = {p: _bias(ctx.module(p)) for p, _ in pairs}
@@ -189,12 +271,13 @@ def _evaluate(ctx: Context, model: nn.Module) -> tuple[Tensor, dict[str, float]]
     with preserved(model), torch.no_grad():
         model.eval()
         for i, args in enumerate(ctx.inputs):
-            out = model(*args)
+            raw = ctx.run(args, model)
+            out = ctx.tensor_output(raw)
             outputs.append(out.detach().double().flatten())
             if ctx.targets is not None and ctx.loss_fn is not None:
                 y = ctx.targets[i]
                 rows = out.shape[0]
-                loss_sum += float(ctx.loss_fn(out, y)) * rows
+                loss_sum += float(ctx.loss_fn(raw, y)) * rows
                 count += rows
                 if out.dim() == 2 and isinstance(y, Tensor) and not y.is_floating_point():
                     correct += int((out.argmax(1) == y).sum())
@@ -206,11 +289,33 @@ def stale_statistics(ctx: Context) -> list[Finding]:
     layers = running_stat_layers(ctx.model)
     if not layers:
         return []
-    exact = copy.deepcopy(ctx.model)
-    recompute_population_stats(exact, ctx.inputs, input_fn=lambda args: args)
-    (a, now), (b, then) = _evaluate(ctx, ctx.model), _evaluate(ctx, exact)
-    change = float((a - b).norm() / a.norm().clamp_min(1e-12))
-    evidence: dict[str, Any] = {"layers": len(layers), "relative_output_change": change}
+
+    def exact(inputs: list[tuple[Any, ...]]) -> nn.Module:
+        model = copy.deepcopy(ctx.model)
+        recompute_population_stats(model, inputs, input_fn=lambda args: args)
+        return model
+
+    def relative(x: Tensor, y: Tensor) -> float:
+        return float((x - y).norm() / x.norm().clamp_min(1e-12))
+
+    (a, now), (b, then) = _evaluate(ctx, ctx.model), _evaluate(ctx, exact(ctx.inputs))
+    change = relative(a, b)
+    # sampling noise of "exact": statistics from either half of the sample differ this much
+    half = len(ctx.inputs) // 2
+    noise = (
+        relative(
+            _evaluate(ctx, exact(ctx.inputs[:half]))[0], _evaluate(ctx, exact(ctx.inputs[half:]))[0]
+        )
+        if half
+        else 0.0
+    )
+    evidence: dict[str, Any] = {
+        "layers": len(layers),
+        "relative_output_change": change,
+        "sampling_noise": noise,
+    }
+    if change <= STALE_NOISE * noise:
+        return []  # the running statistics are as good as any estimate from this sample
     reasons = []
     if "loss" in now:
         evidence.update(
@@ -326,7 +431,7 @@ def small_batch(ctx: Context) -> list[Finding]:
         return []
     means: dict[str, list[Tensor]] = {n: [] for n, _ in layers}
     parts: dict[str, list[tuple[Tensor, Tensor, Tensor]]] = {n: [] for n, _ in layers}
-    with preserved(ctx.model, buffers_of=[m for _, m in layers], restore_buffers=True) as handles:
+    with preserved(ctx.model) as handles:  # eval mode: the buffers do not move
         ctx.model.eval()
 
         def hook(m: nn.Module, args: Any, name: str) -> None:
@@ -493,8 +598,16 @@ def activations(ctx: Context) -> list[Finding]:
 
 def modes(ctx: Context) -> list[Finding]:
     findings = []
+    # layers whose behaviour depends on the mode (layer/group norm do not)
     stateful = [
-        (n, m) for n, m in ctx.model.named_modules() if n and (_is_norm(m) or is_stochastic(m))
+        (n, m)
+        for n, m in ctx.model.named_modules()
+        if n
+        and (
+            isinstance(m, _BatchNorm)
+            or n in dict(running_stat_layers(ctx.model))
+            or is_stochastic(m)
+        )
     ]
     if not ctx.model.training:
         left = [n for n, m in stateful if m.training]
@@ -511,10 +624,15 @@ def modes(ctx: Context) -> list[Finding]:
                     fix="call model.eval() on the whole model (it sets every submodule)",
                 )
             )
+    trains = any(p.requires_grad for p in ctx.model.parameters())  # not an inference model
     frozen = [
         n
         for n, m in running_stat_layers(ctx.model)
-        if any(True for _ in m.parameters()) and not any(p.requires_grad for p in m.parameters())
+        if trains
+        and (
+            (any(True for _ in m.parameters()) and not any(p.requires_grad for p in m.parameters()))
+            or (ctx.model.training and not m.training)  # frozen by bn.eval() in a training model
+        )
     ]
     if frozen:
         findings.append(
@@ -524,8 +642,9 @@ def modes(ctx: Context) -> list[Finding]:
                 title="frozen batch norms that .train() unfreezes",
                 modules=tuple(frozen),
                 evidence={"frozen_affine_but_tracking": frozen},
-                cost="their gamma/beta are frozen, but model.train() switches them back to batch "
-                "statistics and keeps updating their running statistics",
+                cost="they are frozen (gamma/beta without gradients, or set to eval inside a "
+                "training model), but model.train() switches them back to batch statistics and "
+                "updates their running statistics",
                 fix="normlab.surgery.freeze_batchnorm(model) (stays frozen under .train()); "
                 "apply_fixes does it",
                 fixable=True,

@@ -67,7 +67,17 @@ def load_model(spec: str, checkpoint: str | Path | None = None) -> nn.Module:
             "missing" if factory is None else type(factory).__name__,
             f"define def {factory_name}() -> nn.Module in {module_name}",
         )
-    model = factory()
+    try:
+        model = factory()
+    except Exception as error:
+        fail(
+            ValueError,
+            owner,
+            f"{spec}()",
+            "a factory that builds the model without arguments",
+            f"{type(error).__name__}: {error}",
+            "fix the factory, or point to one that needs no arguments",
+        )
     if not isinstance(model, nn.Module):
         fail(
             ValueError,
@@ -78,7 +88,11 @@ def load_model(spec: str, checkpoint: str | Path | None = None) -> nn.Module:
             "return the model from the factory",
         )
     if checkpoint is not None:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        state = _load(
+            checkpoint,
+            "the checkpoint",
+            "a state dict saved with torch.save(model.state_dict(), path)",
+        )
         if isinstance(state, dict):
             state = state.get("model", state.get("state_dict", state))
         try:
@@ -98,7 +112,9 @@ def load_model(spec: str, checkpoint: str | Path | None = None) -> nn.Module:
 def load_tensors(path: str | Path) -> tuple[Tensor, Tensor | None]:
     """``(inputs, targets or None)`` from a ``.pt`` file holding a tensor, an ``(x, y)`` pair, or
     a dict with ``"x"``/``"inputs"`` and optionally ``"y"``/``"targets"``."""
-    value: Any = torch.load(path, map_location="cpu", weights_only=True)
+    value: Any = _load(
+        path, "the data file", "tensors saved with torch.save({'x': inputs, 'y': targets}, path)"
+    )
     if isinstance(value, dict):
         x = value.get("x", value.get("inputs"))
         y = value.get("y", value.get("targets"))
@@ -116,3 +132,27 @@ def load_tensors(path: str | Path) -> tuple[Tensor, Tensor | None]:
             "torch.save({'x': inputs, 'y': targets}, path)",
         )
     return x, y
+
+
+def _load(path: str | Path, what: str, expected: str) -> Any:
+    """``torch.load(path, weights_only=True)`` with an error that says what to save instead."""
+    if not Path(path).is_file():
+        fail(
+            ValueError,
+            "normlab audit",
+            f"{what} {str(path)!r}",
+            "an existing file",
+            "no such file",
+            "check the path (data may also name an embedded dataset: digits, mnist1d, ...)",
+        )
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # pickled modules, corrupt files: never unpickle freely
+        fail(
+            ValueError,
+            "normlab audit",
+            f"{what} {str(path)!r}",
+            expected,
+            f"{type(error).__name__}: {str(error).splitlines()[0][:200]}",
+            "save plain tensors or a state dict (weights_only=True loads nothing else)",
+        )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from collections.abc import Collection
 from typing import Any, cast
 
 import torch
@@ -11,6 +12,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 from torch.nn.modules.conv import _ConvNd
 from torch.nn.modules.instancenorm import _InstanceNorm
+from torch.nn.utils import parametrize
 
 import normlab.nn as nl
 from normlab._checks import fail
@@ -166,9 +168,12 @@ def convert_sync_batchnorm(model: nn.Module, process_group: Any = None) -> nn.Mo
     )
 
 
-def freeze_batchnorm(model: nn.Module, *, trainable_affine: bool = False) -> nn.Module:
-    """Return a copy in which every batch norm is a :class:`~normlab.nn.FrozenBatchNorm` with its
-    current running statistics and affine map; ``model.train()`` no longer changes them."""
+def freeze_batchnorm(
+    model: nn.Module, *, trainable_affine: bool = False, only: Collection[str] | None = None
+) -> nn.Module:
+    """Return a copy in which every batch norm (or those named in ``only``) is a
+    :class:`~normlab.nn.FrozenBatchNorm` with its current running statistics and affine map;
+    ``model.train()`` no longer changes them."""
 
     def make(name: str, module: nn.Module) -> nn.Module:
         bn = cast(_BatchNorm, module)
@@ -186,7 +191,11 @@ def freeze_batchnorm(model: nn.Module, *, trainable_affine: bool = False) -> nn.
         )
         return copy_norm_state(bn, frozen)
 
-    return replace_modules(model, lambda name, m: isinstance(m, _BatchNorm), make)
+    return replace_modules(
+        model,
+        lambda name, m: isinstance(m, _BatchNorm) and (only is None or name in only),
+        make,
+    )
 
 
 _FUSABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -207,6 +216,7 @@ def fusable_pairs(model: nn.Module) -> list[tuple[str, str]]:
         for (a_name, a), (b_name, b) in itertools.pairwise(children):
             if (
                 isinstance(a, _FUSABLE)
+                and not _reparametrized(a)
                 and isinstance(b, _BatchNorm)
                 and not isinstance(b, _InstanceNorm)
                 and b.running_mean is not None
@@ -215,6 +225,12 @@ def fusable_pairs(model: nn.Module) -> list[tuple[str, str]]:
             ):
                 pairs.append((_join(prefix, a_name), _join(prefix, b_name)))
     return pairs
+
+
+def _reparametrized(layer: nn.Module) -> bool:
+    """Weight norm / standardization (torch parametrizations or the old ``weight_norm`` hook):
+    its weight is computed, so it cannot be overwritten with a folded one."""
+    return parametrize.is_parametrized(layer) or hasattr(layer, "weight_g")
 
 
 def _join(prefix: str, name: str) -> str:
