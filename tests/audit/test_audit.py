@@ -323,6 +323,30 @@ def test_fusable_batch_norms_report_the_measured_speedup(monkeypatch: pytest.Mon
     torch.testing.assert_close(fused(X), wide.eval()(X), rtol=1e-4, atol=1e-5)
     no_bn = _mlp(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 2))
     assert audit(no_bn, X, checks=["fusion"]).ok
+    # outside nn.Sequential the traced data flow finds the pair; a second reader blocks it
+
+    class Block(nn.Module):
+        def __init__(self, residual_reads_conv: bool) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 3, padding=1)
+            self.bn = nn.BatchNorm2d(3)
+            self.residual_reads_conv = residual_reads_conv
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.conv(x)
+            return self.bn(y) + (y if self.residual_reads_conv else x)
+
+    images = torch.randn(32, 3, 8, 8)
+    monkeypatch.setattr(checks, "FUSION_SPEEDUP", 0.0)
+    for reads, found in ((False, [["conv", "bn"]]), (True, None)):
+        block = Block(reads)
+        recompute_population_stats(block, images)
+        report = audit(block.eval(), images, checks=["fusion"])
+        assert (report.findings[0].evidence["pairs"] if report.findings else None) == found
+        if found:
+            fused = apply_fixes(block, report, fuse=True)
+            assert isinstance(fused.bn, nn.Identity)
+            torch.testing.assert_close(fused(images), block(images), rtol=1e-4, atol=1e-5)
     # a weight-normalized layer cannot take a folded weight: not a fusion candidate, no crash
     normed = _mlp(nn.utils.parametrizations.weight_norm(nn.Linear(16, 8)), nn.BatchNorm1d(8))
     report = audit(_exact(normed), X, checks=["fusion"])

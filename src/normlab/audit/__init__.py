@@ -212,7 +212,8 @@ def apply_fixes(
         inputs, _, _ = read_batches(data, input_fn, None, max_samples or 1 << 62)
         recompute_population_stats(fixed, inputs, input_fn=lambda args: args)
     if fuse and not keep_architecture:
-        fixed = fuse_batchnorm(fixed.eval())
+        found = [tuple(p) for f in report.by_check("fusion") for p in f.evidence["pairs"]]
+        fixed = fuse_batchnorm(fixed.eval(), found or None)
     return fixed
 
 

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 from torch.nn.modules.instancenorm import _InstanceNorm
+from torch.nn.utils import parametrize
 
 from normlab.analysis import activation_statistics, is_stochastic
 from normlab.audit._context import Context
@@ -693,14 +694,44 @@ def _fastest_seconds(
     return min(times[0]), min(times[1])
 
 
+def _fusion_candidates(ctx: Context) -> list[tuple[str, str]]:
+    """``(layer, batch norm)``: inside ``nn.Sequential`` by order, elsewhere from the traced data
+    flow (a Conv/Linear whose output goes straight into the norm)."""
+    pairs = list(fusable_pairs(ctx.model))
+    known = {bn for _, bn in pairs}
+    for name in ctx.order:
+        norm = ctx.module(name) if name else None
+        if name in known or not isinstance(norm, _BatchNorm) or isinstance(norm, _InstanceNorm):
+            continue
+        if norm.running_mean is None:
+            continue
+        for producer in ctx.producers(name):
+            layer = ctx.module(producer) if producer else None
+            width = getattr(layer, "out_features", getattr(layer, "out_channels", None))
+            if (
+                isinstance(layer, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))
+                and not parametrize.is_parametrized(layer)
+                and not hasattr(layer, "weight_g")
+                and width == norm.num_features
+            ):
+                pairs.append((producer, name))
+    return pairs
+
+
 def fusion(ctx: Context) -> list[Finding]:
-    pairs = fusable_pairs(ctx.model)
+    pairs = _fusion_candidates(ctx)
     if not pairs:
         return []
     with preserved(ctx.model):
         ctx.model.eval()
-        fused = fuse_batchnorm(ctx.model)
+        fused = fuse_batchnorm(ctx.model, pairs)
         args = ctx.inputs[0]
+        # measured, not assumed: another reader of a layer's output would see the fold
+        ours = ctx.tensor_output(ctx.run(args))
+        theirs = ctx.tensor_output(ctx.run(args, fused))
+        scale = 1 + float(ours.abs().max())
+        if not torch.allclose(ours, theirs, rtol=1e-3, atol=1e-4 * scale):
+            return []
         before, after = _fastest_seconds(ctx.model, fused, args)
     speedup = before / max(after, 1e-12)
     if speedup < FUSION_SPEEDUP:
@@ -719,7 +750,7 @@ def fusion(ctx: Context) -> list[Finding]:
             },
             cost=f"eval forward {before * 1e3:.2f} ms per batch of {_rows(args)}; fused "
             f"{after * 1e3:.2f} ms ({speedup:.2f}x faster)",
-            fix="for inference, normlab.surgery.fuse_batchnorm(model.eval()) (a copy); "
+            fix="for inference, normlab.surgery.fuse_batchnorm(model.eval(), pairs) (a copy); "
             "apply_fixes(..., fuse=True) does it",
             fixable=True,
         )

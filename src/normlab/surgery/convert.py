@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from typing import Any, cast
 
 import torch
@@ -237,12 +237,14 @@ def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
-def fuse_batchnorm(model: nn.Module) -> nn.Module:
+def fuse_batchnorm(model: nn.Module, pairs: Sequence[tuple[str, str]] | None = None) -> nn.Module:
     """Return an inference copy with every batch norm folded into the Conv/Linear before it.
 
     ``W' = W * gamma / sqrt(var + eps)``, ``b' = (b - mean) * gamma / sqrt(var + eps) + beta``
     (computed in float64), the batch norm replaced by ``nn.Identity``. Eval-only: outputs equal
-    the eval-mode model's within float32 rounding. Pairs are found by :func:`fusable_pairs`.
+    the eval-mode model's within float32 rounding. Pairs ``(layer, batch norm)`` are found by
+    :func:`fusable_pairs` (inside ``nn.Sequential``), or given -- e.g. from a traced data flow,
+    where the caller vouches that the layer's output feeds only that batch norm.
 
     Raises:
         ValueError: the model (or a batch norm in it) is in training mode: fusing would freeze
@@ -260,7 +262,7 @@ def fuse_batchnorm(model: nn.Module) -> nn.Module:
             f"training mode in {training[:3]}{'...' if len(training) > 3 else ''}",
             "call model.eval() (and recompute_population_stats) before fusing",
         )
-    pairs = fusable_pairs(model)
+    pairs = fusable_pairs(model) if pairs is None else list(pairs)
     producers = dict(pairs)
     norms = {bn for _, bn in pairs}
     fused = replace_modules(
