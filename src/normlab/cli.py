@@ -185,6 +185,13 @@ def _run_options(parser: argparse.ArgumentParser, keep_parent: bool = False) -> 
         help="parallel runs (default: cores)",
     )
     parser.add_argument(
+        "--checkpoint-every",
+        type=float,
+        default=default(30.0),
+        metavar="SECONDS",
+        help="checkpoint running runs this often (default 30)",
+    )
+    parser.add_argument(
         "--executor",
         default=default("process"),
         choices=["process", "ray"],
@@ -268,7 +275,14 @@ def _study_run(names: Sequence[str], args: argparse.Namespace) -> int:
         )
 
     try:
-        execute(configs, out, workers=args.workers, executor=args.executor, on_done=on_done)
+        execute(
+            configs,
+            out,
+            workers=args.workers,
+            executor=args.executor,
+            on_done=on_done,
+            checkpoint_seconds=args.checkpoint_every,
+        )
     except Interrupted as stop:
         print(f"\n{stop}", file=sys.stderr)
         return 130

@@ -190,3 +190,17 @@ def test_records_reject_corrupt_foreign_and_newer_files(tmp_path: Path) -> None:
     write_json_atomic(runs / "b.json", {"x": float("nan"), "y": [float("inf"), 1.0]})
     assert json.loads((runs / "b.json").read_text()) == {"x": None, "y": [None, 1.0]}
     assert sorted(p.name for p in runs.iterdir()) == ["a.json", "b.json"]  # no temporary left
+
+
+def test_a_record_does_not_depend_on_the_callers_thread_count(tmp_path: Path) -> None:
+    cfg = _cfg(steps=12)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        two = train_run(cfg, tmp_path / "two", dataset=DIGITS)
+        assert torch.get_num_threads() == 2  # restored
+        torch.set_num_threads(1)
+        one = train_run(cfg, tmp_path / "one", dataset=DIGITS)
+    finally:
+        torch.set_num_threads(before)
+    assert two["train_loss"] == one["train_loss"]

@@ -128,11 +128,16 @@ def _dataset(name: str, standardize: str) -> Dataset:
 _stopping = False  # set in a pool worker by its first SIGINT
 
 
-def _job(config: dict[str, Any], out: str) -> RunRecord:
+def _job(config: dict[str, Any], out: str, checkpoint_seconds: float = 30.0) -> RunRecord:
     if _stopping:  # a queued run reached a worker that was told to stop: do not start it
         raise KeyboardInterrupt
     cfg = RunConfig.from_dict(config)
-    return train_run(cfg, Path(out), dataset=_dataset(cfg.data, cfg.standardize))
+    return train_run(
+        cfg,
+        Path(out),
+        dataset=_dataset(cfg.data, cfg.standardize),
+        checkpoint_seconds=checkpoint_seconds,
+    )
 
 
 def _on_sigint(signum: int, frame: Any) -> None:
@@ -163,6 +168,7 @@ def execute(
     workers: int = 2,
     executor: str = "process",
     on_done: OnDone | None = None,
+    checkpoint_seconds: float = 30.0,
 ) -> dict[str, RunRecord]:
     """Run every config (each once: duplicates share a record) and return ``{run_id: record}``.
 
@@ -170,7 +176,8 @@ def execute(
     ``workers=1`` the runs go in this process), ``"ray"`` (``ray.init()``: a running cluster
     if ``RAY_ADDRESS`` is set, else a local instance with ``workers`` CPUs; ``out`` must be on a
     filesystem the cluster shares). ``on_done(config, record_or_error, done, total)`` is called
-    as runs finish. A failing run does not stop the others; its error is passed to ``on_done``
+    as runs finish; runs checkpoint every ``checkpoint_seconds``. A failing run does not stop
+    the others; its error is passed to ``on_done``
     and re-raised at the end.
 
     Raises:
@@ -178,6 +185,15 @@ def execute(
     """
     check_positive_int(workers, name="workers", owner="execute")
     check_choice(executor, ("process", "ray"), name="executor", owner="execute")
+    if not (isinstance(checkpoint_seconds, (int, float)) and checkpoint_seconds >= 0):
+        fail(
+            ValueError,
+            "execute",
+            "argument 'checkpoint_seconds' (--checkpoint-every)",
+            "a number of seconds >= 0 (0: after every step)",
+            repr(checkpoint_seconds),
+            "pass e.g. 30",
+        )
     unique = list({cfg.run_id: cfg for cfg in configs}.values())
     unique.sort(key=_cost, reverse=True)
     out = check_output_dir(out)
@@ -195,15 +211,15 @@ def execute(
 
     try:
         if executor == "ray":
-            _execute_ray(unique, out, workers, finished)
+            _execute_ray(unique, out, workers, finished, checkpoint_seconds)
         elif workers == 1 or len(unique) <= 1:
             for cfg in unique:
                 try:
-                    finished(cfg, _job(cfg.to_dict(), str(out)))
+                    finished(cfg, _job(cfg.to_dict(), str(out), checkpoint_seconds))
                 except Exception as error:
                     finished(cfg, error)
         else:
-            _execute_pool(unique, out, workers, finished)
+            _execute_pool(unique, out, workers, finished, checkpoint_seconds)
     except KeyboardInterrupt:
         raise Interrupted(len(results), len(unique)) from None
     if errors:
@@ -212,14 +228,18 @@ def execute(
 
 
 def _execute_pool(
-    configs: list[RunConfig], out: Path, workers: int, finished: Callable[[RunConfig, Any], None]
+    configs: list[RunConfig],
+    out: Path,
+    workers: int,
+    finished: Callable[[RunConfig, Any], None],
+    checkpoint_seconds: float,
 ) -> None:
     context = multiprocessing.get_context("spawn")
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_init_worker)
     pending: dict[Future[RunRecord], RunConfig] = {}
     try:
         for cfg in configs:
-            pending[pool.submit(_job, cfg.to_dict(), str(out))] = cfg
+            pending[pool.submit(_job, cfg.to_dict(), str(out), checkpoint_seconds)] = cfg
         while pending:
             done, _ = wait(pending, return_when=FIRST_COMPLETED)
             for future in done:
@@ -238,7 +258,11 @@ def _execute_pool(
 
 
 def _execute_ray(
-    configs: list[RunConfig], out: Path, workers: int, finished: Callable[[RunConfig, Any], None]
+    configs: list[RunConfig],
+    out: Path,
+    workers: int,
+    finished: Callable[[RunConfig, Any], None],
+    checkpoint_seconds: float,
 ) -> None:
     try:
         import ray  # type: ignore[import-not-found,unused-ignore]
@@ -258,7 +282,7 @@ def _execute_ray(
         else:
             ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
     remote = ray.remote(num_cpus=1)(_ray_job)
-    pending = {remote.remote(cfg.to_dict(), str(out)): cfg for cfg in configs}
+    pending = {remote.remote(cfg.to_dict(), str(out), checkpoint_seconds): cfg for cfg in configs}
     try:
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
@@ -278,9 +302,9 @@ def _execute_ray(
             ray.shutdown()
 
 
-def _ray_job(config: dict[str, Any], out: str) -> RunRecord:
+def _ray_job(config: dict[str, Any], out: str, checkpoint_seconds: float) -> RunRecord:
     torch.set_num_threads(1)
-    record = _job(config, out)
+    record = _job(config, out, checkpoint_seconds)
     record["config"] = record["config"].to_dict()  # plain data across the object store
     return record
 

@@ -184,7 +184,8 @@ def train_run(
 ) -> RunRecord:
     """Train ``cfg``, measure, and write ``<out>/runs/<run_id>.json``; return the record (with
     ``config`` as a :class:`RunConfig`). A finished record is returned without retraining; a
-    checkpoint (after a kill or Ctrl-C) is resumed. The global RNG is restored afterwards.
+    checkpoint (after a kill or Ctrl-C) is resumed. Training uses one thread (so records are the
+    same on every machine and executor); the global RNG and the thread count are restored.
 
     ``progress(step, steps)`` is called after every step.
     """
@@ -199,11 +200,15 @@ def train_run(
         data = dataclasses.replace(
             data, x_train=data.x_train[: cfg.train_size], y_train=data.y_train[: cfg.train_size]
         )
-    outer_rng = torch.random.get_rng_state()
+    outer_rng, threads = torch.random.get_rng_state(), torch.get_num_threads()
+    # one thread: the float summation order, and so the record, must not depend on the machine
+    # or on who calls (a serial run, a pool worker, a resumed run in a new process)
+    torch.set_num_threads(1)
     try:
         return _train(cfg, data, out, final_path, ckpt, checkpoint_seconds, progress)
     finally:
         torch.random.set_rng_state(outer_rng)
+        torch.set_num_threads(threads)
 
 
 def _train(
