@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -125,3 +126,43 @@ def test_convert_sync_batchnorm_keeps_state_and_leaves_variants() -> None:
     assert isinstance(converted[2], nl.GhostBatchNorm)
     assert torch.equal(converted[0].running_mean, torch.full((3,), 2.0))
     assert isinstance(model[0], nn.BatchNorm2d)  # the caller's model is unchanged
+
+
+def _fault_worker(rank: int, init: str, out: str, mode: str) -> None:
+    import datetime
+    import time
+
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{init}",
+        rank=rank,
+        world_size=2,
+        timeout=datetime.timedelta(seconds=4),
+    )
+    if rank == 1:
+        if mode == "dies":
+            os._exit(0)  # gone before the layer's collective, without a goodbye
+        time.sleep(12)  # "never joins": alive, but never reaches the layer
+        os._exit(0)
+    start = time.monotonic()
+    try:
+        nl.SyncBatchNorm(3).train()(torch.randn(4, 3, 2, 2))
+        message = "no error"
+    except Exception as error:  # what the user sees
+        message = f"{type(error).__name__}: {error}"
+    Path(out).write_text(f"{time.monotonic() - start:.2f}\n{message}")
+    os._exit(0)
+
+
+@pytest.mark.parametrize("mode", ["dies", "never joins"])
+def test_a_dead_or_missing_peer_stops_the_others_with_a_clear_error(
+    tmp_path: Path, mode: str
+) -> None:
+    init, out = str(tmp_path / "init"), str(tmp_path / "result")
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    mp.spawn(_fault_worker, args=(init, out, mode), nprocs=2, join=True)
+    seconds, message = Path(out).read_text().split("\n", 1)
+    assert float(seconds) < 4 + 6  # the process group's timeout, plus slack: no hang
+    assert message.startswith("SyncError: SyncBatchNorm: the all-gather of the batch statistics")
+    assert "init_process_group(timeout=" in message

@@ -11,6 +11,7 @@ batch; parameter gradients are each process's share (their sum equals the single
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -21,7 +22,7 @@ from normlab._checks import check_values_per_channel
 from normlab.functional._core import Moments, channel_view_shape, update_running_stats_
 from normlab.functional._fast import _MAX_OFFSET, batch_moments, channel_grad_sums, input_grad
 
-__all__ = ["is_distributed", "sync_batch_norm_unchecked"]
+__all__ = ["SyncError", "is_distributed", "sync_batch_norm_unchecked"]
 
 
 def is_distributed(group: Any = None) -> bool:
@@ -29,7 +30,28 @@ def is_distributed(group: Any = None) -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
 
 
-def _global_moments(x: Tensor, group: Any) -> Moments:
+class SyncError(RuntimeError):
+    """A collective of synchronized batch statistics failed: a process died, or did not join
+    within the process group's timeout."""
+
+
+def _collective(op: Callable[[], Any], group: Any, owner: str, what: str) -> None:
+    """Run one collective; turn a backend failure (a dead or missing peer) into a
+    :class:`SyncError` that says what happened and how long the wait may last."""
+    try:
+        op()
+    except (RuntimeError, dist.DistError) as error:
+        world = dist.get_world_size(group) if dist.is_initialized() else "?"
+        raise SyncError(
+            f"{owner}: the {what} across {world} processes failed ({type(error).__name__}: "
+            f"{str(error).splitlines()[0] if str(error) else ''}). A process died or did not "
+            "reach this layer within the process group's timeout. Fix: check the other "
+            "processes' logs; the wait is bounded by init_process_group(timeout=datetime."
+            "timedelta(seconds=...))."
+        ) from error
+
+
+def _global_moments(x: Tensor, group: Any, owner: str = "SyncBatchNorm") -> Moments:
     c = x.shape[1]
     if x.shape[0] > 0:
         mean, var = batch_moments(x)
@@ -38,7 +60,12 @@ def _global_moments(x: Tensor, group: Any) -> Moments:
     else:
         local = torch.zeros(3, c, dtype=torch.float64, device=x.device)
     gathered = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(gathered, local, group=group)
+    _collective(
+        lambda: dist.all_gather(gathered, local, group=group),
+        group,
+        owner,
+        "all-gather of the batch statistics",
+    )
     merged = Moments(*gathered[0])
     for other in gathered[1:]:
         merged = merged.merge(Moments(*other))
@@ -56,7 +83,7 @@ class _SyncBatchNorm(torch.autograd.Function):
         group: Any,
         owner: str,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        moments = _global_moments(x, group)
+        moments = _global_moments(x, group, owner)
         count = moments.count
         check_values_per_channel(
             x, int(count[0].item()), owner=owner, what="values per channel (over all processes)"
@@ -77,6 +104,7 @@ class _SyncBatchNorm(torch.autograd.Function):
         )
         ctx.save_for_backward(x, weight, mean, invstd, count)
         ctx.group = group
+        ctx.owner = owner
         ctx.fast = (
             x.dim() >= 3
             and x.is_contiguous()
@@ -104,7 +132,12 @@ class _SyncBatchNorm(torch.autograd.Function):
             g = grad_out.double()
             local = torch.stack([g.sum(dims), (g * xhat).sum(dims)])  # (2, C)
         total = local.clone()
-        dist.all_reduce(total, group=ctx.group)
+        _collective(
+            lambda: dist.all_reduce(total, group=ctx.group),
+            ctx.group,
+            ctx.owner,
+            "all-reduce of the gradient sums",
+        )
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = input_grad(
