@@ -22,7 +22,7 @@ from normlab._checks import check_values_per_channel
 from normlab.functional._core import Moments, channel_view_shape, update_running_stats_
 from normlab.functional._fast import _MAX_OFFSET, batch_moments, channel_grad_sums, input_grad
 
-__all__ = ["SyncError", "is_distributed", "sync_batch_norm_unchecked"]
+__all__ = ["SyncError", "collective", "is_distributed", "sync_batch_norm_unchecked"]
 
 
 def is_distributed(group: Any = None) -> bool:
@@ -35,7 +35,7 @@ class SyncError(RuntimeError):
     within the process group's timeout."""
 
 
-def _collective(op: Callable[[], Any], group: Any, owner: str, what: str) -> None:
+def collective(op: Callable[[], Any], group: Any, owner: str, what: str) -> None:
     """Run one collective; turn a backend failure (a dead or missing peer) into a
     :class:`SyncError` that says what happened and how long the wait may last."""
     try:
@@ -60,7 +60,7 @@ def _global_moments(x: Tensor, group: Any, owner: str = "SyncBatchNorm") -> Mome
     else:
         local = torch.zeros(3, c, dtype=torch.float64, device=x.device)
     gathered = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
-    _collective(
+    collective(
         lambda: dist.all_gather(gathered, local, group=group),
         group,
         owner,
@@ -132,7 +132,7 @@ class _SyncBatchNorm(torch.autograd.Function):
             g = grad_out.double()
             local = torch.stack([g.sum(dims), (g * xhat).sum(dims)])  # (2, C)
         total = local.clone()
-        _collective(
+        collective(
             lambda: dist.all_reduce(total, group=ctx.group),
             ctx.group,
             ctx.owner,

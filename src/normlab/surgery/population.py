@@ -23,6 +23,7 @@ from normlab._batches import CHUNK_ROWS, InputFn, iter_inputs
 from normlab._checks import fail
 from normlab.functional._core import Moments, pool_moments
 from normlab.functional._fast import row_moments
+from normlab.functional.sync import collective
 from normlab.surgery._state import preserved, running_stat_layers
 
 __all__ = ["PopulationStatsReport", "recompute_population_stats"]
@@ -115,14 +116,25 @@ class _Accumulator:
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return
         if self.instance:
-            if self.instance_sums is not None:
-                dist.all_reduce(self.instance_sums)
+            sums = self.instance_sums
+            if sums is not None:
+                collective(
+                    lambda: dist.all_reduce(sums),
+                    None,
+                    "recompute_population_stats",
+                    "all-reduce of the instance statistics",
+                )
             return
         if self.moments is None:
             return
         local = torch.stack([self.moments.count, self.moments.mean, self.moments.m2])
         gathered = [torch.empty_like(local) for _ in range(dist.get_world_size())]
-        dist.all_gather(gathered, local)
+        collective(
+            lambda: dist.all_gather(gathered, local),
+            None,
+            "recompute_population_stats",
+            "all-gather of the population statistics",
+        )
         merged = Moments(*gathered[0])
         for other in gathered[1:]:
             merged = merged.merge(Moments(*other))
