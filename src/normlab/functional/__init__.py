@@ -6,6 +6,7 @@ core (moments, normalize, running-statistics update) is in :mod:`normlab.functio
 
 from normlab.functional._core import (
     Moments,
+    NonFiniteStatisticsWarning,
     moments,
     normalize,
     pool_moments,
@@ -16,6 +17,7 @@ from normlab.functional.normalization import channel_layer_norm, group_norm, lay
 
 __all__ = [
     "Moments",
+    "NonFiniteStatisticsWarning",
     "batch_norm",
     "channel_layer_norm",
     "group_norm",

@@ -26,6 +26,7 @@ Numerics (the fine print every variant inherits):
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -34,8 +35,10 @@ from torch import Tensor
 
 __all__ = [
     "Moments",
+    "NonFiniteStatisticsWarning",
     "apply_affine",
     "channel_view_shape",
+    "finite_statistics",
     "keepdim_shape",
     "moments",
     "normalize",
@@ -140,6 +143,36 @@ def pool_moments(mean: Tensor, var: Tensor, dim: int) -> tuple[Tensor, Tensor]:
     return total, (var + (mean - total.unsqueeze(dim)).square()).mean(dim)
 
 
+class NonFiniteStatisticsWarning(RuntimeWarning):
+    """A training batch gave NaN/Inf batch statistics; the layer's running statistics were left
+    as they were (normlab's policy: never poison them silently, never stop the training loop --
+    e.g. a mixed-precision step whose gradients the GradScaler will skip anyway)."""
+
+
+def finite_statistics(*stats: Tensor, owner: str) -> bool:
+    """Whether every batch statistic is finite; if not, warn with
+    :class:`NonFiniteStatisticsWarning` naming ``owner`` (the caller then skips the update)."""
+    # NaN/Inf anywhere make the sum so: one reduction and one sync on the common, finite path
+    # (an overflowing sum of finite values is caught by the exact count below)
+    total = stats[0].detach().sum()
+    for other in stats[1:]:
+        total = total + other.detach().sum()
+    if math.isfinite(total.item()):
+        return True
+    bad = sum(int((~torch.isfinite(s.detach())).sum()) for s in stats)
+    if bad:
+        warnings.warn(
+            NonFiniteStatisticsWarning(
+                f"{owner}: {bad} batch statistic(s) are NaN or Inf (non-finite values in the "
+                "training batch); the running statistics were NOT updated with this batch. Fix: "
+                "find where the NaN/Inf comes from (the inputs, a too large learning rate, "
+                "float16 overflow)."
+            ),
+            stacklevel=4,
+        )
+    return not bad
+
+
 def update_running_stats_(
     running_mean: Tensor,
     running_var: Tensor,
@@ -147,13 +180,17 @@ def update_running_stats_(
     var: Tensor,
     count: int,
     momentum: float,
+    owner: str = "batch norm",
 ) -> None:
     """In place, torch's rule: ``running = (1 - momentum) * running + momentum * batch``.
 
     ``var`` is the biased batch variance over ``count`` values; the running variance receives the
     unbiased one, ``var * count / (count - 1)`` (Ioffe & Szegedy 2015, Alg. 2; torch's convention).
     ``mean``/``var`` may have any shape with ``running_mean.numel()`` elements and any float dtype.
+    Non-finite batch statistics are not applied (:class:`NonFiniteStatisticsWarning`).
     """
+    if not finite_statistics(var, owner=owner):  # NaN/Inf in the batch make its variance so
+        return
     with torch.no_grad():
         bessel = count / (count - 1) if count > 1 else 1.0
         new_mean = mean.reshape(running_mean.shape).to(running_mean.dtype)

@@ -14,7 +14,7 @@ from normlab._checks import (
     check_values_per_channel,
     fail,
 )
-from normlab.functional._core import stats_dtype, update_running_stats_
+from normlab.functional._core import finite_statistics, stats_dtype, update_running_stats_
 from normlab.functional._fast import BatchNormTrainNCHW, use_fast_batch_stats
 
 __all__ = ["batch_norm", "batch_norm_unchecked", "instance_norm", "instance_norm_unchecked"]
@@ -139,11 +139,19 @@ def batch_norm_unchecked(
     if use_fast_batch_stats(input, weight, bias, running_mean, running_var):
         y, mean, var = BatchNormTrainNCHW.apply(input, weight, bias, eps)  # type: ignore[no-untyped-call]
         if track and running_mean is not None and running_var is not None:
-            update_running_stats_(running_mean, running_var, mean, var, count, momentum)
+            update_running_stats_(running_mean, running_var, mean, var, count, momentum, owner)
         return y  # type: ignore[no-any-return]
-    if not track:
-        running_mean = running_var = None
-    return _native_batch_norm(input, weight, bias, running_mean, running_var, True, momentum, eps)
+    if not track or running_mean is None or running_var is None:
+        return _native_batch_norm(input, weight, bias, None, None, True, momentum, eps)
+    # torch's kernel updates the buffers itself: keep the old values to put back if the batch
+    # statistics were not finite (C values each; the check is one small reduction)
+    saved = torch.cat((running_mean, running_var))
+    y = _native_batch_norm(input, weight, bias, running_mean, running_var, True, momentum, eps)
+    if not finite_statistics(running_var, owner=owner):  # a non-finite batch poisons the var
+        with torch.no_grad():
+            running_mean.copy_(saved[: running_mean.numel()])
+            running_var.copy_(saved[running_mean.numel() :])
+    return y
 
 
 def _native_batch_norm(
@@ -292,5 +300,6 @@ def instance_norm_unchecked(
                 var,
                 positions,
                 momentum,
+                owner,
             )
     return y

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from normlab._checks import check_values_per_channel, fail
-from normlab.functional._core import update_running_stats_
+from normlab.functional._core import finite_statistics, update_running_stats_
 from normlab.functional._fast import batch_moments
 from normlab.functional.batch_norm import batch_norm_unchecked
 
@@ -81,6 +81,8 @@ def batch_renorm_unchecked(
     if bias is not None:
         new_bias = new_bias + bias
     y = batch_norm_unchecked(input, None, None, new_weight, new_bias, True, 0.0, eps, owner)
+    if not finite_statistics(mean, var, owner=owner):
+        return y
     with torch.no_grad():
         std = torch.sqrt(var + eps)
         running_mean.add_((mean - running_mean.double()).to(running_mean.dtype), alpha=momentum)
@@ -144,5 +146,7 @@ def ghost_batch_norm_unchecked(
     y = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
     if training and running_mean is not None and running_var is not None:
         mean, var = batch_moments(input)
-        update_running_stats_(running_mean, running_var, mean, var, input.numel() // c, momentum)
+        update_running_stats_(
+            running_mean, running_var, mean, var, input.numel() // c, momentum, owner
+        )
     return y

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from normlab._checks import check_values_per_channel
-from normlab.functional._core import channel_view_shape, stats_dtype
+from normlab.functional._core import channel_view_shape, finite_statistics, stats_dtype
 
 __all__ = ["L1_CONSTANT", "linf_constant", "lp_batch_norm_unchecked", "lp_dispersion"]
 
@@ -105,7 +105,12 @@ def lp_batch_norm_unchecked(
         scale = lp_dispersion(
             input, mean, p, k=k, center=center, gaussian_constant=gaussian_constant
         )
-        if training and running_mean is not None and running_scale is not None:
+        if (
+            training
+            and running_mean is not None
+            and running_scale is not None
+            and finite_statistics(mean, scale, owner=owner)
+        ):
             with torch.no_grad():
                 running_mean.lerp_(mean.detach().to(running_mean.dtype), momentum)
                 running_scale.lerp_(scale.detach().to(running_scale.dtype), momentum)

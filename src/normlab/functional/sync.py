@@ -170,5 +170,7 @@ def sync_batch_norm_unchecked(
     statistics); running statistics otherwise. Every process must call it (collective)."""
     y, mean, var, count = _SyncBatchNorm.apply(input, weight, bias, eps, group, owner)  # type: ignore[no-untyped-call]
     if training and running_mean is not None and running_var is not None:
-        update_running_stats_(running_mean, running_var, mean, var, int(count[0].item()), momentum)
+        update_running_stats_(
+            running_mean, running_var, mean, var, int(count[0].item()), momentum, owner
+        )
     return y  # type: ignore[no-any-return]

@@ -15,7 +15,7 @@ from normlab._checks import (
     check_positive_int,
     fail,
 )
-from normlab.functional._core import channel_view_shape
+from normlab.functional._core import channel_view_shape, finite_statistics
 from normlab.functional.batch_norm import batch_norm_unchecked
 from normlab.functional.batch_variants import batch_renorm_unchecked, ghost_batch_norm_unchecked
 from normlab.nn._base import InputChecks, RunningStatsNorm, check_norm_args, is_traced
@@ -523,7 +523,10 @@ class MeanOnlyBatchNorm(InputChecks, nn.Module):
             dims = [0, *range(2, input.dim())]
             mean = input.mean(dims)
             with torch.no_grad():
-                self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), self.momentum)
+                if finite_statistics(mean, owner=type(self).__name__):
+                    self.running_mean.lerp_(
+                        mean.detach().to(self.running_mean.dtype), self.momentum
+                    )
                 self.num_batches_tracked.add_(1)
         else:
             mean = self.running_mean

@@ -140,7 +140,7 @@ class _Accumulator:
             merged = merged.merge(Moments(*other))
         self.moments = merged
 
-    def write(self, module: nn.Module) -> None:
+    def write(self, module: nn.Module, name: str) -> None:
         """Store mean and unbiased variance in the module's running buffers (torch's convention)."""
         if self.instance:
             if self.instance_sums is None:
@@ -151,6 +151,17 @@ class _Accumulator:
             if self.moments is None:
                 return
             mean, var = self.moments.mean, self.moments.variance(unbiased=True)
+        bad = int((~torch.isfinite(mean)).sum() + (~torch.isfinite(var)).sum())
+        if bad:
+            fail(
+                ValueError,
+                "recompute_population_stats",
+                f"the statistics of layer {name!r} ({type(module).__name__})",
+                "finite",
+                f"{bad} NaN/Inf values (non-finite values reach this layer on the data)",
+                "find the NaN/Inf in the data or the layers before it; the running statistics "
+                "were left as they were",
+            )
         setter = getattr(module, "set_running_stats_", None)
         if callable(setter):  # layers whose buffers are not (mean, var), e.g. batch renorm
             setter(mean, var)
@@ -158,6 +169,13 @@ class _Accumulator:
         with torch.no_grad():
             cast(Tensor, module.running_mean).copy_(mean)
             cast(Tensor, module.running_var).copy_(var)
+
+
+def _same_values(a: Tensor, b: Tensor) -> bool:
+    """Bitwise-equal values, NaN equal to NaN (non-finite data must not look like a change)."""
+    if a.is_floating_point() or a.is_complex():
+        return bool(torch.isclose(a, b, rtol=0.0, atol=0.0, equal_nan=True).all())
+    return torch.equal(a, b)
 
 
 def _device_of(model: nn.Module) -> torch.device | None:
@@ -253,7 +271,7 @@ def _plan_passes(
         for target in order:
             old, new = base[target], perturbed.get(target, [])
             changed = len(old) != len(new) or any(
-                a.shape != b.shape or not torch.equal(a, b) for a, b in zip(old, new, strict=False)
+                a.shape != b.shape or not _same_values(a, b) for a, b in zip(old, new, strict=False)
             )
             if changed:
                 deps[target].add(source)
@@ -488,9 +506,10 @@ def _one_pass(
     with torch.no_grad():  # train-mode passes updated running buffers: undo before writing
         for buffer, value in snapshot:
             buffer.copy_(value)
+    names = {id(m): n for n, m in model.named_modules()}
     for m in group:
         accumulators[id(m)].all_reduce()
-        accumulators[id(m)].write(m)
+        accumulators[id(m)].write(m, names.get(id(m), "?"))
     return samples, batches, set(expected)
 
 

@@ -1,0 +1,80 @@
+"""Non-finite training batches: the running statistics are never silently poisoned.
+
+normlab's policy (documented in normlab.functional.NonFiniteStatisticsWarning): a training batch
+whose batch statistics are NaN/Inf leaves every running statistic as it was and warns, naming the
+layer; the forward still returns (NaN) outputs, so a training loop (and a GradScaler) can go on.
+recompute_population_stats refuses non-finite data with a ValueError naming the layer.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import normlab.nn as nl
+from normlab.functional import NonFiniteStatisticsWarning
+from normlab.surgery import recompute_population_stats
+
+LAYERS = {
+    "BatchNorm2d": lambda: nl.BatchNorm2d(4),
+    "BatchNorm1d": lambda: nl.BatchNorm1d(4),
+    "InstanceNorm2d": lambda: nl.InstanceNorm2d(4, affine=True, track_running_stats=True),
+    "BatchRenorm2d": lambda: nl.BatchRenorm2d(4),
+    "GhostBatchNorm": lambda: nl.GhostBatchNorm(4, virtual_batch_size=4),
+    "L1BatchNorm": lambda: nl.L1BatchNorm(4),
+    "LinfBatchNorm": lambda: nl.LinfBatchNorm(4, k=2),
+    "NoisyBatchNorm": lambda: nl.NoisyBatchNorm(4, seed=0),
+    "MeanOnlyBatchNorm": lambda: nl.MeanOnlyBatchNorm(4),
+    "SyncBatchNorm": lambda: nl.SyncBatchNorm(4),  # no process group: plain batch norm
+}
+
+
+def _input(name: str, big: bool = False) -> torch.Tensor:
+    if name == "BatchNorm1d":
+        return torch.randn(16, 4)
+    shape = (64, 4, 48, 48) if big else (8, 4, 3, 3)  # big: the fast NCHW path (>= 2**19)
+    return torch.randn(shape)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_a_non_finite_batch_leaves_running_statistics_and_warns(name: str, bad: float) -> None:
+    layer = LAYERS[name]().train()
+    layer(_input(name))  # one good step first
+    before = {k: v.clone() for k, v in layer.state_dict().items() if "running" in k}
+    assert before, name
+    x = _input(name)
+    x.view(-1)[5] = bad
+    with pytest.warns(NonFiniteStatisticsWarning, match=rf"{name}: \d+ batch statistic"):
+        layer(x)
+    for key, value in before.items():
+        assert torch.equal(layer.state_dict()[key], value), (name, key)
+    layer(_input(name))  # a good batch updates again
+    assert any(not torch.equal(layer.state_dict()[k], v) for k, v in before.items())
+
+
+@pytest.mark.parametrize("name", ["BatchNorm2d", "InstanceNorm2d"])
+def test_the_fast_nchw_path_follows_the_policy(name: str) -> None:
+    layer = LAYERS[name]().train()
+    before = {k: v.clone() for k, v in layer.state_dict().items() if "running" in k}
+    x = _input(name, big=True)
+    x[3, 1, 7, 7] = float("nan")
+    with pytest.warns(NonFiniteStatisticsWarning):
+        layer(x)
+    for key, value in before.items():
+        assert torch.equal(layer.state_dict()[key], value), key
+
+
+def test_population_statistics_refuse_non_finite_data() -> None:
+    model = nn.Sequential(nn.Linear(3, 4), nl.BatchNorm1d(4))
+    data = torch.randn(32, 3)
+    data[7, 1] = float("nan")
+    before = model[1].running_mean.clone()
+    with pytest.raises(
+        ValueError,
+        match=r"recompute_population_stats: the statistics of layer '1' \(BatchNorm1d\) must be "
+        r"finite, got \d+ NaN/Inf values",
+    ):
+        recompute_population_stats(model, data)
+    assert torch.equal(model[1].running_mean, before)
