@@ -98,3 +98,16 @@ def test_audit_benchmark_smoke(tmp_path: Path) -> None:
     table = out.read_text()
     assert "| stale-statistics |" in table
     assert "target < 30 s" in table
+
+
+def test_stream_benchmark_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "stream.md"
+    subprocess.run(  # its own process: the peak-memory figure must be its own
+        [sys.executable, str(BENCH / "stream.py"), "--gb", "0.02", "--out", str(out)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    table = out.read_text()
+    assert "| InputStandardizer.fit: max rel. error" in table
+    assert "peak RSS" in table

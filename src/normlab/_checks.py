@@ -159,6 +159,35 @@ def check_floating_tensor(x: object, *, owner: str, name: str = "input") -> torc
     return x
 
 
+def check_matches_parameters(
+    x: torch.Tensor, params: Sequence[torch.Tensor | None], *, owner: str
+) -> None:
+    """``x`` is on the parameters' device, and float64 on neither or both sides (float16 and
+    bfloat16 input with float32 parameters is mixed precision, which the layers support)."""
+    for p in params:
+        if p is None:
+            continue
+        if p.device != x.device:
+            fail(
+                ValueError,
+                owner,
+                "'input'",
+                f"on the layer's device {p.device}",
+                f"a tensor on {x.device}",
+                f"move one of them: input.to('{p.device}') or layer.to('{x.device}')",
+            )
+        if (x.dtype == torch.float64) != (p.dtype == torch.float64):
+            fail(
+                TypeError,
+                owner,
+                "'input'",
+                f"of the parameters' dtype {p.dtype}",
+                f"dtype {x.dtype}",
+                "convert one of them: input.to(dtype) or layer.to(input.dtype)",
+            )
+        return  # every parameter of a layer shares one device and dtype
+
+
 def check_ndim(
     x: torch.Tensor, allowed: Sequence[int], *, layout: str, owner: str, fix: str | None = None
 ) -> None:

@@ -130,3 +130,13 @@ def test_register_a_new_norm(monkeypatch: pytest.MonkeyPatch) -> None:
 
     assert "scaled" in nl.available_norms()
     assert nl.get_norm_layer("scaled", 4, spatial_dims=0, factor=3.0).eps == pytest.approx(3e-5)
+
+
+def test_group_norm_default_groups_never_hold_a_single_dense_feature() -> None:
+    from normlab.nn import get_norm_layer
+
+    # dense (N, C): groups of >= 16 features (one feature per group would output the bias)
+    assert get_norm_layer("group", 16, spatial_dims=0).num_groups == 1
+    assert get_norm_layer("group", 512, spatial_dims=0).num_groups == 32
+    assert get_norm_layer("ws_gn", 64, spatial_dims=0).num_groups == 4
+    assert get_norm_layer("group", 16, spatial_dims=2).num_groups == 16  # feature maps: the paper's

@@ -119,6 +119,9 @@ def ghost_batch_norm_unchecked(
             input, running_mean, running_var, weight, bias, False, 0.0, eps, owner
         )
     n, c = input.shape[0], input.shape[1]
+    check_values_per_channel(
+        input, input.numel() // c if c else 0, owner=owner, what="values per channel"
+    )
     if n < virtual_batch_size:
         fail(
             ValueError,

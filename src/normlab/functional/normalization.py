@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch.nn.functional as F
@@ -14,6 +15,7 @@ from normlab._checks import (
     check_floating_tensor,
     check_positive_int,
     check_trailing_shape,
+    check_values_per_channel,
 )
 
 __all__ = ["channel_layer_norm", "channel_layer_norm_unchecked", "group_norm", "layer_norm"]
@@ -108,4 +110,12 @@ def group_norm(
     c = check_channels_first(input, owner=owner, eps=eps, weight=weight, bias=bias)
     check_positive_int(num_groups, name="num_groups", owner=owner)
     check_divisible(c, num_groups, owner=owner)
+    if input.numel():  # an empty input has nothing to normalize
+        check_values_per_channel(
+            input,
+            c // num_groups * math.prod(input.shape[2:]),
+            owner=owner,
+            what="values per group",
+            fix="use fewer groups, or LayerNorm over more features; one value has no variance",
+        )
     return F.group_norm(input, num_groups, weight, bias, eps)

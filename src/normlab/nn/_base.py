@@ -25,6 +25,7 @@ from normlab._checks import (
     check_channels,
     check_eps,
     check_floating_tensor,
+    check_matches_parameters,
     check_momentum,
     check_ndim,
     check_positive_int,
@@ -91,6 +92,9 @@ class InputChecks:
     def _check_input(self, input: Tensor) -> None:
         owner = type(self).__name__
         check_floating_tensor(input, owner=owner)
+        check_matches_parameters(
+            input, [getattr(self, "weight", None), getattr(self, "bias", None)], owner=owner
+        )
         check_ndim(input, self._ndims, layout=self._layout, owner=owner)
         check_channels(input, self.num_features, owner=owner, dim=self._channel_dim(input))
 

@@ -12,6 +12,7 @@ from normlab._checks import (
     check_divisible,
     check_eps,
     check_floating_tensor,
+    check_matches_parameters,
     check_positive_int,
     check_trailing_shape,
     fail,
@@ -100,6 +101,7 @@ class LayerNorm(nn.LayerNorm):
             )
         owner = type(self).__name__
         check_floating_tensor(input, owner=owner)
+        check_matches_parameters(input, [self.weight, self.bias], owner=owner)
         check_trailing_shape(input, self.normalized_shape, owner=owner)
         return layer_norm(input, self.normalized_shape, self.weight, self.bias, eps=self.eps)
 

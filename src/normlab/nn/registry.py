@@ -210,6 +210,14 @@ def default_num_groups(num_features: int, preferred: int = 32) -> int:
     return max(g for g in range(1, min(preferred, num_features) + 1) if num_features % g == 0)
 
 
+def _groups(num_features: int, spatial_dims: int) -> int:
+    """The default group count: up to 32 groups on feature maps (the GN paper); on dense
+    features, groups of at least 16 (one feature per group would have no variance: the output
+    would be the bias)."""
+    preferred = 32 if spatial_dims else max(1, num_features // 16)
+    return default_num_groups(num_features, preferred)
+
+
 _BATCH = {0: BatchNorm1d, 1: BatchNorm1d, 2: BatchNorm2d, 3: BatchNorm3d}
 _INSTANCE = {1: InstanceNorm1d, 2: InstanceNorm2d, 3: InstanceNorm3d}
 
@@ -291,7 +299,7 @@ def _group(
     device: Any = None,
     dtype: Any = None,
 ) -> nn.Module:
-    groups = default_num_groups(num_features) if num_groups is None else num_groups
+    groups = _groups(num_features, spatial_dims) if num_groups is None else num_groups
     return GroupNorm(num_features, groups, eps, affine, device=device, dtype=dtype)
 
 
@@ -363,7 +371,7 @@ def _weight(num_features: int, spatial_dims: int, **kwargs: Any) -> nn.Module:
 def _ws_gn(
     num_features: int, spatial_dims: int, *, num_groups: int | None = None, **kwargs: Any
 ) -> nn.Module:
-    groups = default_num_groups(num_features) if num_groups is None else num_groups
+    groups = _groups(num_features, spatial_dims) if num_groups is None else num_groups
     return GroupNorm(num_features, groups, **kwargs)
 
 
