@@ -1,7 +1,8 @@
 """Property-based fuzzing of the functional norms against a float64 oracle written from the
 formulas (not from normlab's statistics core).
 
-Each example draws an op, a dtype, a shape (size-1 and odd dims included), ``eps``, affine on/off,
+The L1 and L-inf batch norms (Hoffer et al. 2018) run through their layers, whose functional form
+is internal. Each example draws an op, a dtype, a shape (size-1 and odd dims included), ``eps``, affine on/off,
 an offset of the data (``r = |mean| / sqrt(var + eps)``, the centre in units of the normalizer), a scale (including zero and tiny variance) and, for
 4-D input, channels-last memory. The oracle normalizes the *same* (already rounded) input in
 float64: ``y = (x - mean) / sqrt(var + eps) * weight + bias`` with the biased variance over the
@@ -32,6 +33,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import normlab.functional as nf
+import normlab.nn as nl
 
 EXAMPLES = 300
 UNIT = {
@@ -49,6 +51,8 @@ OPS = (
     "group_norm",
     "channel_layer_norm",
     "normalize",
+    "l1_batch_norm",
+    "linf_batch_norm",
 )
 
 
@@ -104,6 +108,21 @@ def _oracle(
     if op == "batch_norm_eval":
         mean, var = rm.double().view(per_channel), rv.double().view(per_channel)
         y = (x64 - mean) / torch.sqrt(var + case["eps"])
+    elif op in ("l1_batch_norm", "linf_batch_norm"):
+        v = x64.transpose(0, 1).reshape(c, -1)  # (C, N * positions)
+        dev = (v - v.mean(1, keepdim=True)).abs()
+        if op == "l1_batch_norm":  # Hoffer et al.: mean |x - mu| * sqrt(pi / 2)
+            scale = dev.mean(1) * math.sqrt(math.pi / 2)
+        else:  # mean of the k largest |x - mu| times C(n)
+            n_values = v.shape[1]
+            c_n = (
+                0.5
+                * (1 + math.sqrt(math.pi * math.log(4.0)))
+                / math.sqrt(2 * math.log(max(n_values, 2)))
+            )
+            scale = dev.topk(min(3, n_values), dim=1).values.mean(1) * c_n
+        z = (v - v.mean(1, keepdim=True)) / (scale.view(c, 1) + case["eps"])
+        y = z.reshape(c, n, *x64.shape[2:]).transpose(0, 1)
     elif op == "channel_layer_norm":
         mean = x64.mean(1, keepdim=True)
         var = ((x64 - mean) ** 2).mean(1, keepdim=True)
@@ -150,12 +169,13 @@ def _run(op: str, case: dict[str, Any]) -> None:
         (op == "batch_norm_train" and values <= 1)
         or (op == "instance_norm" and per_instance <= 1)
         or (op == "group_norm" and c // case["groups"] * per_instance <= 1)
+        or (op in ("l1_batch_norm", "linf_batch_norm") and values <= 1)
     )
     if single:  # statistics of one value: refused with a clear message
         with pytest.raises(ValueError, match="must be more than 1"):
             _call(op, case, x, w, b, rm, rv)
         return
-    y = _call(op, case, x, w, b, rm, rv)
+    y = _call(op, case, x, w, b, rm, rv).detach()
     assert y.dtype == x.dtype
     assert y.shape == x.shape
     ref = _oracle(op, x, w, b, case, rm, rv)
@@ -189,6 +209,23 @@ def _call(
         return nf.layer_norm(x, x.shape[1:], w, b, eps=case["eps"])
     if op == "group_norm":
         return nf.group_norm(x, case["groups"], w, b, eps=case["eps"])
+    if op in (
+        "l1_batch_norm",
+        "linf_batch_norm",
+    ):  # through the layers (the functional is internal)
+        c = x.shape[1]
+        layer = (
+            nl.L1BatchNorm(c, eps=case["eps"], affine=w is not None)
+            if op == "l1_batch_norm"
+            else nl.LinfBatchNorm(c, k=3, eps=case["eps"], affine=w is not None)
+        )
+        if x.dtype == torch.float64:
+            layer = layer.double()
+        if w is not None and b is not None:
+            with torch.no_grad():
+                layer.weight.copy_(w)
+                layer.bias.copy_(b)
+        return layer.train()(x)
     if op == "normalize":  # the shared core every norm is tested against
         dims = [0, *range(2, x.dim())]
         y, mean, var = nf.normalize(x, dims, w, b, eps=case["eps"])
