@@ -78,3 +78,35 @@ def test_population_statistics_refuse_non_finite_data() -> None:
     ):
         recompute_population_stats(model, data)
     assert torch.equal(model[1].running_mean, before)
+
+
+def test_backward_still_works_after_a_skipped_update() -> None:
+    # torch's kernel keeps the running statistics it was given for its backward: they must not
+    # be modified in place afterwards (an earlier version restored them and broke backward)
+    layer = nl.BatchNorm2d(4).train()
+    x = torch.randn(8, 4, 3, 3, requires_grad=True)
+    bad = x.detach().clone()
+    bad[0, 0, 0, 0] = float("nan")
+    bad.requires_grad_()
+    with pytest.warns(NonFiniteStatisticsWarning):
+        layer(bad).sum().backward()
+    layer(x).sum().backward()
+    assert x.grad is not None
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+def test_compiled_batch_norm_masks_non_finite_updates_without_a_graph_break() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nl.BatchNorm2d(8), nn.ReLU())
+    eager = nn.Sequential(nn.Conv2d(3, 8, 3), nl.BatchNorm2d(8), nn.ReLU())
+    eager.load_state_dict(model.state_dict())
+    compiled = torch.compile(model, fullgraph=True, dynamic=False)
+    x = torch.randn(4, 3, 8, 8)
+    torch.testing.assert_close(compiled(x), eager(x))
+    torch.testing.assert_close(model[1].running_var, eager[1].running_var)
+    before = model[1].running_var.clone()
+    bad = x.clone()
+    bad[0, 0, 0, 0] = float("nan")
+    compiled(bad).sum().backward()  # no warning inside a compiled graph, but no poisoning
+    assert torch.equal(model[1].running_var, before)

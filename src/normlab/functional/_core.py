@@ -38,6 +38,7 @@ __all__ = [
     "NonFiniteStatisticsWarning",
     "apply_affine",
     "channel_view_shape",
+    "compiling",
     "finite_statistics",
     "keepdim_shape",
     "moments",
@@ -149,15 +150,28 @@ class NonFiniteStatisticsWarning(RuntimeWarning):
     e.g. a mixed-precision step whose gradients the GradScaler will skip anyway)."""
 
 
+def compiling() -> bool:
+    """Inside ``torch.compile``: no host sync may decide control flow there."""
+    return bool(torch.compiler.is_compiling())
+
+
 def finite_statistics(*stats: Tensor, owner: str) -> bool:
     """Whether every batch statistic is finite; if not, warn with
-    :class:`NonFiniteStatisticsWarning` naming ``owner`` (the caller then skips the update)."""
+    :class:`NonFiniteStatisticsWarning` naming ``owner`` (the caller then skips the update).
+
+    Under ``torch.compile`` it answers ``True`` without looking (a data-dependent branch would
+    break the graph): batch norm's updates then mask non-finite values instead
+    (:func:`update_running_stats_`), without the warning.
+    """
+    if compiling():
+        return True
     # NaN/Inf anywhere make the sum so: one reduction and one sync on the common, finite path
     # (an overflowing sum of finite values is caught by the exact count below)
-    total = stats[0].detach().sum()
-    for other in stats[1:]:
-        total = total + other.detach().sum()
-    if math.isfinite(total.item()):
+    if len(stats) == 1:
+        total = float(stats[0].detach().sum())
+    else:
+        total = sum(float(s.detach().sum()) for s in stats)
+    if math.isfinite(total):
         return True
     bad = sum(int((~torch.isfinite(s.detach())).sum()) for s in stats)
     if bad:
@@ -195,6 +209,13 @@ def update_running_stats_(
         bessel = count / (count - 1) if count > 1 else 1.0
         new_mean = mean.reshape(running_mean.shape).to(running_mean.dtype)
         new_var = (var.reshape(running_var.shape) * bessel).to(running_var.dtype)
+        if compiling():  # no sync: keep the old values where the update would not be finite
+            ok = torch.isfinite(var).all()
+            mixed_mean = running_mean * (1.0 - momentum) + new_mean * momentum
+            mixed_var = running_var * (1.0 - momentum) + new_var * momentum
+            running_mean.copy_(torch.where(ok, mixed_mean, running_mean))
+            running_var.copy_(torch.where(ok, mixed_var, running_var))
+            return
         running_mean.mul_(1.0 - momentum).add_(new_mean, alpha=momentum)
         running_var.mul_(1.0 - momentum).add_(new_var, alpha=momentum)
 

@@ -14,7 +14,12 @@ from normlab._checks import (
     check_values_per_channel,
     fail,
 )
-from normlab.functional._core import finite_statistics, stats_dtype, update_running_stats_
+from normlab.functional._core import (
+    compiling,
+    finite_statistics,
+    stats_dtype,
+    update_running_stats_,
+)
 from normlab.functional._fast import BatchNormTrainNCHW, use_fast_batch_stats
 
 __all__ = ["batch_norm", "batch_norm_unchecked", "instance_norm", "instance_norm_unchecked"]
@@ -143,14 +148,19 @@ def batch_norm_unchecked(
         return y  # type: ignore[no-any-return]
     if not track or running_mean is None or running_var is None:
         return _native_batch_norm(input, weight, bias, None, None, True, momentum, eps)
-    # torch's kernel updates the buffers itself: keep the old values to put back if the batch
-    # statistics were not finite (C values each; the check is one small reduction)
-    saved = torch.cat((running_mean, running_var))
-    y = _native_batch_norm(input, weight, bias, running_mean, running_var, True, momentum, eps)
-    if not finite_statistics(running_var, owner=owner):  # a non-finite batch poisons the var
-        with torch.no_grad():
-            running_mean.copy_(saved[: running_mean.numel()])
-            running_var.copy_(saved[running_mean.numel() :])
+    # torch's kernel updates the running statistics in place and keeps them for its backward:
+    # give it a copy, and copy the result into the buffers only if the batch statistics were
+    # finite (C values each; the check is one small reduction)
+    new_mean, new_var = running_mean.clone(), running_var.clone()
+    y = _native_batch_norm(input, weight, bias, new_mean, new_var, True, momentum, eps)
+    with torch.no_grad():
+        if compiling():  # no sync: keep the old values wherever the update is not finite
+            ok = torch.isfinite(new_var).all()
+            running_mean.copy_(torch.where(ok, new_mean, running_mean))
+            running_var.copy_(torch.where(ok, new_var, running_var))
+        elif finite_statistics(new_var, owner=owner):  # a non-finite batch poisons the var
+            running_mean.copy_(new_mean)
+            running_var.copy_(new_var)
     return y
 
 
