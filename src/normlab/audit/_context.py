@@ -38,7 +38,7 @@ class Context:
 
     @property
     def samples(self) -> int:
-        return sum(_rows(args) for args in self.inputs)
+        return sum(batch_rows(args) for args in self.inputs)
 
     def module(self, name: str) -> nn.Module:
         return self.model.get_submodule(name)
@@ -82,21 +82,23 @@ class Context:
         return found
 
 
-def _first_tensor(value: Any) -> Tensor | None:
-    """The first tensor with a batch dimension inside nested tuples/lists/dicts."""
+def _tensors(value: Any) -> list[Tensor]:
+    """Every tensor inside nested tuples/lists/dicts, in order."""
     if isinstance(value, Tensor):
-        return value if value.dim() > 0 else None
+        return [value]
     if isinstance(value, dict):
         value = list(value.values())
     if isinstance(value, (tuple, list)):
-        for v in value:
-            found = _first_tensor(v)
-            if found is not None:
-                return found
-    return None
+        return [t for v in value for t in _tensors(v)]
+    return []
 
 
-def _rows(args: tuple[Any, ...]) -> int:
+def _first_tensor(value: Any) -> Tensor | None:
+    """The first tensor with a batch dimension inside nested tuples/lists/dicts."""
+    return next((t for t in _tensors(value) if t.dim() > 0), None)
+
+
+def batch_rows(args: tuple[Any, ...]) -> int:
     """Samples in one batch of model inputs (also inside dicts and tuples)."""
     first = _first_tensor(args)
     return int(first.shape[0]) if first is not None else 1
@@ -167,10 +169,10 @@ def read_batches(
             targets.append(target_fn(batch))
         elif isinstance(batch, (tuple, list)) and len(batch) >= 2 and input_fn is None:
             targets.append(batch[1])
-        seen += _rows(args)
+        seen += batch_rows(args)
         if seen >= max_samples:
             break
-    first = _rows(inputs[0])
+    first = batch_rows(inputs[0])
     return inputs, (targets if len(targets) == len(inputs) else None), first
 
 
@@ -205,35 +207,26 @@ def _trace(ctx: Context) -> None:
     produced: dict[int, tuple[str, int]] = {}  # id(tensor) -> (producer, version when made)
     keep: list[Tensor] = []  # outputs stay alive, so that no id is reused during the pass
 
-    def tensors(value: Any) -> list[Tensor]:
-        if isinstance(value, Tensor):
-            return [value]
-        if isinstance(value, (tuple, list)):
-            return [t for v in value for t in tensors(v)]
-        if isinstance(value, dict):
-            return [t for v in value.values() for t in tensors(v)]
-        return []
-
     def pre(module: nn.Module, args: Any) -> None:
         name = ctx.names.get(id(module), "?")
         if name not in ctx.order:
             ctx.order.append(name)
-        for t in tensors(args):
+        for t in _tensors(args):
             producer, version = produced.get(id(t), ("?", -1))
             if version == t._version:  # changed in place since (e.g. F.relu_): producer unknown
                 ctx.feeds.setdefault(name, set()).add(producer)
 
     def post(module: nn.Module, args: Any, out: Any) -> None:
         name = ctx.names.get(id(module), "?")
-        ins = {id(t) for t in tensors(args)}
-        for t in tensors(out):
+        ins = {id(t) for t in _tensors(args)}
+        for t in _tensors(out):
             # the innermost module that made a tensor owns it (children finish before their
             # parents); an in-place module's output is its input object, made by it now
             if id(t) not in produced or (id(t) in ins and not list(module.children())):
                 produced[id(t)] = (name, t._version)
             keep.append(t)
 
-    for t in tensors(ctx.inputs[0]):
+    for t in _tensors(ctx.inputs[0]):
         produced[id(t)] = (INPUT, t._version)
     with preserved(ctx.model) as handles:
         ctx.model.eval()

@@ -21,7 +21,7 @@ from torch.nn.modules.instancenorm import _InstanceNorm
 from torch.nn.utils import parametrize
 
 from normlab.analysis import activation_statistics, is_stochastic
-from normlab.audit._context import Context
+from normlab.audit._context import Context, batch_rows
 from normlab.audit._report import Finding
 from normlab.nn import AlphaDropout, InputStandardizer
 from normlab.surgery import fusable_pairs, fuse_batchnorm, recompute_population_stats
@@ -748,17 +748,13 @@ def fusion(ctx: Context) -> list[Finding]:
                 "fused_ms_per_batch": after * 1e3,
                 "speedup": speedup,
             },
-            cost=f"eval forward {before * 1e3:.2f} ms per batch of {_rows(args)}; fused "
+            cost=f"eval forward {before * 1e3:.2f} ms per batch of {batch_rows(args)}; fused "
             f"{after * 1e3:.2f} ms ({speedup:.2f}x faster)",
             fix="for inference, normlab.surgery.fuse_batchnorm(model.eval(), pairs) (a copy); "
             "apply_fixes(..., fuse=True) does it",
             fixable=True,
         )
     ]
-
-
-def _rows(args: tuple[Any, ...]) -> int:
-    return int(args[0].shape[0]) if args and isinstance(args[0], Tensor) else 1
 
 
 RUNNERS: dict[str, Callable[[Context], list[Finding]]] = {
