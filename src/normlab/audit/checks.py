@@ -8,6 +8,7 @@ documented, so that a finding can say which line it crossed.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import time
 from collections.abc import Callable
@@ -23,6 +24,7 @@ from torch.nn.utils import parametrize
 from normlab.analysis import activation_statistics, is_stochastic
 from normlab.audit._context import Context, batch_rows
 from normlab.audit._report import Finding
+from normlab.functional import Moments
 from normlab.nn import AlphaDropout, InputStandardizer
 from normlab.surgery import fusable_pairs, fuse_batchnorm, recompute_population_stats
 from normlab.surgery._state import preserved, running_stat_layers
@@ -65,22 +67,15 @@ def _is_norm(m: nn.Module) -> bool:
     )
 
 
-def _per_channel(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """``(count, sum, sum of squares)`` per channel (dim 1) in float64."""
-    x = x.detach().double()
-    v = x.transpose(0, 1).reshape(x.shape[1], -1) if x.dim() > 1 else x.view(1, -1)
-    return (
-        torch.full((v.shape[0],), float(v.shape[1]), dtype=torch.float64),
-        v.sum(1),
-        (v * v).sum(1),
-    )
+def _per_channel(x: Tensor) -> Moments:
+    """Exact per-channel (dim 1) moments of ``x`` over the batch and all positions."""
+    return Moments.of(x, [0, *range(2, x.dim())])
 
 
-def _moments(parts: list[tuple[Tensor, Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
-    """Per-channel mean and (biased) std pooled over ``parts``."""
-    n, s, q = (torch.stack([p[i] for p in parts]).sum(0) for i in range(3))
-    mean = s / n
-    return mean, (q / n - mean * mean).clamp_min(0.0).sqrt()
+def _pooled(parts: list[Moments]) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and (biased) std of all ``parts`` together."""
+    merged = functools.reduce(Moments.merge, parts)
+    return merged.mean, merged.variance().sqrt()
 
 
 # -- 1. inputs not standardized -----------------------------------------------------------------
@@ -104,7 +99,7 @@ def input_scale(ctx: Context) -> list[Finding]:
     first = _first_layer(ctx)
     if first is None:
         return []
-    parts: list[tuple[Tensor, Tensor, Tensor]] = []
+    parts: list[Moments] = []
 
     def grab(module: nn.Module, args: Any) -> None:
         x = args[0] if args else None
@@ -118,7 +113,7 @@ def input_scale(ctx: Context) -> list[Finding]:
             ctx.run(args)
     if not parts:
         return []  # integer inputs (an embedding) or a first layer without a tensor input
-    mean, std = _moments(parts)
+    mean, std = _pooled(parts)
     varying = std[std > 1e-12]
     offset = (mean.abs() / std.clamp_min(1.0)).max().item()
     low, high = (varying.min().item(), varying.max().item()) if varying.numel() else (0.0, 0.0)
@@ -361,7 +356,7 @@ def _norm_input_variance(ctx: Context, noisy: bool) -> dict[str, Tensor]:
     """Per-channel variance at every running-statistics layer's input, with only the stochastic
     layers in training mode (``noisy``) or everything in eval mode. RNG restored."""
     layers = running_stat_layers(ctx.model)
-    parts: dict[str, list[tuple[Tensor, Tensor, Tensor]]] = {n: [] for n, _ in layers}
+    parts: dict[str, list[Moments]] = {n: [] for n, _ in layers}
     with preserved(ctx.model) as handles, torch.random.fork_rng():
         torch.manual_seed(0)
         ctx.model.eval()
@@ -377,7 +372,7 @@ def _norm_input_variance(ctx: Context, noisy: bool) -> dict[str, Tensor]:
             )
         for args in ctx.inputs:
             ctx.run(args)
-    return {n: _moments(p)[1] ** 2 for n, p in parts.items() if p}
+    return {n: _pooled(p)[1] ** 2 for n, p in parts.items() if p}
 
 
 def dropout_before_norm(ctx: Context) -> list[Finding]:
@@ -431,7 +426,7 @@ def small_batch(ctx: Context) -> list[Finding]:
     if ctx.samples < 2 * max(size.values()):
         return []
     means: dict[str, list[Tensor]] = {n: [] for n, _ in layers}
-    parts: dict[str, list[tuple[Tensor, Tensor, Tensor]]] = {n: [] for n, _ in layers}
+    parts: dict[str, list[Moments]] = {n: [] for n, _ in layers}
     with preserved(ctx.model) as handles:  # eval mode: the buffers do not move
         ctx.model.eval()
 
@@ -440,8 +435,7 @@ def small_batch(ctx: Context) -> list[Finding]:
             b = size[name]
             for chunk in torch.split(x, b):
                 if chunk.shape[0] == b:
-                    n, s, _ = _per_channel(chunk)
-                    means[name].append(s / n)
+                    means[name].append(_per_channel(chunk).mean)
             parts[name].append(_per_channel(x))
 
         for name, layer in layers:
@@ -454,7 +448,7 @@ def small_batch(ctx: Context) -> list[Finding]:
     for name, _ in layers:
         if len(means[name]) < 2:
             continue
-        _mean, std = _moments(parts[name])
+        _mean, std = _pooled(parts[name])
         spread = torch.stack(means[name]).std(0) / std.clamp_min(1e-12)
         value = float(spread[std > 1e-12].mean()) if (std > 1e-12).any() else 0.0
         if value > BATCH_NOISE:
