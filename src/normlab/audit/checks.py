@@ -19,14 +19,13 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 from torch.nn.modules.instancenorm import _InstanceNorm
-from torch.nn.utils import parametrize
 
 from normlab.analysis import activation_statistics, is_stochastic
 from normlab.audit._context import Context, batch_rows
 from normlab.audit._report import Finding
 from normlab.functional import Moments
 from normlab.nn import AlphaDropout, InputStandardizer
-from normlab.surgery import fusable_pairs, fuse_batchnorm, recompute_population_stats
+from normlab.surgery import foldable, fusable_pairs, fuse_batchnorm, recompute_population_stats
 from normlab.surgery._state import preserved, running_stat_layers
 
 __all__ = ["RUNNERS"]
@@ -694,21 +693,13 @@ def _fusion_candidates(ctx: Context) -> list[tuple[str, str]]:
     pairs = list(fusable_pairs(ctx.model))
     known = {bn for _, bn in pairs}
     for name in ctx.order:
-        norm = ctx.module(name) if name else None
-        if name in known or not isinstance(norm, _BatchNorm) or isinstance(norm, _InstanceNorm):
-            continue
-        if norm.running_mean is None:
-            continue
-        for producer in ctx.producers(name):
-            layer = ctx.module(producer) if producer else None
-            width = getattr(layer, "out_features", getattr(layer, "out_channels", None))
-            if (
-                isinstance(layer, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))
-                and not parametrize.is_parametrized(layer)
-                and not hasattr(layer, "weight_g")
-                and width == norm.num_features
-            ):
-                pairs.append((producer, name))
+        if name and name not in known:
+            norm = ctx.module(name)
+            pairs += [
+                (producer, name)
+                for producer in sorted(ctx.producers(name))
+                if producer and foldable(ctx.module(producer), norm)
+            ]
     return pairs
 
 

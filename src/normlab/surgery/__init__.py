@@ -12,6 +12,7 @@ from normlab.surgery.conventions import (
 from normlab.surgery.convert import (
     convert_norm,
     convert_sync_batchnorm,
+    foldable,
     freeze_batchnorm,
     fusable_pairs,
     fuse_batchnorm,
@@ -32,6 +33,7 @@ __all__ = [
     "convert_norm",
     "convert_sync_batchnorm",
     "copy_norm_state",
+    "foldable",
     "freeze_batchnorm",
     "fusable_pairs",
     "fuse_batchnorm",

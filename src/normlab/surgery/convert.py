@@ -22,6 +22,7 @@ from normlab.surgery.walk import copy_norm_state, replace_modules
 __all__ = [
     "convert_norm",
     "convert_sync_batchnorm",
+    "foldable",
     "freeze_batchnorm",
     "fusable_pairs",
     "fuse_batchnorm",
@@ -214,23 +215,26 @@ def fusable_pairs(model: nn.Module) -> list[tuple[str, str]]:
             continue  # a subclass with its own forward may not run its children in order
         children = list(module.named_children())
         for (a_name, a), (b_name, b) in itertools.pairwise(children):
-            if (
-                isinstance(a, _FUSABLE)
-                and not _reparametrized(a)
-                and isinstance(b, _BatchNorm)
-                and not isinstance(b, _InstanceNorm)
-                and b.running_mean is not None
-                and b.num_features
-                == (a.out_features if isinstance(a, nn.Linear) else a.out_channels)
-            ):
+            if foldable(a, b):
                 pairs.append((_join(prefix, a_name), _join(prefix, b_name)))
     return pairs
 
 
-def _reparametrized(layer: nn.Module) -> bool:
-    """Weight norm / standardization (torch parametrizations or the old ``weight_norm`` hook):
-    its weight is computed, so it cannot be overwritten with a folded one."""
-    return parametrize.is_parametrized(layer) or hasattr(layer, "weight_g")
+def foldable(layer: nn.Module | None, norm: nn.Module | None) -> bool:
+    """Whether batch norm ``norm`` can be folded into ``layer`` when ``layer``'s output feeds
+    it: a Conv/Linear whose weight is a plain parameter (not weight norm / standardization,
+    whose weight is computed) with one output per channel of a batch norm (not instance norm)
+    that has running statistics."""
+    return (
+        isinstance(layer, _FUSABLE)
+        and not parametrize.is_parametrized(layer)
+        and not hasattr(layer, "weight_g")  # the old ``weight_norm`` hook
+        and isinstance(norm, _BatchNorm)
+        and not isinstance(norm, _InstanceNorm)
+        and norm.running_mean is not None
+        and norm.num_features
+        == (layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels)
+    )
 
 
 def _join(prefix: str, name: str) -> str:
