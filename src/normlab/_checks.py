@@ -164,9 +164,8 @@ def check_matches_parameters(
 ) -> None:
     """``x`` is on the parameters' device, and float64 on neither or both sides (float16 and
     bfloat16 input with float32 parameters is mixed precision, which the layers support)."""
-    for p in params:
-        if p is None:
-            continue
+    p = next((t for t in params if t is not None), None)  # a layer's parameters share both
+    if p is not None:
         if p.device != x.device:
             fail(
                 ValueError,
@@ -185,7 +184,6 @@ def check_matches_parameters(
                 f"dtype {x.dtype}",
                 "convert one of them: input.to(dtype) or layer.to(input.dtype)",
             )
-        return  # every parameter of a layer shares one device and dtype
 
 
 def check_ndim(

@@ -45,6 +45,7 @@ __all__ = [
     "normalize",
     "pool_moments",
     "stats_dtype",
+    "store_running_stats_",
     "update_running_stats_",
 ]
 
@@ -203,21 +204,34 @@ def update_running_stats_(
     ``mean``/``var`` may have any shape with ``running_mean.numel()`` elements and any float dtype.
     Non-finite batch statistics are not applied (:class:`NonFiniteStatisticsWarning`).
     """
-    if not finite_statistics(var, owner=owner):  # NaN/Inf in the batch make its variance so
-        return
     with torch.no_grad():
         bessel = count / (count - 1) if count > 1 else 1.0
         new_mean = mean.reshape(running_mean.shape).to(running_mean.dtype)
         new_var = (var.reshape(running_var.shape) * bessel).to(running_var.dtype)
-        if compiling():  # no sync: keep the old values where the update would not be finite
-            ok = torch.isfinite(var).all()
-            mixed_mean = running_mean * (1.0 - momentum) + new_mean * momentum
-            mixed_var = running_var * (1.0 - momentum) + new_var * momentum
-            running_mean.copy_(torch.where(ok, mixed_mean, running_mean))
-            running_var.copy_(torch.where(ok, mixed_var, running_var))
-            return
-        running_mean.mul_(1.0 - momentum).add_(new_mean, alpha=momentum)
-        running_var.mul_(1.0 - momentum).add_(new_var, alpha=momentum)
+        store_running_stats_(
+            running_mean,
+            running_var,
+            torch.add(running_mean * (1.0 - momentum), new_mean, alpha=momentum),
+            torch.add(running_var * (1.0 - momentum), new_var, alpha=momentum),
+            owner,
+        )
+
+
+def store_running_stats_(
+    running_mean: Tensor, running_var: Tensor, new_mean: Tensor, new_var: Tensor, owner: str
+) -> None:
+    """Copy ``new_mean``/``new_var`` into the running buffers -- unless ``new_var`` is not finite
+    (a NaN/Inf in the batch makes it so): then the buffers keep their values, with
+    :class:`NonFiniteStatisticsWarning` in eager mode, or masked by ``torch.where`` without a host
+    sync under ``torch.compile``."""
+    with torch.no_grad():
+        if compiling():
+            ok = torch.isfinite(new_var).all()
+            running_mean.copy_(torch.where(ok, new_mean, running_mean))
+            running_var.copy_(torch.where(ok, new_var, running_var))
+        elif finite_statistics(new_var, owner=owner):
+            running_mean.copy_(new_mean)
+            running_var.copy_(new_var)
 
 
 @dataclass(frozen=True)

@@ -15,9 +15,8 @@ from normlab._checks import (
     fail,
 )
 from normlab.functional._core import (
-    compiling,
-    finite_statistics,
     stats_dtype,
+    store_running_stats_,
     update_running_stats_,
 )
 from normlab.functional._fast import BatchNormTrainNCHW, use_fast_batch_stats
@@ -149,18 +148,10 @@ def batch_norm_unchecked(
     if not track or running_mean is None or running_var is None:
         return _native_batch_norm(input, weight, bias, None, None, True, momentum, eps)
     # torch's kernel updates the running statistics in place and keeps them for its backward:
-    # give it a copy, and copy the result into the buffers only if the batch statistics were
-    # finite (C values each; the check is one small reduction)
+    # give it copies, and store the result only if it is finite
     new_mean, new_var = running_mean.clone(), running_var.clone()
     y = _native_batch_norm(input, weight, bias, new_mean, new_var, True, momentum, eps)
-    with torch.no_grad():
-        if compiling():  # no sync: keep the old values wherever the update is not finite
-            ok = torch.isfinite(new_var).all()
-            running_mean.copy_(torch.where(ok, new_mean, running_mean))
-            running_var.copy_(torch.where(ok, new_var, running_var))
-        elif finite_statistics(new_var, owner=owner):  # a non-finite batch poisons the var
-            running_mean.copy_(new_mean)
-            running_var.copy_(new_var)
+    store_running_stats_(running_mean, running_var, new_mean, new_var, owner)
     return y
 
 
