@@ -31,7 +31,7 @@ from normlab.data import Dataset, load_dataset
 from normlab.experiments.config import RunConfig
 from normlab.experiments.records import RunRecord, write_json_atomic
 from normlab.experiments.studies import Options, get_study
-from normlab.experiments.trainer import record_path, train_run
+from normlab.experiments.trainer import train_run
 
 __all__ = [
     "MANIFEST",
@@ -307,8 +307,3 @@ def _ray_job(config: dict[str, Any], out: str, checkpoint_seconds: float) -> Run
     record = _job(config, out, checkpoint_seconds)
     record["config"] = record["config"].to_dict()  # plain data across the object store
     return record
-
-
-def record_exists(cfg: RunConfig, out: Path) -> bool:
-    """Whether ``cfg`` already has a finished record in ``out``."""
-    return record_path(out, cfg).exists()
