@@ -14,6 +14,7 @@ from normlab.analysis.hessian import (
     hessian_eigenvalues,
     hessian_trace,
     hessian_vector_product,
+    lanczos,
     spectral_density,
     top_eigenvalues,
     trace_estimate,
@@ -85,6 +86,14 @@ def test_a_krylov_space_that_spans_everything_gives_the_exact_trace() -> None:
     t = trace_estimate(hvp, 10, matvecs=25)
     assert t.value == pytest.approx(spectrum.sum().item(), rel=1e-12)
     assert t.std_error == 0.0
+
+
+def test_lanczos_asked_for_more_steps_than_dimensions_stops_at_the_dimension() -> None:
+    hvp, spectrum, _ = _quadratic(n=10)
+    run = lanczos(hvp, 10, 25, generator=torch.Generator().manual_seed(1))
+    assert run.basis.shape == (10, 10)
+    torch.testing.assert_close(run.basis @ run.basis.T, torch.eye(10, dtype=torch.float64))
+    torch.testing.assert_close(run.values, spectrum.sort().values, rtol=1e-9, atol=1e-9)
 
 
 def test_the_bound_covers_the_rounding_of_float32_products() -> None:

@@ -255,6 +255,7 @@ def test_surface_matches_a_hand_loop_and_leaves_the_model_alone(
         assert torch.equal(v, before[k]), k
     assert model.training
     assert all(p.requires_grad for p in model.parameters())
+    assert all(not m._forward_hooks for m in model.modules())  # the channels-last hooks are gone
 
 
 def test_one_dimensional_surface_over_a_loader_is_the_sample_weighted_mean() -> None:

@@ -118,16 +118,20 @@ def without_norm_affine(name: str, parameter: nn.Parameter) -> bool:
 
 def flat(tensors: Sequence[Tensor | None], like: Sequence[Tensor]) -> Tensor:
     """Concatenate into one float64 vector (``None`` -> zeros of the matching parameter)."""
-    return torch.cat(
-        [
-            (t if t is not None else torch.zeros_like(p)).reshape(-1).double()
-            for t, p in zip(tensors, like, strict=True)
-        ]
-    )
+    pieces = [
+        (t if t is not None else torch.zeros_like(p)).reshape(-1)
+        for t, p in zip(tensors, like, strict=True)
+    ]
+    if all(t.dtype == pieces[0].dtype for t in pieces):  # one cast of the whole vector
+        return torch.cat(pieces).double()
+    return torch.cat([t.double() for t in pieces])
 
 
 def unflat(vector: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
     """Split a flat vector into tensors shaped (and typed) like ``like``."""
+    dtypes = {p.dtype for p in like}
+    if len(dtypes) == 1:  # one cast of the whole vector, then views
+        vector = vector.to(dtypes.pop())
     out, start = [], 0
     for p in like:
         n = p.numel()

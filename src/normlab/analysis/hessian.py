@@ -108,14 +108,15 @@ def lanczos(
         if start is not None
         else torch.randn(n, generator=generator, dtype=torch.float64)
     )
-    q /= q.norm()
-    basis = [q]
+    steps = min(steps, n)  # a Krylov space has at most n dimensions
+    basis = torch.empty(steps, n, dtype=torch.float64)
+    torch.div(q, q.norm(), out=basis[0])
     alphas, betas = [], []
     beta = torch.tensor(0.0, dtype=torch.float64)
     off_band = 0.0
     for j in range(steps):
-        w = hvp(basis[-1])
-        stacked = torch.stack(basis)  # (j + 1, n): full reorthogonalization, twice for safety
+        w = hvp(basis[j])
+        stacked = basis[: j + 1]  # full reorthogonalization, twice for safety
         coefficients = stacked @ w
         alpha = coefficients[-1]
         alphas.append(alpha)
@@ -126,7 +127,7 @@ def lanczos(
         if j == steps - 1 or beta < 1e-12 * max(1.0, float(abs(alpha))):
             break
         betas.append(beta)
-        basis.append(w / beta)
+        torch.div(w, beta, out=basis[j + 1])
     m = len(alphas)
     t = torch.diag(torch.stack(alphas))
     if m > 1:
@@ -134,7 +135,7 @@ def lanczos(
         t = t + torch.diag(off, 1) + torch.diag(off, -1)
     values, vectors = torch.linalg.eigh(t)
     return Lanczos(
-        values, vectors, beta, math.sqrt(2 * off_band), torch.stack(basis[:m]), torch.stack(alphas)
+        values, vectors, beta, math.sqrt(2 * off_band), basis[:m].clone(), torch.stack(alphas)
     )
 
 
@@ -343,9 +344,11 @@ def hessian_vector_product(
             params = m.params
             n = sum(p.numel() for p in params)
 
-            cached: list[tuple[float, tuple[Tensor | None, ...]]] = []
+            # (weight, differentiable gradients, indices of the parameters they belong to)
+            Graph = tuple[float, list[Tensor], list[int]]
+            cached: list[Graph] = []
 
-            def graphs() -> Iterator[tuple[float, tuple[Tensor | None, ...]]]:
+            def graphs() -> Iterator[Graph]:
                 """(weight, create_graph gradient) per batch, one batch at a time. A single
                 batch's graph is built once and kept for every product (as PyHessian does); a
                 loader's are rebuilt per product, so only one graph is alive at a time."""
@@ -355,27 +358,29 @@ def hessian_vector_product(
                 for batch in m.batches:
                     loss = m.loss(batch)
                     grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+                    # gradients that are constant in the parameters have no second derivative
+                    used = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+                    graph = (m.weight(batch), [grads[i] for i in used], used)
                     if len(m.batches) == 1:
-                        cached.append((m.weight(batch), grads))
-                    yield m.weight(batch), grads
+                        cached.append(graph)
+                    yield graph
 
             def hvp_autograd(v: Tensor) -> Tensor:
                 vs = unflat(v, params)
-                total = torch.zeros(n, dtype=torch.float64)
-                for weight, grads in graphs():
-                    used = [(g, vi) for g, vi in zip(grads, vs, strict=True) if g is not None]
-                    used = [(g, vi) for g, vi in used if g.requires_grad]
+                total: Tensor | None = None
+                for weight, grads, used in graphs():
                     if not used:
                         continue
                     hv = torch.autograd.grad(
-                        [g for g, _ in used],
+                        grads,
                         params,
-                        grad_outputs=[vi for _, vi in used],
+                        grad_outputs=[vs[i] for i in used],
                         allow_unused=True,
                         retain_graph=True,
                     )
-                    total += weight * flat(hv, params)
-                return total
+                    part = flat(hv, params)
+                    total = part.mul_(weight) if total is None else total.add_(part, alpha=weight)
+                return total if total is not None else torch.zeros(n, dtype=torch.float64)
 
             def hvp_fd(v: Tensor) -> Tensor:
                 saved = [p.detach().clone() for p in params]
