@@ -194,7 +194,7 @@ def update_running_stats_(
     mean: Tensor,
     var: Tensor,
     count: int,
-    momentum: float,
+    momentum: float | Tensor,
     owner: str = "batch norm",
 ) -> None:
     """In place, torch's rule: ``running = (1 - momentum) * running + momentum * batch``.
@@ -203,11 +203,23 @@ def update_running_stats_(
     unbiased one, ``var * count / (count - 1)`` (Ioffe & Szegedy 2015, Alg. 2; torch's convention).
     ``mean``/``var`` may have any shape with ``running_mean.numel()`` elements and any float dtype.
     Non-finite batch statistics are not applied (:class:`NonFiniteStatisticsWarning`).
+    A 0-dim tensor ``momentum`` (cumulative averages under ``torch.compile``) is applied as
+    ``running + momentum * (batch - running)``.
     """
     with torch.no_grad():
         bessel = count / (count - 1) if count > 1 else 1.0
         new_mean = mean.reshape(running_mean.shape).to(running_mean.dtype)
         new_var = (var.reshape(running_var.shape) * bessel).to(running_var.dtype)
+        if isinstance(momentum, Tensor):
+            m = momentum.to(running_mean.dtype)
+            store_running_stats_(
+                running_mean,
+                running_var,
+                running_mean + (new_mean - running_mean) * m,
+                running_var + (new_var - running_var) * m,
+                owner,
+            )
+            return
         store_running_stats_(
             running_mean,
             running_var,

@@ -125,7 +125,7 @@ def batch_norm_unchecked(
     weight: Tensor | None,
     bias: Tensor | None,
     training: bool,
-    momentum: float,
+    momentum: float | Tensor,
     eps: float,
     owner: str,
 ) -> Tensor:
@@ -146,7 +146,14 @@ def batch_norm_unchecked(
             update_running_stats_(running_mean, running_var, mean, var, count, momentum, owner)
         return y  # type: ignore[no-any-return]
     if not track or running_mean is None or running_var is None:
-        return _native_batch_norm(input, weight, bias, None, None, True, momentum, eps)
+        return _native_batch_norm(input, weight, bias, None, None, True, 0.0, eps)
+    if isinstance(momentum, Tensor):  # a cumulative average under torch.compile
+        y = _native_batch_norm(input, weight, bias, None, None, True, 0.0, eps)
+        dims = [0, *range(2, input.dim())]
+        with torch.no_grad():
+            var, mean = torch.var_mean(input.to(stats_dtype(input.dtype)), dims, correction=0)
+        update_running_stats_(running_mean, running_var, mean, var, count, momentum, owner)
+        return y
     # torch's kernel updates the running statistics in place and keeps them for its backward:
     # give it copies, and store the result only if it is finite
     new_mean, new_var = running_mean.clone(), running_var.clone()
@@ -266,7 +273,7 @@ def instance_norm_unchecked(
     weight: Tensor | None,
     bias: Tensor | None,
     training: bool,
-    momentum: float,
+    momentum: float | Tensor,
     eps: float,
     owner: str,
 ) -> Tensor:

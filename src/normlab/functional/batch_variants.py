@@ -19,8 +19,8 @@ def renorm_correction(
     running_mean: Tensor,
     running_std: Tensor,
     eps: float,
-    r_max: float,
-    d_max: float,
+    r_max: float | Tensor,
+    d_max: float | Tensor,
 ) -> tuple[Tensor, Tensor]:
     """Batch renorm's ``r = clip(sigma_B / sigma, 1/r_max, r_max)`` and
     ``d = clip((mu_B - mu) / sigma, -d_max, d_max)`` (Ioffe 2017, Alg. 1), from the batch's
@@ -32,12 +32,67 @@ def renorm_correction(
     >>> r.item(), d.item()
     (2.0, 0.5)
     """
+    if torch.compiler.is_compiling():
+        # An opaque op: the compiled backward must not recompute r and d from the running
+        # statistics, which this step updates in place (it would silently use the new ones).
+        return _correction_op(  # type: ignore[no-any-return]
+            mean,
+            var,
+            running_mean,
+            running_std,
+            eps,
+            torch.as_tensor(r_max, dtype=torch.float64),
+            torch.as_tensor(d_max, dtype=torch.float64),
+        )
+    return _correction(mean, var, running_mean, running_std, eps, r_max, d_max)
+
+
+def _correction(
+    mean: Tensor,
+    var: Tensor,
+    running_mean: Tensor,
+    running_std: Tensor,
+    eps: float,
+    r_max: float | Tensor,
+    d_max: float | Tensor,
+) -> tuple[Tensor, Tensor]:
     with torch.no_grad():
         std = torch.sqrt(var.double() + eps)
         sigma = running_std.double()
-        r = (std / sigma).clamp(1.0 / r_max, r_max)
-        d = ((mean.double() - running_mean.double()) / sigma).clamp(-d_max, d_max)
+        r = (std / sigma).clamp(1.0 / r_max, r_max)  # type: ignore[arg-type]
+        d = ((mean.double() - running_mean.double()) / sigma).clamp(-d_max, d_max)  # type: ignore[arg-type]
     return r, d
+
+
+@torch.library.custom_op("normlab::renorm_correction", mutates_args=())
+def _correction_op(
+    mean: Tensor,
+    var: Tensor,
+    running_mean: Tensor,
+    running_std: Tensor,
+    eps: float,
+    r_max: Tensor,
+    d_max: Tensor,
+) -> tuple[Tensor, Tensor]:
+    r, d = _correction(mean, var, running_mean, running_std, eps, r_max, d_max)
+    return r.clone(), d.clone()
+
+
+@_correction_op.register_fake
+def _(
+    mean: Tensor,
+    var: Tensor,
+    running_mean: Tensor,
+    running_std: Tensor,
+    eps: float,
+    r_max: Tensor,
+    d_max: Tensor,
+) -> tuple[Tensor, Tensor]:
+    shape = torch.broadcast_shapes(mean.shape, running_mean.shape)  # type: ignore[no-untyped-call]
+    return (
+        mean.new_empty(shape, dtype=torch.float64),
+        mean.new_empty(shape, dtype=torch.float64),
+    )
 
 
 def batch_renorm_unchecked(
@@ -49,8 +104,8 @@ def batch_renorm_unchecked(
     training: bool,
     momentum: float,
     eps: float,
-    r_max: float,
-    d_max: float,
+    r_max: float | Tensor,
+    d_max: float | Tensor,
     owner: str,
 ) -> Tensor:
     """Batch renormalization (Ioffe, NeurIPS 2017) on validated arguments.
@@ -97,7 +152,7 @@ def ghost_batch_norm_unchecked(
     weight: Tensor | None,
     bias: Tensor | None,
     training: bool,
-    momentum: float,
+    momentum: float | Tensor,
     eps: float,
     virtual_batch_size: int,
     owner: str,

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from normlab._checks import fail
+from normlab.functional import _rng
 
 __all__ = [
     "SELU_ALPHA",
@@ -70,7 +71,7 @@ def keep_mask(
     """Bernoulli(keep) mask of ``shape`` with ``like``'s dtype and device (from ``generator``, or
     torch's global RNG)."""
     # uniform < keep is Bernoulli(keep) exactly, and ~3x faster on CPU than bernoulli_
-    return (torch.rand(shape, device=like.device, generator=generator) < keep).to(like.dtype)
+    return (_rng.rand(shape, generator, device=like.device) < keep).to(like.dtype)
 
 
 def dropout(

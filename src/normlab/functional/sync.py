@@ -161,7 +161,7 @@ def sync_batch_norm_unchecked(
     weight: Tensor | None,
     bias: Tensor | None,
     training: bool,
-    momentum: float,
+    momentum: float | Tensor,
     eps: float,
     group: Any,
     owner: str,

@@ -42,7 +42,17 @@ __all__ = [
 
 # (input, running_mean, running_var, weight, bias, training, momentum, eps, owner) -> output
 NormFn = Callable[
-    [Tensor, Tensor | None, Tensor | None, Tensor | None, Tensor | None, bool, float, float, str],
+    [
+        Tensor,
+        Tensor | None,
+        Tensor | None,
+        Tensor | None,
+        Tensor | None,
+        bool,
+        float | Tensor,
+        float,
+        str,
+    ],
     Tensor,
 ]
 
@@ -173,12 +183,19 @@ class RunningStatsNorm(InputChecks, _NormBase):
             **bias_kwarg(bias),
         )
 
-    def _momentum_factor(self) -> float:
-        """The weight of this call's batch in the running average (before the counter increments)."""
+    def _momentum_factor(self) -> float | Tensor:
+        """The weight of this call's batch in the running average (before the counter increments).
+
+        Cumulative averages (``momentum=None``) under ``torch.compile`` get a 0-dim tensor: reading
+        the counter buffer as a Python number would be a data-dependent guard, which stops
+        ``fullgraph=True`` compilation (torch.nn's batch norm fails there).
+        """
         if self.momentum is not None:
             return self.momentum
         if self.num_batches_tracked is None:
             return 0.0
+        if torch.compiler.is_compiling():
+            return (self.num_batches_tracked + 1).double().reciprocal()
         return 1.0 / (int(self.num_batches_tracked) + 1)
 
     def _normalize_with(self, fn: NormFn, input: Tensor) -> Tensor:

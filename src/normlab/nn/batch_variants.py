@@ -15,6 +15,7 @@ from normlab._checks import (
     check_positive_int,
     fail,
 )
+from normlab.functional import _rng
 from normlab.functional._core import channel_view_shape, finite_statistics
 from normlab.functional.batch_norm import batch_norm_unchecked
 from normlab.functional.batch_variants import batch_renorm_unchecked, ghost_batch_norm_unchecked
@@ -185,8 +186,12 @@ class _BatchRenorm(InputChecks, nn.Module):
             self.running_mean.copy_(mean)
             self.running_std.copy_(torch.sqrt(var.double() + self.eps))
 
-    def current_limits(self) -> tuple[float, float]:
-        """``(r_max, d_max)`` for the next training step, from the schedule."""
+    def current_limits(self) -> tuple[float, float] | tuple[Tensor, Tensor]:
+        """``(r_max, d_max)`` for the next training step, from the schedule (0-dim float64
+        tensors under ``torch.compile``, where reading the buffers as numbers would be
+        data-dependent guards that stop ``fullgraph=True`` compilation)."""
+        if torch.compiler.is_compiling():
+            return self._traced_limits()
         r_max, d_max, warmup, r_end, d_end = self.renorm_schedule.tolist()
         t = float(self.num_batches_tracked)
 
@@ -196,6 +201,19 @@ class _BatchRenorm(InputChecks, nn.Module):
             if end <= warmup:
                 return float(final)
             return float(neutral + (final - neutral) * min(1.0, (t - warmup) / (end - warmup)))
+
+        return ramp(r_max, 1.0, r_end), ramp(d_max, 0.0, d_end)
+
+    def _traced_limits(self) -> tuple[Tensor, Tensor]:
+        """:meth:`current_limits` in tensor ops, for ``torch.compile``."""
+        r_max, d_max, warmup, r_end, d_end = self.renorm_schedule.double().unbind()
+        t = self.num_batches_tracked.double()
+
+        def ramp(final: Tensor, neutral: float, end: Tensor) -> Tensor:
+            progress = ((t - warmup) / (end - warmup).clamp_min(1e-12)).clamp(0.0, 1.0)
+            progress = torch.where(end <= warmup, torch.ones_like(t), progress)
+            ramped = neutral + (final - neutral) * progress
+            return torch.where(t < warmup, torch.full_like(t, neutral), ramped)
 
         return ramp(r_max, 1.0, r_end), ramp(d_max, 0.0, d_end)
 
@@ -348,7 +366,7 @@ class GhostBatchNorm(RunningStatsNorm, _TorchBatchNorm):
         weight: Tensor | None,
         bias: Tensor | None,
         training: bool,
-        momentum: float,
+        momentum: float | Tensor,
         eps: float,
         owner: str,
     ) -> Tensor:
@@ -457,14 +475,19 @@ class NoisyBatchNorm(RunningStatsNorm, _TorchBatchNorm):
         """One step's ``(s, m)`` for activations of ``shape`` (advances the generator)."""
         g = self.generator
         lo, hi = self.mean_range
-        mu_t = lo + (hi - lo) * torch.rand((), generator=g, dtype=torch.float64).item()
-        lo, hi = self.std_range
-        sigma_t = lo + (hi - lo) * torch.rand((), generator=g, dtype=torch.float64).item()
+        # the step's levels stay 0-dim float64 tensors (no .item()), so torch.compile can trace
+        u_mu = _rng.rand((), g, dtype=torch.float64)
+        u_sigma = _rng.rand((), g, dtype=torch.float64, after=u_mu)
         noise_shape = (
             tuple(shape) if self.per == "element" else (*shape[:2], *([1] * (len(shape) - 2)))
         )
-        m = mu_t + self.mean_spread * (2 * torch.rand(noise_shape, generator=g) - 1)
-        s = sigma_t + self.std_spread * torch.randn(noise_shape, generator=g)
+        u_m = _rng.rand(noise_shape, g, after=u_sigma)
+        z_s = _rng.randn(noise_shape, g, after=u_m)
+        mu_t = lo + (hi - lo) * u_mu
+        lo, hi = self.std_range
+        sigma_t = lo + (hi - lo) * u_sigma
+        m = mu_t + self.mean_spread * (2 * u_m - 1)
+        s = sigma_t + self.std_spread * z_s
         return s.to(device=device, dtype=dtype), m.to(device=device, dtype=dtype)
 
     def forward(self, input: Tensor) -> Tensor:

@@ -63,7 +63,7 @@ class _BatchNorm(RunningStatsNorm, _TorchBatchNorm):
                 self.running_mean if buffers else None,
                 self.running_var if buffers else None,
                 batch_stats,
-                self._momentum_factor(),
+                float(self._momentum_factor()),  # a float outside torch.compile
                 self.eps,
                 torch.backends.cudnn.enabled,
             )

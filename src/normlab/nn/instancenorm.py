@@ -75,7 +75,7 @@ class _InstanceNorm(RunningStatsNorm, _TorchInstanceNorm):
                 self.running_mean,
                 self.running_var,
                 self.training or not self.track_running_stats,
-                self._momentum_factor(),
+                float(self._momentum_factor()),  # a float outside torch.compile
                 self.eps,
                 torch.backends.cudnn.enabled,
             )

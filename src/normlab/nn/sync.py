@@ -79,7 +79,7 @@ class SyncBatchNorm(RunningStatsNorm, _TorchBatchNorm):
         weight: Tensor | None,
         bias: Tensor | None,
         training: bool,
-        momentum: float,
+        momentum: float | Tensor,
         eps: float,
         owner: str,
     ) -> Tensor:
