@@ -145,3 +145,24 @@ def test_does_not_mutate_input(spec: LayerSpec) -> None:
     before = x.clone()
     spec.make()(x)
     assert torch.equal(x, before)
+
+
+SPATIAL = [(spec, shape) for spec, shape in CASES if len(shape) in (4, 5)]
+
+
+@pytest.mark.parametrize(
+    ("spec", "shape"),
+    SPATIAL,
+    ids=[f"{spec.id}-{'x'.join(map(str, shape))}" for spec, shape in SPATIAL],
+)
+def test_channels_last_in_channels_last_out(spec: LayerSpec, shape: tuple[int, ...]) -> None:
+    """Output and input gradient keep a channels-last input's memory format, in both modes
+    (torch's instance norm and layer norm return channels-first)."""
+    fmt = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
+    layer = spec.make()
+    x = _input(shape).contiguous(memory_format=fmt).requires_grad_()
+    for training in (True, False):
+        y = layer.train(training)(x)
+        assert y.is_contiguous(memory_format=fmt), f"output, training={training}"
+        (gx,) = torch.autograd.grad(y, x, torch.ones_like(y))
+        assert gx.is_contiguous(memory_format=fmt), f"input gradient, training={training}"

@@ -54,3 +54,33 @@ def test_bfloat16_buffers_are_updated() -> None:
         bn.running_mean.float(), x.float().mean((0, 2, 3)), rtol=1e-2, atol=0.5
     )
     assert int(bn.num_batches_tracked) == 1
+
+
+def _torch_counterparts():  # type: ignore[no-untyped-def]
+    from tests.nn.specs import SPECS
+
+    return [s for s in SPECS if s.torch_make is not None]
+
+
+@pytest.mark.parametrize("spec", _torch_counterparts(), ids=lambda s: s.id)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_autocast_matches_torch(spec, dtype) -> None:  # type: ignore[no-untyped-def]
+    """Under CPU autocast (bfloat16) every layer returns the dtype torch.nn's returns, with close
+    values, and running statistics stay float32 and move as torch's do."""
+    shape = spec.shapes[-1]
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(shape, generator=g) * 2 + 1).to(dtype)
+    ours, ref = spec.make(), spec.torch_make()
+    ref.load_state_dict(ours.state_dict())
+    for training in (True, False):
+        ours.train(training)
+        ref.train(training)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y, yr = ours(x), ref(x)
+        assert y.dtype == yr.dtype
+        torch.testing.assert_close(y.float(), yr.float(), rtol=2e-2, atol=2e-2)
+    for (name, b), br in zip(ours.named_buffers(), ref.buffers(), strict=True):
+        assert b.dtype == br.dtype, name
+        if b.is_floating_point():
+            assert b.dtype == torch.float32, name
+            torch.testing.assert_close(b, br, rtol=1e-2, atol=1e-2)

@@ -150,11 +150,12 @@ def test_parity_with_torch(make, torch_make, shape, dtype) -> None:  # type: ign
 def test_parity_channels_last(make, torch_make, shape) -> None:  # type: ignore[no-untyped-def]
     ours, ref = _pair(make, torch_make, torch.float32)
     _check_parity(ours, ref, shape, torch.float32, channels_last=True)
-    x = _x(shape, torch.float32, 0, channels_last=True)
-    y, yr = ours.train()(x), ref.train()(x)
-    assert y.is_contiguous(memory_format=torch.channels_last) == yr.is_contiguous(
-        memory_format=torch.channels_last
-    )
+    x = _x(shape, torch.float32, 0, channels_last=True).requires_grad_()
+    for training in (True, False):  # channels-last in, channels-last out (torch's instance norm
+        y = ours.train(training)(x)  # returns channels-first)
+        assert y.is_contiguous(memory_format=torch.channels_last)
+        (gx,) = torch.autograd.grad(y, x, torch.ones_like(y))
+        assert gx.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_big_cases_take_the_fast_path() -> None:

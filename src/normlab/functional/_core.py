@@ -29,6 +29,7 @@ import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -38,12 +39,14 @@ __all__ = [
     "NonFiniteStatisticsWarning",
     "apply_affine",
     "channel_view_shape",
+    "channels_last_format",
     "compiling",
     "finite_statistics",
     "keepdim_shape",
     "moments",
     "normalize",
     "pool_moments",
+    "relayout",
     "stats_dtype",
     "store_running_stats_",
     "update_running_stats_",
@@ -55,6 +58,42 @@ _LOW_PRECISION = (torch.float16, torch.bfloat16)
 def stats_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype statistics are accumulated in: float32 for float16/bfloat16, else ``dtype``."""
     return torch.float32 if dtype in _LOW_PRECISION else dtype
+
+
+def channels_last_format(x: Tensor) -> torch.memory_format | None:
+    """``torch.channels_last`` (4-D) or ``torch.channels_last_3d`` (5-D) if ``x`` is stored that
+    way (and not also channels-first contiguous, as with one channel or 1x1 maps), else ``None``:
+    what a layer's output should keep.
+
+    >>> channels_last_format(torch.ones(2, 3, 4, 4).contiguous(memory_format=torch.channels_last))
+    torch.channels_last
+    """
+    formats = {4: torch.channels_last, 5: torch.channels_last_3d}
+    fmt = formats.get(x.dim())
+    if fmt is None or x.is_contiguous() or not x.is_contiguous(memory_format=fmt):
+        return None
+    return fmt
+
+
+class _Relayout(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, fmt: torch.memory_format) -> Tensor:
+        ctx.source = channels_last_format(x) or torch.contiguous_format
+        return x.contiguous(memory_format=fmt)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        return grad.contiguous(memory_format=ctx.source), None
+
+
+def relayout(x: Tensor, fmt: torch.memory_format) -> Tensor:
+    """``x.contiguous(memory_format=fmt)`` whose gradient comes back in ``x``'s own layout (the
+    plain conversion hands the gradient on in ``fmt``): for kernels that need channels-first
+    input inside a layer that keeps channels-last tensors channels-last both ways. Compiled, the
+    plain conversion (the compiler chooses layouts itself)."""
+    if torch.compiler.is_compiling():
+        return x.contiguous(memory_format=fmt)
+    return _Relayout.apply(x, fmt)  # type: ignore[no-any-return, no-untyped-call]
 
 
 def channel_view_shape(ndim: int, num_channels: int, channel_dim: int = 1) -> list[int]:

@@ -15,6 +15,8 @@ from normlab._checks import (
     fail,
 )
 from normlab.functional._core import (
+    channels_last_format,
+    relayout,
     stats_dtype,
     store_running_stats_,
     update_running_stats_,
@@ -278,9 +280,10 @@ def instance_norm_unchecked(
     owner: str,
 ) -> Tensor:
     """:func:`instance_norm` for callers that validated the arguments (the modules)."""
+    fmt = channels_last_format(input)
     if running_mean is not None and not training:
         y = _native_batch_norm(input, weight, bias, running_mean, running_var, False, 0.0, eps)
-        return y.contiguous()  # channels-first in both modes, as torch's instance norm
+        return y.contiguous(memory_format=fmt or torch.contiguous_format)
     check_nonempty_batch(input, owner=owner)
     n, c = input.shape[0], input.shape[1]
     positions = math.prod(input.shape[2:])
@@ -294,10 +297,13 @@ def instance_norm_unchecked(
     )
     # Channels-first contiguous: torch's group-norm kernel is accurate and fast there; on
     # channels-last input it is slower than a copy plus the channels-first kernel, and its
-    # float32 weight gradient is ~40x less accurate (tests/nn/test_parity.py).
+    # float32 weight gradient is ~40x less accurate (tests/nn/test_parity.py). Channels-last
+    # input gets channels-last output (torch's instance norm returns channels-first).
     y, mean, rstd = torch.native_group_norm(
-        input.contiguous(), weight, bias, n, c, positions, c, eps
+        relayout(input, torch.contiguous_format), weight, bias, n, c, positions, c, eps
     )
+    if fmt is not None:
+        y = y.contiguous(memory_format=fmt)
     if training and running_mean is not None and running_var is not None:
         with torch.no_grad():
             var = (rstd.double().pow(-2) - eps).clamp_min(0.0).view(n, c).mean(0)

@@ -6,7 +6,11 @@ import torch
 from torch import Tensor
 
 from normlab._checks import check_values_per_channel, fail
-from normlab.functional._core import finite_statistics, update_running_stats_
+from normlab.functional._core import (
+    channels_last_format,
+    finite_statistics,
+    update_running_stats_,
+)
 from normlab.functional._fast import batch_moments
 from normlab.functional.batch_norm import batch_norm_unchecked
 
@@ -192,15 +196,28 @@ def ghost_batch_norm_unchecked(
     if rest == 1:  # a lone sample has no variance: it joins the last full virtual batch
         full, rest = full - 1, vbs + 1
     pieces = []
-    if full:
-        head = input[: full * vbs]
-        # (full * vbs, C, *) -> (full, vbs, C, P) -> (full, C, vbs, P): each (chunk, channel) row
-        grouped = head.reshape(full, vbs, c, -1).transpose(1, 2).contiguous()
-        normed = torch.group_norm(grouped, c, weight, bias, eps)
-        pieces.append(normed.transpose(1, 2).reshape(head.shape))
-    if rest:
-        tail = input[full * vbs :]
-        pieces.append(batch_norm_unchecked(tail, None, None, weight, bias, True, 0.0, eps, owner))
+    if channels_last_format(input) is not None:
+        # channels-last: torch's batch-norm kernel is fast there, and each virtual batch (a
+        # split along N) stays channels-last, so the output and (split's backward is a cat) the
+        # input gradient do too
+        sizes = [vbs] * full + ([rest] if rest else [])
+        pieces = [
+            batch_norm_unchecked(chunk, None, None, weight, bias, True, 0.0, eps, owner)
+            for chunk in torch.split(input, sizes)
+        ]
+    else:
+        if full:
+            head = input[: full * vbs]
+            # (full * vbs, C, *) -> (full, vbs, C, P) -> (full, C, vbs, P): one row per
+            # (chunk, channel)
+            grouped = head.reshape(full, vbs, c, -1).transpose(1, 2).contiguous()
+            normed = torch.group_norm(grouped, c, weight, bias, eps)
+            pieces.append(normed.transpose(1, 2).reshape(head.shape))
+        if rest:
+            tail = input[full * vbs :]
+            pieces.append(
+                batch_norm_unchecked(tail, None, None, weight, bias, True, 0.0, eps, owner)
+            )
     y = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
     if training and running_mean is not None and running_var is not None:
         mean, var = batch_moments(input)

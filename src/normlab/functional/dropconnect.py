@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from normlab.functional._core import channels_last_format
 from normlab.functional.stochastic import keep_mask
 
 __all__ = ["CHUNK_ELEMENTS", "Activation", "dropconnect", "gaussian_relu_mean"]
@@ -160,7 +161,9 @@ def _per_sample(
 ) -> Tensor:
     """Pre-activations with an independent weight (and bias) mask for every sample."""
     seed = int(torch.randint(0, 2**62, (1,), generator=generator).item())
-    return _PerSampleDropConnect.apply(x, weight, bias, keep, seed, conv, groups)  # type: ignore[no-any-return, no-untyped-call]
+    y: Tensor = _PerSampleDropConnect.apply(x, weight, bias, keep, seed, conv, groups)  # type: ignore[no-untyped-call]
+    fmt = channels_last_format(x)  # the grouped convolution's output is channels-first
+    return y if fmt is None else y.contiguous(memory_format=fmt)
 
 
 def dropconnect(

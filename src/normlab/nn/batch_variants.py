@@ -16,7 +16,11 @@ from normlab._checks import (
     fail,
 )
 from normlab.functional import _rng
-from normlab.functional._core import channel_view_shape, finite_statistics
+from normlab.functional._core import (
+    channel_view_shape,
+    channels_last_format,
+    finite_statistics,
+)
 from normlab.functional.batch_norm import batch_norm_unchecked
 from normlab.functional.batch_variants import batch_renorm_unchecked, ghost_batch_norm_unchecked
 from normlab.nn._base import InputChecks, RunningStatsNorm, check_norm_args, is_traced
@@ -500,6 +504,9 @@ class NoisyBatchNorm(RunningStatsNorm, _TorchBatchNorm):
         if not self.hold_noise or self._noise is None or self._noise[0].shape[0] != y.shape[0]:
             self._noise = self.draw_noise(y.shape, y.device, y.dtype)
         s, m = self._noise
+        fmt = channels_last_format(y)
+        if fmt is not None and self.per == "element":  # the noise is drawn channels-first
+            s, m = s.contiguous(memory_format=fmt), m.contiguous(memory_format=fmt)
         return torch.addcmul(m, s, y)
 
     def extra_repr(self) -> str:
