@@ -210,3 +210,47 @@ def test_mixed_dtypes_go_to_torch_which_refuses_them() -> None:
     assert not use_fast_batch_stats(x, None, None, rm, rv)
     with pytest.raises(RuntimeError, match="dtype"):
         NF.batch_norm(x, rm, rv, training=True)
+
+
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("offset", [0.0, 20.0], ids=["centred", "off-centre"])
+def test_channels_last_instance_norm_against_the_float64_reference(
+    monkeypatch: pytest.MonkeyPatch, affine: bool, offset: float
+) -> None:
+    """The per-sample channels-last path: output and all gradients against the plain
+    instance-norm formula in float64; gradcheck and gradgradcheck; channels-last kept."""
+    import importlib
+
+    bn = importlib.import_module(
+        "normlab.functional.batch_norm"
+    )  # the package's name is a function
+    monkeypatch.setattr(bn, "_MIN_SAMPLE_CL", 1)
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(3, 4, 5, 6, generator=g, dtype=torch.float64) * 2 + offset).contiguous(
+        memory_format=torch.channels_last
+    )
+    w = (torch.rand(4, generator=g, dtype=torch.float64) + 0.5) if affine else None
+    b = torch.randn(4, generator=g, dtype=torch.float64) if affine else None
+    gy = torch.randn(x.shape, generator=g, dtype=torch.float64) + 1.0
+
+    def ours(x, w, b):  # type: ignore[no-untyped-def]
+        return bn.instance_norm_unchecked(x, None, None, w, b, True, 0.1, 1e-5, "test")
+
+    def reference(x, w, b):  # type: ignore[no-untyped-def]
+        mean = x.mean((2, 3), keepdim=True)
+        var = ((x - mean) ** 2).mean((2, 3), keepdim=True)
+        y = (x - mean) / torch.sqrt(var + 1e-5)
+        return y if w is None else y * w.view(1, -1, 1, 1) + b.view(1, -1, 1, 1)
+
+    inputs = [t.requires_grad_() for t in (x, w, b) if t is not None]
+    y = ours(x, w, b)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y, reference(x, w, b))
+    for got, want in zip(
+        torch.autograd.grad(y, inputs, gy),
+        torch.autograd.grad(reference(x, w, b), inputs, gy),
+        strict=True,
+    ):
+        torch.testing.assert_close(got, want)
+    assert torch.autograd.gradcheck(ours, (x, w, b))
+    assert torch.autograd.gradgradcheck(ours, (x, w, b))

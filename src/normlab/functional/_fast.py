@@ -21,6 +21,7 @@ Saved for backward: ``x``, ``weight``, per-channel mean and inverse std -- the s
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -31,6 +32,7 @@ from normlab.functional._core import pool_moments
 
 __all__ = [
     "BatchNormTrainNCHW",
+    "InstanceNormChannelsLast",
     "batch_moments",
     "channel_grad_sums",
     "input_grad",
@@ -263,3 +265,100 @@ def input_grad(
     )
     grad_x.addcmul_(grad_out, a.to(x.dtype).view(c, *([1] * (x.dim() - 2))))
     return grad_x
+
+
+class InstanceNormChannelsLast(torch.autograd.Function):
+    """Instance norm of channels-last ``(N, C, *)`` input that stays channels-last, at memory speed.
+
+    One sample is a channels-last ``(1, C, *)`` tensor whose batch statistics are its instance
+    statistics: torch's batch-norm kernel (fast on channels-last tensors, unlike its channels-first
+    training path and its instance norm, which converts the layout first) runs once per sample.
+    The backward pass reduces ``dy`` and ``dy * (x - mean)`` per (sample, channel), centred on a
+    cascade-summed mean (with the kernel's float32 mean the weight gradient is ~10x less accurate
+    than torch's when ``dy`` is off-centre), and writes the input gradient in two broadcast passes. ``apply(x, weight, bias, eps)`` returns ``(y, mean,
+    invstd)`` with per-``(sample, channel)`` statistics, flattened. Saved for backward: ``x`` and
+    the statistics, as torch.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        w, b = (_param(t, x) for t in (weight, bias))
+        parts = [
+            torch.native_batch_norm(xs, w, b, None, None, True, 0.0, eps)
+            for xs in torch.split(x, 1)
+        ]
+        y = torch.cat([p[0] for p in parts])
+        mean = torch.cat([p[1] for p in parts])
+        invstd = torch.cat([p[2] for p in parts])
+        ctx.save_for_backward(x, weight, invstd)  # the mean is recomputed, more accurately
+        ctx.eps = eps
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.mark_non_differentiable(mean, invstd)
+        return y, mean, invstd
+
+    @staticmethod
+    def backward(
+        ctx: Any, grad_out: Tensor, _grad_mean: Tensor | None, _grad_invstd: Tensor | None
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:
+        x, weight, invstd = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        n, c = x.shape[0], x.shape[1]
+        if torch.is_grad_enabled():  # double backward: differentiate torch's formula again
+            with torch.enable_grad():
+                # saved tensors stay connected to the graph of the first backward; leaves that
+                # do not need a gradient get a detached stand-in so that grad() has inputs
+                xg = x if x.requires_grad else x.detach().requires_grad_()
+                wg = None
+                if weight is not None:
+                    wg = weight if weight.requires_grad else weight.detach().requires_grad_()
+                y = torch.cat(
+                    [
+                        torch.batch_norm(s, wg, None, None, None, True, 0.0, ctx.eps, False)
+                        for s in torch.split(xg, 1)
+                    ]
+                )
+                wrt = [xg] if wg is None else [xg, wg]
+                grads = torch.autograd.grad(y, wrt, grad_out, create_graph=True)
+            grad_b = grad_out.sum([0, *range(2, x.dim())]) if need_b else None
+            return (
+                grads[0] if need_x else None,
+                grads[1] if need_w and wg is not None else None,
+                grad_b,
+                None,
+            )
+        # Per (sample, channel) over the M spatial positions, centred on a cascade-summed mean
+        # (the kernel's float32 mean is less accurate, and sum(dy) would amplify its error):
+        #   grad_x = a * (dy - sum(dy) / M - xhat * sum(dy * xhat) / M),  a = weight * invstd
+        # written as a * dy + b * (x - mean) + c in two passes over broadcast coefficients.
+        spatial = list(range(2, x.dim()))
+        view = (n, c, *([1] * len(spatial)))
+        count = math.prod(x.shape[2:])
+        inv = invstd.view(view).to(x.dtype if x.dtype == torch.float64 else torch.float32)
+        centred = x - x.mean(spatial, keepdim=True, dtype=inv.dtype).to(x.dtype)
+        sum_dy = grad_out.sum(spatial, keepdim=True, dtype=inv.dtype)
+        sum_dy_xhat = (centred * grad_out).sum(spatial, keepdim=True, dtype=inv.dtype) * inv
+        grad_x = grad_w = grad_b = None
+        if need_x:
+            w = 1.0 if weight is None else weight.to(inv.dtype).view(1, c, *([1] * len(spatial)))
+            a = w * inv
+            grad_x = torch.addcmul(
+                (-a * sum_dy / count).to(x.dtype),
+                (-a * inv * sum_dy_xhat / count).to(x.dtype),
+                centred,
+            )
+            grad_x.addcmul_(grad_out, a.to(x.dtype))
+        if need_b and ctx.bias_dtype is not None:
+            grad_b = sum_dy.sum(0).flatten().to(ctx.bias_dtype)
+        if need_w and weight is not None:
+            grad_w = sum_dy_xhat.sum(0).flatten()
+        return grad_x, None if grad_w is None else grad_w.to(weight.dtype), grad_b, None
+
+
+def _param(t: Tensor | None, x: Tensor) -> Tensor | None:
+    """Affine parameters for torch's kernel: float32 where activations are float16/bfloat16 (its
+    mixed-precision path), else as they are."""
+    if t is None or x.dtype == torch.float64 or t.dtype == torch.float32:
+        return t
+    return t.float()

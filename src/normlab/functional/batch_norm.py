@@ -16,12 +16,17 @@ from normlab._checks import (
 )
 from normlab.functional._core import (
     channels_last_format,
+    compiling,
     relayout,
     stats_dtype,
     store_running_stats_,
     update_running_stats_,
 )
-from normlab.functional._fast import BatchNormTrainNCHW, use_fast_batch_stats
+from normlab.functional._fast import (
+    BatchNormTrainNCHW,
+    InstanceNormChannelsLast,
+    use_fast_batch_stats,
+)
 
 __all__ = ["batch_norm", "batch_norm_unchecked", "instance_norm", "instance_norm_unchecked"]
 
@@ -268,6 +273,11 @@ def instance_norm(
     )
 
 
+# Channels-last instance norm runs torch's batch-norm kernel once per sample from this many values
+# per sample on (fewer: the per-call overhead outweighs the layout conversions it saves).
+_MIN_SAMPLE_CL = 1 << 12
+
+
 def instance_norm_unchecked(
     input: Tensor,
     running_mean: Tensor | None,
@@ -295,15 +305,23 @@ def instance_norm_unchecked(
         fix="instance norm needs a feature map larger than 1 element; use BatchNorm or "
         "LayerNorm for 1x1 features",
     )
-    # Channels-first contiguous: torch's group-norm kernel is accurate and fast there; on
-    # channels-last input it is slower than a copy plus the channels-first kernel, and its
-    # float32 weight gradient is ~40x less accurate (tests/nn/test_parity.py). Channels-last
-    # input gets channels-last output (torch's instance norm returns channels-first).
-    y, mean, rstd = torch.native_group_norm(
-        relayout(input, torch.contiguous_format), weight, bias, n, c, positions, c, eps
-    )
-    if fmt is not None:
-        y = y.contiguous(memory_format=fmt)
+    if fmt is not None and positions * c >= _MIN_SAMPLE_CL and not compiling():
+        # Channels-last: one sample is a channels-last (1, C, *) tensor whose batch statistics
+        # are its instance statistics, so torch's channels-last batch-norm kernel (fast there)
+        # runs per sample; the output and the input gradient (split's backward is a cat) stay
+        # channels-last, and nothing is saved beyond torch's own per-sample tensors.
+        y, mean, rstd = InstanceNormChannelsLast.apply(input, weight, bias, eps)  # type: ignore[no-untyped-call]
+    else:
+        # Channels-first contiguous: torch's group-norm kernel is accurate and fast there; on
+        # channels-last input it is slower than a copy plus the channels-first kernel, and its
+        # float32 weight gradient is ~40x less accurate (tests/nn/test_parity.py); small
+        # channels-last samples take that route too, converted back (torch's instance norm
+        # returns channels-first).
+        y, mean, rstd = torch.native_group_norm(
+            relayout(input, torch.contiguous_format), weight, bias, n, c, positions, c, eps
+        )
+        if fmt is not None:
+            y = y.contiguous(memory_format=fmt)
     if training and running_mean is not None and running_var is not None:
         with torch.no_grad():
             var = (rstd.double().pow(-2) - eps).clamp_min(0.0).view(n, c).mean(0)

@@ -1,0 +1,200 @@
+"""One table for issue #9: every layer against torch.nn, and whole training steps.
+
+Usage::
+
+    python benchmarks/run_all.py                  # the README table (a few minutes)
+    python benchmarks/run_all.py --quick          # smoke run: small shapes, short timings
+    python benchmarks/run_all.py --out table.md   # also write the markdown
+
+Layer rows: layer x shape x dtype x memory format; time ratio normlab / torch.nn (forward, and
+forward+backward) measured alternately in the same run, 1 thread, median of
+``torch.utils.benchmark`` blocked autorange; GB/s of normlab's forward+backward counting the
+minimum traffic (5 S: forward 2 S, backward reads x and dy and writes dx; S = tensor bytes); peak
+memory of one forward+backward (tensors alive at once: input, output, saved tensors, gradients;
+``torch.distributed._tools.mem_tracker.MemTracker``) for normlab / torch.nn. bfloat16 rows feed
+bfloat16 activations to float32 parameters, as autocast does. Variant rows (batch renorm, ghost,
+L1/Linf, noisy batch norm) compare with ``torch.nn.BatchNorm2d``, what a user would otherwise train.
+
+Model rows: one SGD training step (forward, cross-entropy, backward, optimizer step) of the
+reference VGG-style CNN (VGG-4 width 16, 1x28x28 input) and MLP (3 x 128, 784 inputs), batch 128,
+with normlab's norm layers vs the same model with torch.nn's (same weights), 1 and 2 threads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _harness import Timing, compare, emit, fix_allocator, machine
+from layers import LAYERS, VARIANTS, Layer, _fwd, _fwd_bwd
+from normlab.experiments.config import RunConfig
+from normlab.experiments.models import build_model
+
+
+def peak_mib(layer: nn.Module, x: torch.Tensor, gy: torch.Tensor) -> float:
+    """Peak MiB of tensors alive during one forward+backward (inputs and parameters included)."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    x = x.detach().clone().requires_grad_()
+    tracker = MemTracker()
+    tracker.track_external(layer, x, gy)
+    with tracker:
+        layer(x).backward(gy)
+    layer.zero_grad(set_to_none=True)
+    peak = tracker.get_tracker_snapshot("peak")
+    return sum(stats.get("Total", 0) for stats in peak.values()) / 2**20
+
+
+def layer_rows(
+    specs: list[Layer],
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    channels_last: bool,
+    min_time: float,
+) -> list[str]:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g).to(dtype)
+    gy = torch.randn(shape, generator=g).to(dtype)
+    if channels_last:
+        x, gy = (t.contiguous(memory_format=torch.channels_last) for t in (x, gy))
+    size = x.numel() * x.element_size()
+    label = f"{'x'.join(map(str, shape))} | {str(dtype).removeprefix('torch.')} | " + (
+        "channels_last" if channels_last else "NCHW"
+    )
+    rows = []
+    for spec in specs:
+        ours = spec.ours(shape[1], shape).train(spec.training)
+        theirs = spec.theirs(shape[1], shape).train(spec.training)
+        if not spec.training:  # realistic running statistics for eval rows
+            for m in (ours, theirs):
+                m.running_mean.uniform_(-0.1, 0.1)  # type: ignore[operator]
+                m.running_var.uniform_(0.9, 1.1)  # type: ignore[operator]
+        fwd = compare(_fwd(ours, x), _fwd(theirs, x), min_time)
+        if spec.training:
+            both: tuple[Timing, Timing] | None = compare(
+                _fwd_bwd(ours, x, gy), _fwd_bwd(theirs, x, gy), min_time
+            )
+            assert both is not None
+            gbs = f"{5 * size / both[0].median / 1e9:.1f}"
+            ratio_both = f"**{both[0].median / both[1].median:.2f}**"
+            memory = f"{peak_mib(ours, x, gy):.1f} / {peak_mib(theirs, x, gy):.1f}"
+        else:
+            gbs = f"{2 * size / fwd[0].median / 1e9:.1f} (fwd)"
+            ratio_both, memory = "-", "-"
+        rows.append(
+            f"| {spec.name} | {label} | **{fwd[0].median / fwd[1].median:.2f}** | {ratio_both} | "
+            f"{gbs} | {memory} |"
+        )
+        print(rows[-1], file=sys.stderr, flush=True)
+    return rows
+
+
+def _torch_norms(model: nn.Module) -> nn.Module:
+    """The same model with every normlab norm layer replaced by the torch.nn class it subclasses
+    (same state dict)."""
+    twin = copy.deepcopy(model)
+    for name, module in list(twin.named_modules()):
+        if not type(module).__module__.startswith("normlab."):
+            continue
+        base = next(
+            (c for c in type(module).__mro__ if c.__module__.startswith("torch.nn.modules")),
+            None,
+        )
+        if base is None or base is nn.Module:
+            continue
+        replacement = copy.deepcopy(module)
+        replacement.__class__ = base
+        parent, _, attr = name.rpartition(".")
+        setattr(twin.get_submodule(parent) if parent else twin, attr, replacement)
+    return twin
+
+
+def _train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], object]:
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+
+    def step() -> object:
+        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        return loss
+
+    return step
+
+
+def model_rows(min_time: float, threads: tuple[int, ...], batch: int) -> list[str]:
+    cases = [
+        ("VGG-4 CNN, BN", RunConfig(arch="vgg", norm="batch", width=16), (1, 28, 28)),
+        ("VGG-4 CNN, GN", RunConfig(arch="vgg", norm="group", width=16), (1, 28, 28)),
+        ("MLP 3x128, BN", RunConfig(arch="mlp", norm="batch", depth=3, width=128), (1, 28, 28)),
+    ]
+    rows = []
+    g = torch.Generator().manual_seed(0)
+    for name, cfg, shape in cases:
+        ours = build_model(cfg, shape, 10).train()
+        theirs = _torch_norms(ours).train()
+        assert any(type(m).__module__.startswith("normlab.") for m in ours.modules())
+        assert not any(type(m).__module__.startswith("normlab.") for m in theirs.modules())
+        x = torch.randn(batch, *shape, generator=g)
+        y = torch.randint(0, 10, (batch,), generator=g)
+        for n in threads:
+            torch.set_num_threads(n)
+            t_ours, t_theirs = compare(_train_step(ours, x, y), _train_step(theirs, x, y), min_time)
+            rows.append(
+                f"| {name} | {n} | {t_ours.median * 1e3:.2f} ±{100 * t_ours.spread:.0f}% | "
+                f"{t_theirs.median * 1e3:.2f} ±{100 * t_theirs.spread:.0f}% | "
+                f"**{t_ours.median / t_theirs.median:.2f}** |"
+            )
+            print(rows[-1], file=sys.stderr, flush=True)
+    torch.set_num_threads(1)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--shapes", nargs="+", default=["64x64x32x32", "256x256x14x14"])
+    parser.add_argument("--min-time", type=float, default=0.4, help="seconds per comparison")
+    parser.add_argument("--quick", action="store_true", help="smoke run: one small shape")
+    parser.add_argument("--out", type=Path, help="also write the markdown to this file")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.shapes, args.min_time = ["8x16x8x8"], 0.02
+    torch.set_num_threads(1)
+    fixed = fix_allocator()
+    lines = [
+        f"Measured {datetime.date.today()} on {machine()}; allocator fix "
+        f"{'on' if fixed else 'OFF'}; `python benchmarks/run_all.py` (min_time {args.min_time} s "
+        "per comparison). Ratio = normlab time / torch.nn time, same run; < 1 is faster.",
+        "",
+        "| layer | shape | dtype | format | fwd ratio | fwd+bwd ratio | normlab GB/s (fwd+bwd) | "
+        "peak MiB fwd+bwd (normlab / torch) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for spec in args.shapes:
+        shape = tuple(int(v) for v in spec.split("x"))
+        for dtype in (torch.float32, torch.bfloat16):
+            for channels_last in (False, True):
+                variants = VARIANTS if dtype == torch.float32 else []
+                lines += layer_rows(LAYERS + variants, shape, dtype, channels_last, args.min_time)
+    lines += [
+        "",
+        "| model (one SGD step, batch 128) | threads | normlab ms | torch.nn ms | ratio |",
+        "|---|---|---|---|---|",
+    ]
+    lines += model_rows(args.min_time * 2, (1, 2), 16 if args.quick else 128)
+    return emit(lines, args.out)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
