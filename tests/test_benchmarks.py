@@ -48,6 +48,22 @@ def test_layers_benchmark_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert "ratio" in capsys.readouterr().out
 
 
+def test_run_all_benchmark_smoke(tmp_path: Path) -> None:
+    run_all = _load("run_all")
+    out = tmp_path / "table.md"
+    assert run_all.main(["--quick", "--out", str(out)]) == 0
+    table = out.read_text()
+    for text in (
+        "| BatchNorm2d train | 8x16x8x8 | float32 | NCHW |",
+        "| InstanceNorm2d(affine) | 8x16x8x8 | bfloat16 | channels_last |",
+        "| NoisyBatchNorm vs BN2d |",
+        "| VGG-4 CNN, BN | 2 |",
+        "| MLP 3x128, BN | 1 |",
+    ):
+        assert text in table
+    assert " / " in table  # peak memory normlab / torch
+
+
 # fvcore (when installed, benchmark environment only) scripts functions at import.
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 def test_population_benchmarks_smoke(tmp_path: Path) -> None:

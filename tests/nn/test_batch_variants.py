@@ -300,3 +300,37 @@ def test_ghost_needs_a_full_virtual_batch_in_training() -> None:
         r"virtual_batch_size=4, got 3 \(input shape \(3, 3\)\)\. Fix: use larger batches",
     ):
         nl.GhostBatchNorm(3, virtual_batch_size=4).train()(torch.randn(3, 3))
+
+
+@pytest.mark.parametrize("route", ["fast-nchw", "channels-last"])
+@pytest.mark.parametrize("n", [12, 13, 14])
+def test_ghost_fast_routes_match_the_grouped_route(
+    monkeypatch: pytest.MonkeyPatch, route: str, n: int
+) -> None:
+    """Large NCHW virtual batches run normlab's own batch norm per virtual batch, channels-last
+    ones torch's kernel per virtual batch, both with pooled running statistics: outputs,
+    gradients and buffers equal the grouped route's (tested against F.batch_norm above)."""
+    from normlab.functional import _fast
+
+    def run(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        layer = nl.GhostBatchNorm(3, virtual_batch_size=4, momentum=0.5, dtype=torch.float64)
+        with torch.no_grad():
+            layer.weight.copy_(torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64))
+            layer.bias.copy_(torch.tensor([0.1, -0.2, 0.3], dtype=torch.float64))
+        x = x.detach().clone().requires_grad_()
+        y = layer.train()(x)
+        grads = torch.autograd.grad(y, [x, layer.weight, layer.bias], _x(tuple(x.shape), 1))
+        return (y, *grads, layer.running_mean, layer.running_var)
+
+    x = _x((n, 3, 5, 2), 0)
+    reference = run(x)
+    if route == "fast-nchw":
+        monkeypatch.setattr(_fast, "_MIN_NUMEL", 1)
+        monkeypatch.setattr(_fast, "_MIN_ROW", 1)
+        assert _fast.use_fast_batch_stats(x[:4])
+        got = run(x)
+    else:
+        got = run(x.contiguous(memory_format=torch.channels_last))
+        assert got[0].is_contiguous(memory_format=torch.channels_last)
+    for a, b in zip(got, reference, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)

@@ -36,6 +36,7 @@ __all__ = [
     "batch_moments",
     "channel_grad_sums",
     "input_grad",
+    "kernel_param",
     "row_moments",
     "use_fast_batch_stats",
 ]
@@ -284,7 +285,7 @@ class InstanceNormChannelsLast(torch.autograd.Function):
     def forward(
         ctx: Any, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
     ) -> tuple[Tensor, Tensor, Tensor]:
-        w, b = (_param(t, x) for t in (weight, bias))
+        w, b = (kernel_param(t, x) for t in (weight, bias))
         parts = [
             torch.native_batch_norm(xs, w, b, None, None, True, 0.0, eps)
             for xs in torch.split(x, 1)
@@ -356,7 +357,7 @@ class InstanceNormChannelsLast(torch.autograd.Function):
         return grad_x, None if grad_w is None else grad_w.to(weight.dtype), grad_b, None
 
 
-def _param(t: Tensor | None, x: Tensor) -> Tensor | None:
+def kernel_param(t: Tensor | None, x: Tensor) -> Tensor | None:
     """Affine parameters for torch's kernel: float32 where activations are float16/bfloat16 (its
     mixed-precision path), else as they are."""
     if t is None or x.dtype == torch.float64 or t.dtype == torch.float32:

@@ -8,10 +8,16 @@ from torch import Tensor
 from normlab._checks import check_values_per_channel, fail
 from normlab.functional._core import (
     channels_last_format,
+    compiling,
     finite_statistics,
     update_running_stats_,
 )
-from normlab.functional._fast import batch_moments
+from normlab.functional._fast import (
+    BatchNormTrainNCHW,
+    batch_moments,
+    kernel_param,
+    use_fast_batch_stats,
+)
 from normlab.functional.batch_norm import batch_norm_unchecked
 
 __all__ = ["batch_renorm_unchecked", "ghost_batch_norm_unchecked", "renorm_correction"]
@@ -196,15 +202,29 @@ def ghost_batch_norm_unchecked(
     if rest == 1:  # a lone sample has no variance: it joins the last full virtual batch
         full, rest = full - 1, vbs + 1
     pieces = []
-    if channels_last_format(input) is not None:
+    sizes = [vbs] * full + ([rest] if rest else [])
+    chunk_stats: list[tuple[Tensor, Tensor]] = []
+    if full and use_fast_batch_stats(input[:vbs], weight, bias):
+        # Large channels-first virtual batches: normlab's own NCHW batch norm per virtual batch
+        # (each a contiguous slice), whose statistics also give the whole batch's by pooling.
+        for chunk in torch.split(input, sizes):
+            if use_fast_batch_stats(chunk, weight, bias):
+                y_k, mean_k, var_k = BatchNormTrainNCHW.apply(chunk, weight, bias, eps)  # type: ignore[no-untyped-call]
+                chunk_stats.append((mean_k, var_k))
+            else:
+                y_k = batch_norm_unchecked(chunk, None, None, weight, bias, True, 0.0, eps, owner)
+            pieces.append(y_k)
+    elif channels_last_format(input) is not None and not compiling():
         # channels-last: torch's batch-norm kernel is fast there, and each virtual batch (a
         # split along N) stays channels-last, so the output and (split's backward is a cat) the
-        # input gradient do too
-        sizes = [vbs] * full + ([rest] if rest else [])
-        pieces = [
-            batch_norm_unchecked(chunk, None, None, weight, bias, True, 0.0, eps, owner)
-            for chunk in torch.split(input, sizes)
-        ]
+        # input gradient do too. Each one's statistics come back from the kernel (the variance
+        # as invstd**-2 - eps, exact to float32 rounding unless var << eps).
+        w, b = (kernel_param(t, input) for t in (weight, bias))
+        for chunk in torch.split(input, sizes):
+            y_k, mean_k, invstd_k = torch.native_batch_norm(chunk, w, b, None, None, True, 0.0, eps)
+            var_k = (invstd_k.double().pow(-2) - eps).clamp_min(0.0)
+            chunk_stats.append((mean_k.double(), var_k))
+            pieces.append(y_k)
     else:
         if full:
             head = input[: full * vbs]
@@ -220,7 +240,14 @@ def ghost_batch_norm_unchecked(
             )
     y = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
     if training and running_mean is not None and running_var is not None:
-        mean, var = batch_moments(input)
+        if len(chunk_stats) == len(sizes):  # pooled from the virtual batches (Chan et al.)
+            share = torch.tensor(sizes, dtype=torch.float64).unsqueeze(1) / n
+            means = torch.stack([m.double() for m, _ in chunk_stats])
+            variances = torch.stack([v.double() for _, v in chunk_stats])
+            mean = (share * means).sum(0)
+            var = (share * (variances + (means - mean) ** 2)).sum(0)
+        else:
+            mean, var = batch_moments(input)
         update_running_stats_(
             running_mean, running_var, mean, var, input.numel() // c, momentum, owner
         )
