@@ -20,9 +20,8 @@ from normlab.experiments.config import RunConfig
 from normlab.experiments.models import build_model
 from tests.nn.specs import SPECS, LayerSpec
 
-# DropConnect's per-sample mode and sampled inference run their own chunked autograd function with
-# a generator created per call; they are checked by test_dropconnect_compiles_where_it_can below.
-COMPILED = [s for s in SPECS if not s.id.startswith("dropconnect")]
+# Monte-Carlo DropConnect inference refuses to compile (test at the end of this file).
+COMPILED = [s for s in SPECS if getattr(s.make(), "inference", None) != "mc"]
 
 # inductor's first import in a process calls a deprecated torch.jit API
 pytestmark = pytest.mark.filterwarnings(
@@ -129,3 +128,26 @@ def test_cumulative_average_compiles_where_torch_nn_does_not() -> None:
     theirs = torch.compile(nn.BatchNorm1d(3, momentum=None), fullgraph=True, dynamic=False)
     with pytest.raises(Exception, match="data-dependent"):
         theirs(xs[0])
+
+
+@pytest.mark.parametrize("mode", ["sample", "batch"])
+@pytest.mark.parametrize("inference", ["gaussian", "mean"])
+def test_compiled_dropconnect_draws_what_eager_draws(mode: str, inference: str) -> None:
+    """Per-sample masks (a custom op around the chunked forward/backward) and seeded sampled
+    inference (a generator made while tracing, reseeded at every call) match eager exactly."""
+    eager = nl.DropConnectConv2d(3, 4, 3, p=0.3, mode=mode, inference=inference, samples=50)
+    compiled_layer = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_layer, fullgraph=True, dynamic=False)
+    gy = _input((2, 4, 4, 4), 1)
+    for training in (True, False, False, True):
+        eager.train(training)
+        compiled_layer.train(training)
+        _assert_same(
+            _step(compiled, _input((2, 3, 6, 6), 2), gy), _step(eager, _input((2, 3, 6, 6), 2), gy)
+        )
+
+
+def test_monte_carlo_dropconnect_inference_refuses_to_compile() -> None:
+    layer = nl.DropConnectLinear(5, 4, inference="mc", samples=3).eval()
+    with pytest.raises(Exception, match=r"inference='mc' under torch.compile"):
+        torch.compile(layer, fullgraph=True)(torch.randn(2, 5))

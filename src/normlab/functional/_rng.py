@@ -19,35 +19,85 @@ small object per seeded layer).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["rand", "randn"]
+__all__ = ["lookup", "rand", "randint", "randn", "register", "seeded"]
 
-_GENERATORS: dict[int, torch.Generator] = {}
+_OBJECTS: dict[int, Any] = {}
 _SEEDED = (torch.Tag.nondeterministic_seeded,)
 
 
 @torch._dynamo.assume_constant_result  # type: ignore[untyped-decorator]
-def _key(generator: torch.Generator) -> int:
-    """Runs while dynamo traces (its result becomes a constant of the graph)."""
-    _GENERATORS[id(generator)] = generator
-    return id(generator)
+def register(obj: Any) -> int:
+    """A key for ``obj`` (a generator, a convolution callable) that custom ops take instead of
+    the object. Runs while dynamo traces: the key becomes a constant of the graph."""
+    _OBJECTS[id(obj)] = obj
+    return id(obj)
+
+
+def lookup(key: int) -> Any:
+    """The object :func:`register` gave ``key`` for."""
+    return _OBJECTS[key]
+
+
+_key = register
+_GENERATORS = _OBJECTS
+
+
+class Keyed:
+    """A generator made while dynamo traces, known to the graph by its key (see :func:`seeded`)."""
+
+    def __init__(self, key: int, device: str) -> None:
+        self.key = key
+        self.device = torch.device(device)
+
+
+def seeded(seed: int, device: torch.device | str) -> torch.Generator | Keyed:
+    """A fresh generator on ``device`` seeded with ``seed`` -- for sampling that repeats exactly
+    at every call. Compiled, the generator is made while tracing, and the graph's first draw from
+    it (:func:`rand`, :func:`randn`, :func:`randint` with ``after=None``) reseeds it."""
+    if torch.compiler.is_compiling():
+        where = str(torch.device(device))
+        return Keyed(_made_while_tracing(seed, where), where)
+    return torch.Generator(device).manual_seed(seed)
+
+
+_RESEED: dict[int, int] = {}
+
+
+@torch._dynamo.assume_constant_result  # type: ignore[untyped-decorator]
+def _made_while_tracing(seed: int, device: str) -> int:
+    key = int(register(torch.Generator(device).manual_seed(seed)))
+    _RESEED[key] = seed
+    return key
+
+
+def _key_of(generator: torch.Generator | Keyed) -> int:
+    return generator.key if isinstance(generator, Keyed) else int(_key(generator))
+
+
+def _generator(key: int, after: Tensor | None) -> torch.Generator:
+    generator: torch.Generator = _OBJECTS[key]
+    if after is None and key in _RESEED:  # a per-call generator: start its stream again
+        generator.manual_seed(_RESEED[key])
+    return generator
 
 
 @torch.library.custom_op("normlab::rand", mutates_args=(), tags=_SEEDED)
 def _rand_op(
     shape: Sequence[int], dtype: torch.dtype, device: torch.device, key: int, after: Tensor | None
 ) -> Tensor:
-    return torch.rand(tuple(shape), dtype=dtype, device=device, generator=_GENERATORS[key])
+    return torch.rand(tuple(shape), dtype=dtype, device=device, generator=_generator(key, after))
 
 
 @torch.library.custom_op("normlab::randn", mutates_args=(), tags=_SEEDED)
 def _randn_op(
     shape: Sequence[int], dtype: torch.dtype, device: torch.device, key: int, after: Tensor | None
 ) -> Tensor:
-    return torch.randn(tuple(shape), dtype=dtype, device=device, generator=_GENERATORS[key])
+    return torch.randn(tuple(shape), dtype=dtype, device=device, generator=_generator(key, after))
 
 
 @_rand_op.register_fake
@@ -60,7 +110,7 @@ def _fake(
 
 def rand(
     shape: Sequence[int],
-    generator: torch.Generator | None,
+    generator: torch.Generator | Keyed | None,
     *,
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
@@ -70,13 +120,13 @@ def rand(
     draw ``after`` when compiled (see the module docstring)."""
     if generator is not None and torch.compiler.is_compiling():
         where = torch.device(device if device is not None else generator.device)
-        return _rand_op(list(shape), dtype, where, _key(generator), after)  # type: ignore[no-any-return]
-    return torch.rand(tuple(shape), dtype=dtype, device=device, generator=generator)
+        return _rand_op(list(shape), dtype, where, _key_of(generator), after)  # type: ignore[no-any-return]
+    return torch.rand(tuple(shape), dtype=dtype, device=device, generator=generator)  # type: ignore[arg-type]
 
 
 def randn(
     shape: Sequence[int],
-    generator: torch.Generator | None,
+    generator: torch.Generator | Keyed | None,
     *,
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
@@ -86,5 +136,29 @@ def randn(
     draw ``after`` when compiled (see the module docstring)."""
     if generator is not None and torch.compiler.is_compiling():
         where = torch.device(device if device is not None else generator.device)
-        return _randn_op(list(shape), dtype, where, _key(generator), after)  # type: ignore[no-any-return]
-    return torch.randn(tuple(shape), dtype=dtype, device=device, generator=generator)
+        return _randn_op(list(shape), dtype, where, _key_of(generator), after)  # type: ignore[no-any-return]
+    return torch.randn(tuple(shape), dtype=dtype, device=device, generator=generator)  # type: ignore[arg-type]
+
+
+@torch.library.custom_op("normlab::randint", mutates_args=(), tags=_SEEDED)
+def _randint_op(high: int, device: torch.device, key: int, after: Tensor | None) -> Tensor:
+    return torch.randint(0, high, (1,), device=device, generator=_generator(key, after))
+
+
+@_randint_op.register_fake
+def _(high: int, device: torch.device, key: int, after: Tensor | None) -> Tensor:
+    return torch.empty((1,), dtype=torch.int64, device=device)
+
+
+def randint(
+    high: int,
+    generator: torch.Generator | Keyed | None,
+    *,
+    device: torch.device | str | None = None,
+    after: Tensor | None = None,
+) -> Tensor:
+    """``torch.randint(0, high, (1,))`` from ``generator`` (``None``: torch's global RNG)."""
+    if generator is not None and torch.compiler.is_compiling():
+        where = torch.device(device if device is not None else generator.device)
+        return _randint_op(high, where, _key_of(generator), after)  # type: ignore[no-any-return]
+    return torch.randint(0, high, (1,), device=device, generator=generator)  # type: ignore[arg-type]

@@ -29,7 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from normlab.functional._core import channels_last_format
+from normlab._checks import fail
+from normlab.functional import _rng
+from normlab.functional._core import channels_last_format, compiling
 from normlab.functional.stochastic import keep_mask
 
 __all__ = ["CHUNK_ELEMENTS", "Activation", "dropconnect", "gaussian_relu_mean"]
@@ -98,6 +100,70 @@ def _masked_chunk(
     return u
 
 
+def _per_sample_forward(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    keep: float,
+    seed: int,
+    conv: ConvOp | None,
+    groups: int,
+) -> Tensor:
+    generator = torch.Generator(device=x.device).manual_seed(seed)
+    chunk = _chunk_size(x.shape[0], weight)
+    with torch.no_grad():
+        outputs = [
+            _masked_chunk(x[i : i + chunk], weight, bias, keep, conv, groups, generator)
+            for i in range(0, x.shape[0], chunk)
+        ]
+    return torch.cat(outputs)
+
+
+def _per_sample_backward(
+    grad: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    keep: float,
+    seed: int,
+    conv: ConvOp | None,
+    groups: int,
+    need_x: bool,
+    functional: bool = False,
+) -> tuple[Tensor | None, Tensor, Tensor | None]:
+    """The same masks drawn again, back-propagated one chunk at a time (``functional``: with
+    ``torch.func.vjp``, for custom ops, inside which autograd does not record)."""
+    generator = torch.Generator(device=x.device).manual_seed(seed)
+    chunk = _chunk_size(x.shape[0], weight)
+    if functional:
+        grads_x, grads_w, grads_b = [], [], []
+        for i in range(0, x.shape[0], chunk):
+
+            def masked(xs: Tensor, w: Tensor, *b: Tensor) -> Tensor:
+                return _masked_chunk(xs, w, b[0] if b else None, keep, conv, groups, generator)
+
+            primals = (x[i : i + chunk], weight) + (() if bias is None else (bias,))
+            _, pullback = torch.func.vjp(masked, *primals)  # type: ignore[misc]
+            gx, gw, *gb = pullback(grad[i : i + chunk])
+            grads_x.append(gx)
+            grads_w.append(gw)
+            grads_b += gb
+        total_b = None if bias is None else torch.stack(grads_b).sum(0)
+        return torch.cat(grads_x), torch.stack(grads_w).sum(0), total_b
+    w = weight.detach().requires_grad_()
+    b = None if bias is None else bias.detach().requires_grad_()
+    grad_x = torch.empty_like(x) if need_x else None
+    with torch.enable_grad():
+        for i in range(0, x.shape[0], chunk):
+            xs = x[i : i + chunk].detach().requires_grad_(grad_x is not None)
+            u = _masked_chunk(xs, w, b, keep, conv, groups, generator)
+            u.backward(grad[i : i + chunk])  # type: ignore[no-untyped-call]
+            if grad_x is not None and xs.grad is not None:
+                grad_x[i : i + chunk] = xs.grad
+    assert w.grad is not None
+    return grad_x, w.grad, None if b is None else b.grad
+
+
 class _PerSampleDropConnect(torch.autograd.Function):
     """Per-sample masks without keeping them: the forward pass draws them chunk by chunk from a
     seeded generator; the backward pass draws the same masks again and back-propagates one chunk
@@ -114,40 +180,108 @@ class _PerSampleDropConnect(torch.autograd.Function):
         conv: ConvOp | None,
         groups: int,
     ) -> Tensor:
-        generator = torch.Generator(device=x.device).manual_seed(seed)
-        chunk = _chunk_size(x.shape[0], weight)
-        outputs = [
-            _masked_chunk(x[i : i + chunk], weight, bias, keep, conv, groups, generator)
-            for i in range(0, x.shape[0], chunk)
-        ]
         ctx.save_for_backward(x, weight, bias)
-        ctx.keep, ctx.seed, ctx.conv, ctx.groups, ctx.chunk = keep, seed, conv, groups, chunk
-        return torch.cat(outputs)
+        ctx.keep, ctx.seed, ctx.conv, ctx.groups = keep, seed, conv, groups
+        return _per_sample_forward(x, weight, bias, keep, seed, conv, groups)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         x, weight, bias = ctx.saved_tensors
-        generator = torch.Generator(device=x.device).manual_seed(ctx.seed)
-        w = weight.detach().requires_grad_()
-        b = None if bias is None else bias.detach().requires_grad_()
-        grad_x = torch.empty_like(x) if ctx.needs_input_grad[0] else None
-        with torch.enable_grad():
-            for i in range(0, x.shape[0], ctx.chunk):
-                xs = x[i : i + ctx.chunk].detach().requires_grad_(grad_x is not None)
-                u = _masked_chunk(xs, w, b, ctx.keep, ctx.conv, ctx.groups, generator)
-                u.backward(grad[i : i + ctx.chunk])  # type: ignore[no-untyped-call]
-                if grad_x is not None:
-                    grad_x[i : i + ctx.chunk] = xs.grad
+        grad_x, grad_w, grad_b = _per_sample_backward(
+            grad, x, weight, bias, ctx.keep, ctx.seed, ctx.conv, ctx.groups, ctx.needs_input_grad[0]
+        )
         return (
             grad_x,
-            w.grad if ctx.needs_input_grad[1] else None,
-            None if b is None or not ctx.needs_input_grad[2] else b.grad,
+            grad_w if ctx.needs_input_grad[1] else None,
+            grad_b if ctx.needs_input_grad[2] else None,
             None,
             None,
             None,
             None,
         )
+
+
+# -- the same under torch.compile: custom ops (dynamo cannot create the per-call generator) ------
+
+
+@torch.library.custom_op("normlab::dropconnect_per_sample", mutates_args=())
+def _per_sample_op(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    keep: float,
+    seed: Tensor,
+    conv_key: int,
+    groups: int,
+) -> Tensor:
+    conv = None if conv_key < 0 else _rng.lookup(conv_key)
+    return _per_sample_forward(x, weight, bias, keep, int(seed), conv, groups)
+
+
+@_per_sample_op.register_fake
+def _(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    keep: float,
+    seed: Tensor,
+    conv_key: int,
+    groups: int,
+) -> Tensor:
+    if conv_key < 0:
+        return F.linear(x, weight, bias)
+    return _rng.lookup(conv_key)(x, weight, bias, groups)  # type: ignore[no-any-return]
+
+
+@torch.library.custom_op("normlab::dropconnect_per_sample_backward", mutates_args=())
+def _per_sample_backward_op(
+    grad: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    keep: float,
+    seed: Tensor,
+    conv_key: int,
+    groups: int,
+) -> list[Tensor]:
+    conv = None if conv_key < 0 else _rng.lookup(conv_key)
+    grad_x, grad_w, grad_b = _per_sample_backward(
+        grad, x, weight, bias, keep, int(seed), conv, groups, True, functional=True
+    )
+    assert grad_x is not None
+    return [grad_x, grad_w] + ([] if grad_b is None else [grad_b])
+
+
+@_per_sample_backward_op.register_fake
+def _(
+    grad: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    keep: float,
+    seed: Tensor,
+    conv_key: int,
+    groups: int,
+) -> list[Tensor]:
+    return [torch.empty_like(x), torch.empty_like(weight)] + (
+        [] if bias is None else [torch.empty_like(bias)]
+    )
+
+
+def _setup(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+    x, weight, bias, keep, seed, conv_key, groups = inputs
+    ctx.save_for_backward(x, weight, bias, seed)
+    ctx.keep, ctx.conv_key, ctx.groups = keep, conv_key, groups
+
+
+def _backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+    x, weight, bias, seed = ctx.saved_tensors
+    grads = _per_sample_backward_op(grad, x, weight, bias, ctx.keep, seed, ctx.conv_key, ctx.groups)
+    return grads[0], grads[1], grads[2] if bias is not None else None, None, None, None, None
+
+
+_per_sample_op.register_autograd(_backward, setup_context=_setup)
 
 
 def _per_sample(
@@ -160,8 +294,13 @@ def _per_sample(
     generator: torch.Generator | None,
 ) -> Tensor:
     """Pre-activations with an independent weight (and bias) mask for every sample."""
-    seed = int(torch.randint(0, 2**62, (1,), generator=generator).item())
-    y: Tensor = _PerSampleDropConnect.apply(x, weight, bias, keep, seed, conv, groups)  # type: ignore[no-untyped-call]
+    if compiling():
+        seed = _rng.randint(2**62, generator, device=x.device)
+        key = -1 if conv is None else _rng.register(conv)
+        y: Tensor = _per_sample_op(x, weight, bias, keep, seed, key, groups)
+    else:
+        seed_value = int(torch.randint(0, 2**62, (1,), generator=generator).item())
+        y = _PerSampleDropConnect.apply(x, weight, bias, keep, seed_value, conv, groups)  # type: ignore[no-untyped-call]
     fmt = channels_last_format(x)  # the grouped convolution's output is channels-first
     return y if fmt is None else y.contiguous(memory_format=fmt)
 
@@ -197,8 +336,11 @@ def dropconnect(
         if p == 0.0:
             return _apply(activation, op(x, weight, bias))
         if mode == "batch":
-            masked_b = None if bias is None else _masked(bias, keep, generator)
-            return _apply(activation, op(x, _masked(weight, keep, generator), masked_b))
+            mask = keep_mask(tuple(weight.shape), keep, weight, generator)
+            masked_b = None
+            if bias is not None:  # drawn after the weight mask, compiled too
+                masked_b = bias * keep_mask(tuple(bias.shape), keep, bias, generator, after=mask)
+            return _apply(activation, op(x, weight * mask, masked_b))
         return _apply(activation, _per_sample(x, weight, bias, keep, conv, groups, generator))
     if inference == "mean":
         return _apply(activation, keep * op(x, weight, bias))
@@ -210,13 +352,23 @@ def dropconnect(
         sigma = var.clamp_min(0.0).sqrt()
         total = torch.zeros_like(mu)
         step = max(1, min(samples, CHUNK_ELEMENTS // max(1, mu.numel())))
+        noise: Tensor | None = None
         for start in range(0, samples, step):
             z = min(step, samples - start)
-            noise = torch.randn(
-                (z, *mu.shape), dtype=mu.dtype, device=mu.device, generator=generator
+            noise = _rng.randn(
+                (z, *mu.shape), generator, dtype=mu.dtype, device=mu.device, after=noise
             )
             total = total + _apply(activation, mu + sigma * noise).sum(0)
         return total / samples
+    if compiling():
+        fail(
+            NotImplementedError,
+            "dropconnect",
+            "inference='mc' under torch.compile",
+            "an eager call (it runs `samples` full forward passes, which the compiler would unroll)",
+            "a compiled call",
+            "use inference='gaussian' (the paper's moment matching) or 'mean' in compiled models",
+        )
     total = torch.zeros((), dtype=x.dtype, device=x.device)
     for _ in range(samples):
         total = total + dropconnect(

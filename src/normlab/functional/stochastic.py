@@ -67,11 +67,13 @@ def keep_mask(
     keep: float,
     like: Tensor,
     generator: torch.Generator | None,
+    after: Tensor | None = None,
 ) -> Tensor:
     """Bernoulli(keep) mask of ``shape`` with ``like``'s dtype and device (from ``generator``, or
-    torch's global RNG)."""
+    torch's global RNG), drawn after the draw ``after`` under ``torch.compile`` (see
+    :mod:`normlab.functional._rng`)."""
     # uniform < keep is Bernoulli(keep) exactly, and ~3x faster on CPU than bernoulli_
-    return (_rng.rand(shape, generator, device=like.device) < keep).to(like.dtype)
+    return (_rng.rand(shape, generator, device=like.device, after=after) < keep).to(like.dtype)
 
 
 def dropout(

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from normlab._checks import check_positive_int, fail
+from normlab.functional import _rng
 from normlab.functional.dropconnect import Inference, Mode, dropconnect
 from normlab.functional.stochastic import check_probability
 
@@ -72,8 +73,12 @@ class _DropConnect:
     def _dropconnect(
         self, input: Tensor, weight: Tensor, bias: Tensor | None, conv: Any = None, groups: int = 1
     ) -> Tensor:
-        # Sampled inference reseeds at every call, so evaluation is deterministic.
-        generator = None if self.training else torch.Generator(input.device).manual_seed(self.seed)
+        # Sampled inference reseeds at every call, so evaluation is deterministic (the "mean"
+        # inference draws nothing: no generator, which also keeps it compilable).
+        sampled = not self.training and self.inference != "mean"
+        generator = None
+        if sampled:  # torch.compile cannot create a generator in the graph: one made while tracing
+            generator = _rng.seeded(self.seed, input.device)
         return dropconnect(
             input,
             weight,
@@ -86,7 +91,8 @@ class _DropConnect:
             inference=self.inference,
             activation=self.activation,
             samples=self.samples,
-            generator=generator,
+            # compiled, a stand-in for a generator made while tracing (normlab.functional._rng)
+            generator=cast(torch.Generator | None, generator),
         )
 
     def _extra(self) -> str:
