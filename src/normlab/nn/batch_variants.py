@@ -474,22 +474,37 @@ class NoisyBatchNorm(RunningStatsNorm, _TorchBatchNorm):
         pass
 
     def draw_noise(
-        self, shape: torch.Size | tuple[int, ...], device: torch.device, dtype: torch.dtype
+        self,
+        shape: torch.Size | tuple[int, ...],
+        device: torch.device,
+        dtype: torch.dtype,
+        channels_last: bool = False,
     ) -> tuple[Tensor, Tensor]:
-        """One step's ``(s, m)`` for activations of ``shape`` (advances the generator)."""
+        """One step's ``(s, m)`` for activations of ``shape`` (advances the generator).
+
+        ``channels_last``: per-element noise is drawn in that layout (the same random stream laid
+        out channels-last), so applying it needs no layout conversion -- which costs torch ~10x
+        a copy."""
         g = self.generator
         lo, hi = self.mean_range
         # the step's levels stay 0-dim float64 tensors (no .item()), so torch.compile can trace
         u_mu = _rng.rand((), g, dtype=torch.float64)
         u_sigma = _rng.rand((), g, dtype=torch.float64, after=u_mu)
-        noise_shape = (
-            tuple(shape) if self.per == "element" else (*shape[:2], *([1] * (len(shape) - 2)))
-        )
-        u_m = _rng.rand(noise_shape, g, after=u_sigma)
-        z_s = _rng.randn(noise_shape, g, after=u_m)
-        mu_t = lo + (hi - lo) * u_mu
+        per_element = self.per == "element"
+        noise_shape = tuple(shape) if per_element else (*shape[:2], *([1] * (len(shape) - 2)))
+        if per_element and channels_last:
+            stored = (noise_shape[0], *noise_shape[2:], noise_shape[1])  # (N, *spatial, C)
+            back = (0, len(stored) - 1, *range(1, len(stored) - 1))
+            u_m = _rng.rand(stored, g, after=u_sigma).permute(back)
+            z_s = _rng.randn(stored, g, after=u_m).permute(back)
+        else:
+            u_m = _rng.rand(noise_shape, g, after=u_sigma)
+            z_s = _rng.randn(noise_shape, g, after=u_m)
+        # in the noise's dtype, as a Python float would be: a float64 0-dim operand would send
+        # every elementwise op below down torch's ~5x slower mixed-dtype path
+        mu_t = (lo + (hi - lo) * u_mu).to(u_m.dtype)
         lo, hi = self.std_range
-        sigma_t = lo + (hi - lo) * u_sigma
+        sigma_t = (lo + (hi - lo) * u_sigma).to(u_m.dtype)
         m = mu_t + self.mean_spread * (2 * u_m - 1)
         s = sigma_t + self.std_spread * z_s
         return s.to(device=device, dtype=dtype), m.to(device=device, dtype=dtype)
@@ -501,13 +516,11 @@ class NoisyBatchNorm(RunningStatsNorm, _TorchBatchNorm):
         y = self._normalize_with(batch_norm_unchecked, input)
         if not (self.training or self.eval_noise):
             return y
+        last = channels_last_format(y) is not None
         if not self.hold_noise or self._noise is None or self._noise[0].shape[0] != y.shape[0]:
-            self._noise = self.draw_noise(y.shape, y.device, y.dtype)
+            self._noise = self.draw_noise(y.shape, y.device, y.dtype, channels_last=last)
         s, m = self._noise
-        fmt = channels_last_format(y)
-        if fmt is not None and self.per == "element":  # the noise is drawn channels-first
-            s, m = s.contiguous(memory_format=fmt), m.contiguous(memory_format=fmt)
-        return torch.addcmul(m, s, y)
+        return torch.addcmul(m, s, y)  # channels-last noise keeps channels-last activations so
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, per={self.per!r}, seed={self.seed}"  # type: ignore[no-untyped-call]
