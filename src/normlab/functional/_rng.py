@@ -18,7 +18,7 @@ small object per seeded layer).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -108,6 +108,21 @@ def _fake(
     return torch.empty(tuple(shape), dtype=dtype, device=device)
 
 
+def _draw(
+    eager: Callable[..., Tensor],
+    op: Callable[..., Tensor],
+    shape: Sequence[int],
+    generator: torch.Generator | Keyed | None,
+    device: torch.device | str | None,
+    dtype: torch.dtype,
+    after: Tensor | None,
+) -> Tensor:
+    if generator is not None and torch.compiler.is_compiling():
+        where = torch.device(device if device is not None else generator.device)
+        return op(list(shape), dtype, where, _key_of(generator), after)
+    return eager(tuple(shape), dtype=dtype, device=device, generator=generator)
+
+
 def rand(
     shape: Sequence[int],
     generator: torch.Generator | Keyed | None,
@@ -118,10 +133,7 @@ def rand(
 ) -> Tensor:
     """``torch.rand(shape)`` from ``generator`` (``None``: torch's global RNG), drawn after the
     draw ``after`` when compiled (see the module docstring)."""
-    if generator is not None and torch.compiler.is_compiling():
-        where = torch.device(device if device is not None else generator.device)
-        return _rand_op(list(shape), dtype, where, _key_of(generator), after)  # type: ignore[no-any-return]
-    return torch.rand(tuple(shape), dtype=dtype, device=device, generator=generator)  # type: ignore[arg-type]
+    return _draw(torch.rand, _rand_op, shape, generator, device, dtype, after)
 
 
 def randn(
@@ -134,10 +146,7 @@ def randn(
 ) -> Tensor:
     """``torch.randn(shape)`` from ``generator`` (``None``: torch's global RNG), drawn after the
     draw ``after`` when compiled (see the module docstring)."""
-    if generator is not None and torch.compiler.is_compiling():
-        where = torch.device(device if device is not None else generator.device)
-        return _randn_op(list(shape), dtype, where, _key_of(generator), after)  # type: ignore[no-any-return]
-    return torch.randn(tuple(shape), dtype=dtype, device=device, generator=generator)  # type: ignore[arg-type]
+    return _draw(torch.randn, _randn_op, shape, generator, device, dtype, after)
 
 
 @torch.library.custom_op("normlab::randint", mutates_args=(), tags=_SEEDED)
