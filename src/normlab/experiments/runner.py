@@ -245,6 +245,10 @@ def _execute_pool(
             for future in done:
                 cfg = pending.pop(future)
                 error = future.exception()
+                if isinstance(error, KeyboardInterrupt):
+                    # Ctrl-C reached the worker before this process noticed its own: the same
+                    # interruption (not a failed run), handled below
+                    raise KeyboardInterrupt
                 finished(cfg, error if error is not None else future.result())
     except KeyboardInterrupt:
         # workers in our process group got the same SIGINT; a signal sent to this process only
