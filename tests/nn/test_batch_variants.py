@@ -334,3 +334,24 @@ def test_ghost_fast_routes_match_the_grouped_route(
         assert got[0].is_contiguous(memory_format=torch.channels_last)
     for a, b in zip(got, reference, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+def test_ghost_channels_last_gradients_and_second_derivatives() -> None:
+    layer = nl.GhostBatchNorm(3, virtual_batch_size=2, dtype=torch.float64).train()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        layer.weight.copy_(torch.rand(3, generator=g, dtype=torch.float64) + 0.5)
+        layer.bias.copy_(torch.randn(3, generator=g, dtype=torch.float64))
+    x = (torch.randn(5, 3, 2, 3, generator=g, dtype=torch.float64) + 2).contiguous(
+        memory_format=torch.channels_last
+    )
+    x.requires_grad_()
+
+    from normlab.functional.batch_variants import ghost_batch_norm_unchecked
+
+    def ghost(x, w, b):  # type: ignore[no-untyped-def]
+        return ghost_batch_norm_unchecked(x, None, None, w, b, True, 0.1, 1e-5, 2, "test")
+
+    assert torch.autograd.gradcheck(ghost, (x, layer.weight, layer.bias))
+    assert torch.autograd.gradgradcheck(ghost, (x, layer.weight, layer.bias))
+    assert ghost(x, layer.weight, layer.bias).is_contiguous(memory_format=torch.channels_last)

@@ -32,6 +32,7 @@ from normlab.functional._core import pool_moments
 
 __all__ = [
     "BatchNormTrainNCHW",
+    "GhostChannelsLast",
     "InstanceNormChannelsLast",
     "batch_moments",
     "channel_grad_sums",
@@ -363,3 +364,120 @@ def kernel_param(t: Tensor | None, x: Tensor) -> Tensor | None:
     if t is None or x.dtype == torch.float64 or t.dtype == torch.float32:
         return t
     return t.float()
+
+
+class GhostChannelsLast(torch.autograd.Function):
+    """Ghost batch norm of channels-last input: torch's (fast) channels-last batch-norm kernel per
+    virtual batch, writing into slices of one output (no concatenation), and its backward kernel
+    into slices of one input gradient. ``apply(x, weight, bias, eps, sizes)`` returns ``(y, mean,
+    invstd)`` with one row of statistics per virtual batch. Saved for backward: ``x`` and the
+    statistics, as torch."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        eps: float,
+        sizes: list[int],
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        w, b = (kernel_param(t, x) for t in (weight, bias))
+        out = torch.empty_like(x)
+        c = x.shape[1]
+        stats_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        mean = x.new_empty((len(sizes), c), dtype=stats_dtype)
+        invstd = torch.empty_like(mean)
+        for k, (xs, ys) in enumerate(
+            zip(torch.split(x, sizes), torch.split(out, sizes), strict=True)
+        ):
+            torch.ops.aten.native_batch_norm.out(
+                xs,
+                w,
+                b,
+                None,
+                None,
+                True,
+                0.0,
+                eps,
+                out=ys,
+                save_mean=mean[k],
+                save_invstd=invstd[k],
+            )
+        ctx.save_for_backward(x, weight, mean, invstd)
+        ctx.eps, ctx.sizes = eps, sizes
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.mark_non_differentiable(mean, invstd)
+        return out, mean, invstd
+
+    @staticmethod
+    def backward(
+        ctx: Any, grad_out: Tensor, _grad_mean: Tensor | None, _grad_invstd: Tensor | None
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None, None]:
+        x, weight, mean, invstd = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        if torch.is_grad_enabled():  # double backward: differentiate torch's formula again
+            with torch.enable_grad():
+                xg = x if x.requires_grad else x.detach().requires_grad_()
+                wg = None
+                if weight is not None:
+                    wg = weight if weight.requires_grad else weight.detach().requires_grad_()
+                y = torch.cat(
+                    [
+                        torch.batch_norm(s, wg, None, None, None, True, 0.0, ctx.eps, False)
+                        for s in torch.split(xg, ctx.sizes)
+                    ]
+                )
+                wrt = [xg] if wg is None else [xg, wg]
+                grads = torch.autograd.grad(y, wrt, grad_out, create_graph=True)
+            grad_b = grad_out.sum([0, *range(2, x.dim())]) if need_b else None
+            return (
+                grads[0] if need_x else None,
+                grads[1] if need_w and wg is not None else None,
+                grad_b,
+                None,
+                None,
+            )
+        w = kernel_param(weight, x)
+        grad_out = grad_out.contiguous(memory_format=channels_last_of(x))
+        grad_x = torch.empty_like(x)
+        grad_w = None if weight is None else torch.zeros_like(mean[0])
+        grad_b = torch.zeros_like(mean[0]) if ctx.bias_dtype is not None else None
+        for k, (gs, xs, gx) in enumerate(
+            zip(
+                torch.split(grad_out, ctx.sizes),
+                torch.split(x, ctx.sizes),
+                torch.split(grad_x, ctx.sizes),
+                strict=True,
+            )
+        ):
+            _, gw_k, gb_k = torch.ops.aten.native_batch_norm_backward.out(
+                gs,
+                xs,
+                w,
+                None,
+                None,
+                mean[k],
+                invstd[k],
+                True,
+                ctx.eps,
+                [True, grad_w is not None, grad_b is not None],
+                out0=gx,
+                out1=torch.empty_like(mean[0]),
+                out2=torch.empty_like(mean[0]),
+            )
+            if grad_w is not None:
+                grad_w += gw_k
+            if grad_b is not None:
+                grad_b += gb_k
+        return (
+            grad_x if need_x else None,
+            None if grad_w is None or not need_w else grad_w.to(weight.dtype),
+            None if grad_b is None or not need_b else grad_b.to(ctx.bias_dtype),
+            None,
+            None,
+        )
+
+
+def channels_last_of(x: Tensor) -> torch.memory_format:
+    return torch.channels_last if x.dim() == 4 else torch.channels_last_3d

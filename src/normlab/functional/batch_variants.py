@@ -14,8 +14,8 @@ from normlab.functional._core import (
 )
 from normlab.functional._fast import (
     BatchNormTrainNCHW,
+    GhostChannelsLast,
     batch_moments,
-    kernel_param,
     use_fast_batch_stats,
 )
 from normlab.functional.batch_norm import batch_norm_unchecked
@@ -215,16 +215,13 @@ def ghost_batch_norm_unchecked(
                 y_k = batch_norm_unchecked(chunk, None, None, weight, bias, True, 0.0, eps, owner)
             pieces.append(y_k)
     elif channels_last_format(input) is not None and not compiling():
-        # channels-last: torch's batch-norm kernel is fast there, and each virtual batch (a
-        # split along N) stays channels-last, so the output and (split's backward is a cat) the
-        # input gradient do too. Each one's statistics come back from the kernel (the variance
-        # as invstd**-2 - eps, exact to float32 rounding unless var << eps).
-        w, b = (kernel_param(t, input) for t in (weight, bias))
-        for chunk in torch.split(input, sizes):
-            y_k, mean_k, invstd_k = torch.native_batch_norm(chunk, w, b, None, None, True, 0.0, eps)
-            var_k = (invstd_k.double().pow(-2) - eps).clamp_min(0.0)
-            chunk_stats.append((mean_k.double(), var_k))
-            pieces.append(y_k)
+        # channels-last: torch's batch-norm kernel is fast there; it runs per virtual batch into
+        # slices of one channels-last output. Each one's statistics come back from the kernel (the
+        # variance as invstd**-2 - eps, exact to float32 rounding unless var << eps).
+        y, means, invstds = GhostChannelsLast.apply(input, weight, bias, eps, sizes)  # type: ignore[no-untyped-call]
+        variances = (invstds.double().pow(-2) - eps).clamp_min(0.0)
+        chunk_stats = list(zip(means.double(), variances, strict=True))
+        pieces = [y]
     else:
         if full:
             head = input[: full * vbs]
