@@ -14,7 +14,12 @@ import torch
 from torch import Tensor
 
 from normlab._checks import check_values_per_channel
-from normlab.functional._core import channel_view_shape, finite_statistics, stats_dtype
+from normlab.functional._core import (
+    channel_view_shape,
+    channels_last_format,
+    finite_statistics,
+    stats_dtype,
+)
 
 __all__ = ["L1_CONSTANT", "linf_constant", "lp_batch_norm_unchecked", "lp_dispersion"]
 
@@ -59,16 +64,21 @@ def lp_dispersion(
     c = x.shape[1]
     shape = channel_view_shape(x.dim(), c)
     dev = (xs - mean.view(shape)) if center else xs
-    per_channel = dev.abs().transpose(0, 1).reshape(c, -1)  # (C, N * positions)
-    n = per_channel.shape[1]
-    if p == "1":
-        value = per_channel.mean(1)
+    dims = [0, *range(2, x.dim())]
+    n = x.numel() // c if c else 0
+    if p == "1":  # reductions over the non-channel dims: no (C, -1) copy, any memory layout
+        value = dev.abs().mean(dims)
         constant = L1_CONSTANT
     elif p == "2":
-        value = per_channel.square().mean(1).sqrt()
+        value = dev.square().mean(dims).sqrt()
         constant = 1.0
     else:
-        value = per_channel.topk(min(k, n), dim=1).values.mean(1)
+        if channels_last_format(x) is not None:  # (N * positions, C) is a free view there
+            rows = dev.abs().movedim(1, -1).reshape(-1, c)
+            value = rows.topk(min(k, n), dim=0).values.mean(0)
+        else:
+            per_channel = dev.abs().transpose(0, 1).reshape(c, -1)  # (C, N * positions)
+            value = per_channel.topk(min(k, n), dim=1).values.mean(1)
         constant = linf_constant(n)
     return value * constant if gaussian_constant else value
 
