@@ -110,3 +110,46 @@ def test_unsupported_p(p: object) -> None:
         r"'inf'\), got .*\. Fix: pick one of the supported norms",
     ):
         nl.LpBatchNorm(3, p=p)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("affine", [True, False])
+def test_fused_l1_matches_the_composite_formula(
+    monkeypatch: pytest.MonkeyPatch, channels_last: bool, affine: bool
+) -> None:
+    """The fused training L1 batch norm (own backward) equals autograd through the composite ops:
+    output, input and parameter gradients, running statistics; keeps the layout; gradgradcheck."""
+    import importlib
+
+    lp = importlib.import_module("normlab.functional.lp_norm")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 3, 5, 4, generator=g, dtype=torch.float64) * 2 + 3
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    gy = torch.randn(x.shape, generator=g, dtype=torch.float64) + 0.5
+
+    def run(fused: bool) -> list[torch.Tensor]:
+        monkeypatch.setattr(lp, "_fused", lambda *a: fused)
+        layer = nl.L1BatchNorm(3, affine=affine, dtype=torch.float64)
+        if affine:
+            with torch.no_grad():
+                layer.weight.copy_(torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64))
+                layer.bias.copy_(torch.tensor([0.1, -0.2, 0.3], dtype=torch.float64))
+        xr = x.detach().clone().requires_grad_()
+        y = layer.train()(xr)
+        if fused and channels_last:
+            assert y.is_contiguous(memory_format=torch.channels_last)
+        grads = torch.autograd.grad(y, [xr, *layer.parameters()], gy)
+        return [y, *grads, layer.running_mean, layer.running_scale]
+
+    for a, b in zip(run(True), run(False), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+    def fused_l1(x, w, b):  # type: ignore[no-untyped-def]
+        return lp.L1BatchNormTrain.apply(x, w, b, 1e-5, lp.L1_CONSTANT)[0]
+
+    w = torch.rand(3, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.rand(3, generator=g, dtype=torch.float64, requires_grad=True)
+    small = x[:2, :, :3, :3].detach().clone().requires_grad_()
+    assert torch.autograd.gradcheck(fused_l1, (small, w, b))
+    assert torch.autograd.gradgradcheck(fused_l1, (small, w, b))

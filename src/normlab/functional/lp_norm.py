@@ -8,7 +8,7 @@ squares, so it stays finite in float16 where the variance overflows, and trains 
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -17,6 +17,7 @@ from normlab._checks import check_values_per_channel
 from normlab.functional._core import (
     channel_view_shape,
     channels_last_format,
+    compiling,
     finite_statistics,
     stats_dtype,
 )
@@ -110,6 +111,18 @@ def lp_batch_norm_unchecked(
         check_values_per_channel(
             input, input.numel() // c if c else 0, owner=owner, what="values per channel"
         )
+        if p == "1" and center and _fused(input, weight, bias):
+            constant = L1_CONSTANT if gaussian_constant else 1.0
+            y, mean, scale = L1BatchNormTrain.apply(input, weight, bias, eps, constant)  # type: ignore[no-untyped-call]
+            if (
+                running_mean is not None
+                and running_scale is not None
+                and finite_statistics(mean, scale, owner=owner)
+            ):
+                with torch.no_grad():
+                    running_mean.lerp_(mean.to(running_mean.dtype), momentum)
+                    running_scale.lerp_(scale.to(running_scale.dtype), momentum)
+            return y  # type: ignore[no-any-return]
         dims = [0, *range(2, input.dim())]
         mean = input.to(stats_dtype(input.dtype)).mean(dims)
         scale = lp_dispersion(
@@ -131,3 +144,100 @@ def lp_batch_norm_unchecked(
     if bias is not None:
         y = y + bias.view(shape)
     return y.to(input.dtype)
+
+
+def _fused(x: Tensor, *params: Tensor | None) -> bool:
+    """Whether :class:`L1BatchNormTrain` applies: eager float32/float64 with matching parameters
+    (low precision, ``torch.compile`` and ``torch.func`` transforms use the composite ops)."""
+    return (
+        x.dtype in (torch.float32, torch.float64)
+        and x.dim() >= 2
+        and all(t is None or (t.dtype == x.dtype and t.device == x.device) for t in params)
+        and not compiling()
+        and not torch._C._are_functorch_transforms_active()
+    )
+
+
+class L1BatchNormTrain(torch.autograd.Function):
+    """Training-mode L1 batch norm, ``y = weight * (x - mu) / (K mean|x - mu| + eps) + bias``, with
+    its own backward: per-channel sums and two broadcast passes, layout-preserving, saving only
+    ``x`` and per-channel statistics (autograd through the composite ops keeps three
+    activation-sized tensors and, on channels-last input, runs mixed-layout kernels ~10x slower).
+
+    Per channel over M values, with ``z = x - mu``, ``D = K mean|z| + eps``, ``h = weight * dy``:
+    ``dx = h / D - K sign(z) sum(h z) / (M D^2)``, minus its mean over the channel.
+    ``apply(x, weight, bias, eps, K)`` returns ``(y, mu, K mean|z|)``.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, k: float
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        dims = [0, *range(2, x.dim())]
+        mean = x.mean(dims)
+        z = _channel_affine(x, None, -mean)  # centred first: exact for far off-centre data
+        scale = z.abs().mean(dims) * k
+        denom = scale + eps
+        y = _channel_affine(z, (1.0 / denom) if weight is None else weight / denom, bias)
+        ctx.save_for_backward(x, weight, mean, denom)
+        ctx.eps, ctx.k = eps, k
+        ctx.has_bias = bias is not None
+        ctx.mark_non_differentiable(mean, scale)
+        return y, mean, scale
+
+    @staticmethod
+    def backward(
+        ctx: Any, grad: Tensor, _grad_mean: Tensor | None, _grad_scale: Tensor | None
+    ) -> tuple[Tensor | None, ...]:
+        x, weight, mean, denom = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        dims = [0, *range(2, x.dim())]
+        view = channel_view_shape(x.dim(), x.shape[1])
+        if torch.is_grad_enabled():  # double backward: differentiate the composite formula
+            with torch.enable_grad():
+                xg = x if x.requires_grad else x.detach().requires_grad_()
+                wg = None
+                if weight is not None:
+                    wg = weight if weight.requires_grad else weight.detach().requires_grad_()
+                mu = xg.mean(dims)
+                z = xg - mu.view(view)
+                y = z / (ctx.k * z.abs().mean(dims) + ctx.eps).view(view)
+                if wg is not None:
+                    y = y * wg.view(view)
+                wrt = [xg] if wg is None else [xg, wg]
+                grads = torch.autograd.grad(y, wrt, grad, create_graph=True)
+            return (
+                grads[0] if need_x else None,
+                grads[1] if need_w and wg is not None else None,
+                grad.sum(dims) if need_b and ctx.has_bias else None,
+                None,
+                None,
+            )
+        count = x.numel() // x.shape[1]
+        z = _channel_affine(x, None, -mean)
+        sum_dy = grad.sum(dims)
+        sum_dy_z = (grad * z).sum(dims)
+        grad_x = None
+        if need_x:
+            gamma = torch.ones_like(denom) if weight is None else weight
+            sign = z.sign_()  # z is not needed any more
+            total_sign = sign.sum(dims)
+            alpha = gamma / denom
+            beta = -ctx.k * gamma * sum_dy_z / (count * denom.square())
+            shift = -(alpha * sum_dy + beta * total_sign) / count
+            grad_x = _channel_affine(sign, beta, shift)
+            grad_x.addcmul_(grad, alpha.view(view))
+        return (
+            grad_x,
+            sum_dy_z / denom if need_w and weight is not None else None,
+            sum_dy if need_b and ctx.has_bias else None,
+            None,
+            None,
+        )
+
+
+def _channel_affine(x: Tensor, scale: Tensor | None, shift: Tensor | None) -> Tensor:
+    """``x * scale + shift`` per channel (``None``: 1, 0), out of place, through torch's eval-mode
+    batch-norm kernel: on channels-first tensors ~2.5x faster than a broadcast multiply-add."""
+    zeros = x.new_zeros(x.shape[1])
+    return torch.batch_norm(x, scale, shift, zeros, torch.ones_like(zeros), False, 0.0, 0.0, False)
