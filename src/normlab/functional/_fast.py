@@ -308,28 +308,9 @@ class InstanceNormChannelsLast(torch.autograd.Function):
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         n, c = x.shape[0], x.shape[1]
         if torch.is_grad_enabled():  # double backward: differentiate torch's formula again
-            with torch.enable_grad():
-                # saved tensors stay connected to the graph of the first backward; leaves that
-                # do not need a gradient get a detached stand-in so that grad() has inputs
-                xg = x if x.requires_grad else x.detach().requires_grad_()
-                wg = None
-                if weight is not None:
-                    wg = weight if weight.requires_grad else weight.detach().requires_grad_()
-                y = torch.cat(
-                    [
-                        torch.batch_norm(s, wg, None, None, None, True, 0.0, ctx.eps, False)
-                        for s in torch.split(xg, 1)
-                    ]
-                )
-                wrt = [xg] if wg is None else [xg, wg]
-                grads = torch.autograd.grad(y, wrt, grad_out, create_graph=True)
+            grad_x, grad_w = _per_group_grads(x, weight, grad_out, ctx.eps, 1, need_x, need_w)
             grad_b = grad_out.sum([0, *range(2, x.dim())]) if need_b else None
-            return (
-                grads[0] if need_x else None,
-                grads[1] if need_w and wg is not None else None,
-                grad_b,
-                None,
-            )
+            return grad_x, grad_w, grad_b, None
         # Per (sample, channel) over the M spatial positions, centred on a cascade-summed mean
         # (the kernel's float32 mean is less accurate, and sum(dy) would amplify its error):
         #   grad_x = a * (dy - sum(dy) / M - xhat * sum(dy * xhat) / M),  a = weight * invstd
@@ -417,27 +398,11 @@ class GhostChannelsLast(torch.autograd.Function):
         x, weight, mean, invstd = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         if torch.is_grad_enabled():  # double backward: differentiate torch's formula again
-            with torch.enable_grad():
-                xg = x if x.requires_grad else x.detach().requires_grad_()
-                wg = None
-                if weight is not None:
-                    wg = weight if weight.requires_grad else weight.detach().requires_grad_()
-                y = torch.cat(
-                    [
-                        torch.batch_norm(s, wg, None, None, None, True, 0.0, ctx.eps, False)
-                        for s in torch.split(xg, ctx.sizes)
-                    ]
-                )
-                wrt = [xg] if wg is None else [xg, wg]
-                grads = torch.autograd.grad(y, wrt, grad_out, create_graph=True)
-            grad_b = grad_out.sum([0, *range(2, x.dim())]) if need_b else None
-            return (
-                grads[0] if need_x else None,
-                grads[1] if need_w and wg is not None else None,
-                grad_b,
-                None,
-                None,
+            grad_x, grad_w = _per_group_grads(
+                x, weight, grad_out, ctx.eps, ctx.sizes, need_x, need_w
             )
+            grad_b = grad_out.sum([0, *range(2, x.dim())]) if need_b else None
+            return grad_x, grad_w, grad_b, None, None
         w = kernel_param(weight, x)
         grad_out = grad_out.contiguous(memory_format=channels_last_of(x))
         grad_x = torch.empty_like(x)
@@ -481,3 +446,35 @@ class GhostChannelsLast(torch.autograd.Function):
 
 def channels_last_of(x: Tensor) -> torch.memory_format:
     return torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+
+
+def _per_group_grads(
+    x: Tensor,
+    weight: Tensor | None,
+    grad_out: Tensor,
+    eps: float,
+    sizes: int | list[int],
+    need_x: bool,
+    need_w: bool,
+) -> tuple[Tensor | None, Tensor | None]:
+    """Input and weight gradients of batch norm run separately on the groups of samples
+    ``torch.split(x, sizes)``, differentiably (``create_graph``): the double-backward route of the
+    per-sample and per-virtual-batch functions above. Saved tensors stay connected to the graph of
+    the first backward; leaves that need no gradient get a detached stand-in."""
+    with torch.enable_grad():
+        xg = x if x.requires_grad else x.detach().requires_grad_()
+        wg = None
+        if weight is not None:
+            wg = weight if weight.requires_grad else weight.detach().requires_grad_()
+        y = torch.cat(
+            [
+                torch.batch_norm(s, wg, None, None, None, True, 0.0, eps, False)
+                for s in torch.split(xg, sizes)
+            ]
+        )
+        wrt = [xg] if wg is None else [xg, wg]
+        grads = torch.autograd.grad(y, wrt, grad_out, create_graph=True)
+    return (
+        grads[0] if need_x else None,
+        grads[1] if need_w and wg is not None else None,
+    )
