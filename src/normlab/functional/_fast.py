@@ -28,7 +28,7 @@ import torch
 import torch.autograd.forward_ad as forward_ad
 from torch import Tensor
 
-from normlab.functional._core import pool_moments
+from normlab.functional._core import channel_affine, channels_last_format, pool_moments
 
 __all__ = [
     "BatchNormTrainNCHW",
@@ -261,10 +261,7 @@ def input_grad(
     mean_dy, mean_dy_xhat = sum_dy.double() / count, sum_dy_xhat.double() / count
     b = -a * inv * mean_dy_xhat
     shift = a * (mean.double() * inv * mean_dy_xhat - mean_dy)
-    zeros, ones = torch.zeros_like(mean), torch.ones_like(mean)
-    grad_x = torch.batch_norm(
-        x, b.to(x.dtype), shift.to(x.dtype), zeros, ones, False, 0.0, 0.0, False
-    )
+    grad_x = channel_affine(x, b.to(x.dtype), shift.to(x.dtype))
     grad_x.addcmul_(grad_out, a.to(x.dtype).view(c, *([1] * (x.dim() - 2))))
     return grad_x
 
@@ -277,23 +274,16 @@ class InstanceNormChannelsLast(torch.autograd.Function):
     training path and its instance norm, which converts the layout first) runs once per sample.
     The backward pass reduces ``dy`` and ``dy * (x - mean)`` per (sample, channel), centred on a
     cascade-summed mean (with the kernel's float32 mean the weight gradient is ~10x less accurate
-    than torch's when ``dy`` is off-centre), and writes the input gradient in two broadcast passes. ``apply(x, weight, bias, eps)`` returns ``(y, mean,
-    invstd)`` with per-``(sample, channel)`` statistics, flattened. Saved for backward: ``x`` and
-    the statistics, as torch.
+    than torch's when ``dy`` is off-centre), and writes the input gradient in two broadcast passes.
+    ``apply(x, weight, bias, eps)`` returns ``(y, mean, invstd)`` with ``(N, C)`` statistics.
+    Saved for backward: ``x`` and the inverse standard deviations.
     """
 
     @staticmethod
     def forward(
         ctx: Any, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
     ) -> tuple[Tensor, Tensor, Tensor]:
-        w, b = (kernel_param(t, x) for t in (weight, bias))
-        parts = [
-            torch.native_batch_norm(xs, w, b, None, None, True, 0.0, eps)
-            for xs in torch.split(x, 1)
-        ]
-        y = torch.cat([p[0] for p in parts])
-        mean = torch.cat([p[1] for p in parts])
-        invstd = torch.cat([p[2] for p in parts])
+        y, mean, invstd = _per_group_forward(x, weight, bias, eps, [1] * x.shape[0])
         ctx.save_for_backward(x, weight, invstd)  # the mean is recomputed, more accurately
         ctx.eps = eps
         ctx.bias_dtype = None if bias is None else bias.dtype
@@ -363,28 +353,7 @@ class GhostChannelsLast(torch.autograd.Function):
         eps: float,
         sizes: list[int],
     ) -> tuple[Tensor, Tensor, Tensor]:
-        w, b = (kernel_param(t, x) for t in (weight, bias))
-        out = torch.empty_like(x)
-        c = x.shape[1]
-        stats_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-        mean = x.new_empty((len(sizes), c), dtype=stats_dtype)
-        invstd = torch.empty_like(mean)
-        for k, (xs, ys) in enumerate(
-            zip(torch.split(x, sizes), torch.split(out, sizes), strict=True)
-        ):
-            torch.ops.aten.native_batch_norm.out(
-                xs,
-                w,
-                b,
-                None,
-                None,
-                True,
-                0.0,
-                eps,
-                out=ys,
-                save_mean=mean[k],
-                save_invstd=invstd[k],
-            )
+        out, mean, invstd = _per_group_forward(x, weight, bias, eps, sizes)
         ctx.save_for_backward(x, weight, mean, invstd)
         ctx.eps, ctx.sizes = eps, sizes
         ctx.bias_dtype = None if bias is None else bias.dtype
@@ -404,10 +373,13 @@ class GhostChannelsLast(torch.autograd.Function):
             grad_b = grad_out.sum([0, *range(2, x.dim())]) if need_b else None
             return grad_x, grad_w, grad_b, None, None
         w = kernel_param(weight, x)
-        grad_out = grad_out.contiguous(memory_format=channels_last_of(x))
+        grad_out = grad_out.contiguous(
+            memory_format=channels_last_format(x) or torch.contiguous_format
+        )
         grad_x = torch.empty_like(x)
         grad_w = None if weight is None else torch.zeros_like(mean[0])
         grad_b = torch.zeros_like(mean[0]) if ctx.bias_dtype is not None else None
+        gw_k, gb_k = torch.empty_like(mean[0]), torch.empty_like(mean[0])  # per-group scratch
         for k, (gs, xs, gx) in enumerate(
             zip(
                 torch.split(grad_out, ctx.sizes),
@@ -416,7 +388,7 @@ class GhostChannelsLast(torch.autograd.Function):
                 strict=True,
             )
         ):
-            _, gw_k, gb_k = torch.ops.aten.native_batch_norm_backward.out(
+            torch.ops.aten.native_batch_norm_backward.out(
                 gs,
                 xs,
                 w,
@@ -428,8 +400,8 @@ class GhostChannelsLast(torch.autograd.Function):
                 ctx.eps,
                 [True, grad_w is not None, grad_b is not None],
                 out0=gx,
-                out1=torch.empty_like(mean[0]),
-                out2=torch.empty_like(mean[0]),
+                out1=gw_k,
+                out2=gb_k,
             )
             if grad_w is not None:
                 grad_w += gw_k
@@ -444,8 +416,22 @@ class GhostChannelsLast(torch.autograd.Function):
         )
 
 
-def channels_last_of(x: Tensor) -> torch.memory_format:
-    return torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+def _per_group_forward(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, sizes: list[int]
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Training-mode batch norm of each group of samples ``torch.split(x, sizes)`` with its own
+    statistics, by torch's kernel writing into slices of one output (of ``x``'s layout): ``(y,
+    mean, invstd)`` with one row of statistics per group."""
+    w, b = (kernel_param(t, x) for t in (weight, bias))
+    out = torch.empty_like(x)
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    mean = x.new_empty((len(sizes), x.shape[1]), dtype=dtype)
+    invstd = torch.empty_like(mean)
+    for k, (xs, ys) in enumerate(zip(torch.split(x, sizes), torch.split(out, sizes), strict=True)):
+        torch.ops.aten.native_batch_norm.out(
+            xs, w, b, None, None, True, 0.0, eps, out=ys, save_mean=mean[k], save_invstd=invstd[k]
+        )
+    return out, mean, invstd
 
 
 def _per_group_grads(

@@ -43,10 +43,6 @@ def lookup(key: int) -> Any:
     return _OBJECTS[key]
 
 
-_key = register
-_GENERATORS = _OBJECTS
-
-
 class Keyed:
     """A generator made while dynamo traces, known to the graph by its key (see :func:`seeded`)."""
 
@@ -75,8 +71,16 @@ def _made_while_tracing(seed: int, device: str) -> int:
     return key
 
 
-def _key_of(generator: torch.Generator | Keyed) -> int:
-    return generator.key if isinstance(generator, Keyed) else int(_key(generator))
+def _traced(
+    generator: torch.Generator | Keyed | None, device: torch.device | str | None
+) -> tuple[torch.device, int] | None:
+    """While compiling, where to draw and the key of ``generator``; else (or without a generator,
+    which the compiler traces itself) ``None``: draw eagerly."""
+    if generator is None or not torch.compiler.is_compiling():
+        return None
+    where = torch.device(device if device is not None else generator.device)
+    key = generator.key if isinstance(generator, Keyed) else int(register(generator))
+    return where, key
 
 
 def _generator(key: int, after: Tensor | None) -> torch.Generator:
@@ -117,9 +121,8 @@ def _draw(
     dtype: torch.dtype,
     after: Tensor | None,
 ) -> Tensor:
-    if generator is not None and torch.compiler.is_compiling():
-        where = torch.device(device if device is not None else generator.device)
-        return op(list(shape), dtype, where, _key_of(generator), after)
+    if (traced := _traced(generator, device)) is not None:
+        return op(list(shape), dtype, *traced, after)
     return eager(tuple(shape), dtype=dtype, device=device, generator=generator)
 
 
@@ -167,7 +170,6 @@ def randint(
     after: Tensor | None = None,
 ) -> Tensor:
     """``torch.randint(0, high, (1,))`` from ``generator`` (``None``: torch's global RNG)."""
-    if generator is not None and torch.compiler.is_compiling():
-        where = torch.device(device if device is not None else generator.device)
-        return _randint_op(high, where, _key_of(generator), after)  # type: ignore[no-any-return]
+    if (traced := _traced(generator, device)) is not None:
+        return _randint_op(high, *traced, after)  # type: ignore[no-any-return]
     return torch.randint(0, high, (1,), device=device, generator=generator)  # type: ignore[arg-type]

@@ -308,8 +308,8 @@ def instance_norm_unchecked(
     if fmt is not None and positions * c >= _MIN_SAMPLE_CL and not compiling():
         # Channels-last: one sample is a channels-last (1, C, *) tensor whose batch statistics
         # are its instance statistics, so torch's channels-last batch-norm kernel (fast there)
-        # runs per sample; the output and the input gradient (split's backward is a cat) stay
-        # channels-last, and nothing is saved beyond torch's own per-sample tensors.
+        # runs per sample into one channels-last output; the input gradient stays channels-last
+        # too (InstanceNormChannelsLast).
         y, mean, rstd = InstanceNormChannelsLast.apply(input, weight, bias, eps)  # type: ignore[no-untyped-call]
     else:
         # Channels-first contiguous: torch's group-norm kernel is accurate and fast there; on

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
 from normlab._checks import check_values_per_channel, fail
 from normlab.functional._core import (
+    Moments,
     channels_last_format,
     compiling,
     finite_statistics,
@@ -219,8 +222,7 @@ def ghost_batch_norm_unchecked(
         # slices of one channels-last output. Each one's statistics come back from the kernel (the
         # variance as invstd**-2 - eps, exact to float32 rounding unless var << eps).
         y, means, invstds = GhostChannelsLast.apply(input, weight, bias, eps, sizes)  # type: ignore[no-untyped-call]
-        variances = (invstds.double().pow(-2) - eps).clamp_min(0.0)
-        chunk_stats = list(zip(means.double(), variances, strict=True))
+        chunk_stats = list(zip(means, (invstds.double().pow(-2) - eps).clamp_min(0.0), strict=True))
         pieces = [y]
     else:
         if full:
@@ -238,11 +240,14 @@ def ghost_batch_norm_unchecked(
     y = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
     if training and running_mean is not None and running_var is not None:
         if len(chunk_stats) == len(sizes):  # pooled from the virtual batches (Chan et al.)
-            share = torch.tensor(sizes, dtype=torch.float64).unsqueeze(1) / n
-            means = torch.stack([m.double() for m, _ in chunk_stats])
-            variances = torch.stack([v.double() for _, v in chunk_stats])
-            mean = (share * means).sum(0)
-            var = (share * (variances + (means - mean) ** 2)).sum(0)
+            pooled = functools.reduce(
+                Moments.merge,
+                (
+                    Moments(torch.full_like(m, size, dtype=torch.float64), m.double(), v * size)
+                    for (m, v), size in zip(chunk_stats, sizes, strict=True)
+                ),
+            )
+            mean, var = pooled.mean, pooled.variance()
         else:
             mean, var = batch_moments(input)
         update_running_stats_(

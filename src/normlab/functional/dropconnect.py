@@ -63,11 +63,6 @@ def _apply(activation: Activation, u: Tensor) -> Tensor:
     return u if activation is None else activation(u)
 
 
-def _masked(t: Tensor, keep: float, generator: torch.Generator | None) -> Tensor:
-    """``t * M`` with ``M ~ Bernoulli(keep)``, unscaled."""
-    return t * keep_mask(tuple(t.shape), keep, t, generator)
-
-
 def _chunk_size(n: int, weight: Tensor) -> int:
     return max(1, min(n, CHUNK_ELEMENTS // max(1, weight.numel())))
 

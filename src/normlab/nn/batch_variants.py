@@ -520,7 +520,7 @@ class NoisyBatchNorm(RunningStatsNorm, _TorchBatchNorm):
         if not self.hold_noise or self._noise is None or self._noise[0].shape[0] != y.shape[0]:
             self._noise = self.draw_noise(y.shape, y.device, y.dtype, channels_last=last)
         s, m = self._noise
-        return torch.addcmul(m, s, y)  # channels-last noise keeps channels-last activations so
+        return torch.addcmul(m, s, y)  # noise in y's layout: the output keeps it
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, per={self.per!r}, seed={self.seed}"  # type: ignore[no-untyped-call]
