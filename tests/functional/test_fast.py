@@ -189,6 +189,53 @@ def test_backward_is_accurate_on_both_routes(
         assert _rel(g, r) <= 4 * _rel(t, r) + 1e-6, (_rel(g, r), _rel(t, r))
 
 
+@pytest.mark.parametrize(
+    ("offset", "route"),
+    [(0.0, "sums"), (1.5, "sums"), (2.5, "rows"), (7.0, "rows"), (1e4, "torch")],
+)
+def test_batch_statistics_are_as_accurate_as_torchs_on_every_route(
+    monkeypatch: pytest.MonkeyPatch, offset: float, route: str
+) -> None:
+    """Row sums and norms serve channels with |mean| / std <= 2, where their float32 error
+    (~(1 + mean^2 / var) * eps) stays within a few float32 ulps; up to 8 the group-norm kernel's
+    per-row moments, beyond that torch's double-accumulating kernel. Variance and output against
+    a float64 oracle on the same float32 input: within a factor 3 of torch's own error, plus
+    4e-7 (~7 float32 ulps: what the sums route costs at offset 2)."""
+    calls: list[str] = []
+    for name in ("row_moments", "_native_moments"):
+        original = getattr(_fast, name)
+        monkeypatch.setattr(_fast, name, lambda x, f=original, n=name: calls.append(n) or f(x))
+    g = torch.Generator().manual_seed(5)
+    scale = torch.rand(1, 5, 1, 1, generator=g, dtype=torch.float64) * 3 + 0.1
+    x64 = torch.randn(BIG, generator=g, dtype=torch.float64) * scale
+    x32 = (x64 + offset * x64.std((0, 2, 3), keepdim=True)).float()
+    ref = x32.double()
+    ref_var = ref.var((0, 2, 3), unbiased=False)
+    mean, var = _fast.batch_moments(x32)
+    expected = {"sums": [], "rows": ["row_moments"], "torch": ["_native_moments"]}[route]
+    assert calls == expected
+    _, _, torch_invstd = torch.ops.aten.native_batch_norm(x32, None, None, None, None, True, 0, 0)
+    torch_err = (torch_invstd.double().pow(-2) / ref_var - 1).abs().max().item()
+    assert (var / ref_var - 1).abs().max().item() <= 3 * torch_err + 4e-7
+    torch.testing.assert_close(
+        mean, ref.mean((0, 2, 3)), rtol=1e-7, atol=1e-6 * ref_var.sqrt().max()
+    )
+    y = NF.batch_norm(x32, None, None, training=True)
+    oracle = F.batch_norm(ref, None, None, training=True, eps=1e-5)
+    assert _rel(y, oracle) <= 3 * _rel(F.batch_norm(x32, None, None, training=True), oracle) + 4e-7
+
+
+def test_batch_statistics_fall_back_when_squares_overflow_float32() -> None:
+    """Values near 1e18 overflow a float32 row sum of squares (an infinite "variance" that would
+    pass any offset test): torch's kernel, which centres first, gives the finite moments."""
+    x = (1e18 + _x(BIG) * 1e15).float()
+    assert not torch.linalg.vector_norm(x.view(-1, BIG[-1] * BIG[-2]), dim=1).isfinite().all()
+    mean, var = _fast.batch_moments(x)
+    ref = x.double()
+    torch.testing.assert_close(mean, ref.mean((0, 2, 3)), rtol=1e-6, atol=0)
+    torch.testing.assert_close(var, ref.var((0, 2, 3), unbiased=False), rtol=1e-6, atol=0)
+
+
 # torch's forward AD scripts its own decompositions on first use (torch's warning, not ours).
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 def test_forward_mode_ad_falls_back_to_the_native_op() -> None:
