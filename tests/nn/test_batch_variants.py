@@ -43,7 +43,48 @@ def _brn_reference(batches, gamma, beta, eps, alpha, limits):  # type: ignore[no
     return results
 
 
-def test_batch_renorm_matches_the_paper_algorithm_with_its_schedule() -> None:
+def _route(monkeypatch: pytest.MonkeyPatch, route: str) -> object:
+    """Input layout for a route: "plain" (torch's kernel), "fast-nchw" (normlab's channels-first
+    path, forced on small input), "channels-last". Batch renorm must (not) call normlab's
+    batch-norm function accordingly: checked when the test ends."""
+    from normlab.functional import _fast, batch_variants
+
+    if route == "fast-nchw":
+        monkeypatch.setattr(_fast, "_MIN_NUMEL", 1)
+        monkeypatch.setattr(_fast, "_MIN_ROW", 1)
+    calls: list[int] = []
+
+    class Spy(_fast.BatchNormTrain):
+        @classmethod
+        def apply(cls, *args):  # type: ignore[no-untyped-def, override]
+            calls.append(1)
+            return super().apply(*args)
+
+    monkeypatch.setattr(batch_variants, "BatchNormTrain", Spy)
+    _route_checks.append(lambda: bool(calls) == (route != "plain"))
+    return torch.channels_last if route == "channels-last" else torch.contiguous_format
+
+
+_route_checks: list[object] = []
+
+
+@pytest.fixture(autouse=True)
+def _check_routes() -> object:
+    _route_checks.clear()
+    yield
+    assert all(check() for check in _route_checks), "batch renorm took the wrong route"  # type: ignore[operator]
+
+
+ROUTES = ["plain", "fast-nchw", "channels-last"]
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_batch_renorm_matches_the_paper_algorithm_with_its_schedule(
+    monkeypatch: pytest.MonkeyPatch, route: str
+) -> None:
+    """On every route (torch's kernel; one statistics pass feeding normlab's batch-norm function
+    on channels-first and channels-last input)."""
+    fmt = _route(monkeypatch, route)
     layer = nl.BatchRenorm2d(
         3,
         momentum=0.3,
@@ -73,8 +114,9 @@ def test_batch_renorm_matches_the_paper_algorithm_with_its_schedule() -> None:
     clipped = 0
     for (x, gy), (y_ref, grads_ref, mu, sigma), lim in zip(batches, reference, limits, strict=True):
         assert layer.current_limits() == pytest.approx(lim)
-        xr = x.clone().requires_grad_()
+        xr = x.contiguous(memory_format=fmt).requires_grad_()  # type: ignore[call-overload]
         y = layer.train()(xr)
+        assert y.is_contiguous(memory_format=fmt)  # type: ignore[call-overload]
         grads = torch.autograd.grad(y, (xr, layer.weight, layer.bias), gy)
         torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
         for a, b in zip(grads, grads_ref, strict=True):
@@ -84,6 +126,30 @@ def test_batch_renorm_matches_the_paper_algorithm_with_its_schedule() -> None:
         clipped += int(lim[0] < 2.0 and lim[0] > 1.0)
     assert clipped > 0
     assert int(layer.num_batches_tracked) == 8
+
+
+@pytest.mark.parametrize("route", ["fast-nchw", "channels-last"])
+def test_batch_renorm_second_derivatives(monkeypatch: pytest.MonkeyPatch, route: str) -> None:
+    fmt = _route(monkeypatch, route)
+    from normlab.functional.batch_variants import batch_renorm_unchecked
+
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(5, 3, 2, 3, generator=g, dtype=torch.float64) + 2).contiguous(
+        memory_format=fmt  # type: ignore[call-overload]
+    )
+    w = (torch.rand(3, generator=g, dtype=torch.float64) + 0.5).requires_grad_()
+    b = torch.randn(3, generator=g, dtype=torch.float64).requires_grad_()
+    stats = (torch.full((3,), 1.0, dtype=torch.float64), torch.full((3,), 0.3, dtype=torch.float64))
+
+    def renorm(x, w, b):  # type: ignore[no-untyped-def]
+        # r and d stay clipped (r_max 1.5, d_max 0.2) under gradcheck's perturbations: constants,
+        # as the layer treats them, so the numerical derivative is the analytical one
+        mu, sigma = (t.clone() for t in stats)
+        return batch_renorm_unchecked(x, mu, sigma, w, b, True, 0.1, 1e-5, 1.5, 0.2, "test")
+
+    x.requires_grad_()
+    assert torch.autograd.gradcheck(renorm, (x, w, b))
+    assert torch.autograd.gradgradcheck(renorm, (x, w, b))
 
 
 def test_batch_renorm_is_batch_norm_during_the_warm_up() -> None:

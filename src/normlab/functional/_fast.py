@@ -33,7 +33,7 @@ from torch import Tensor
 from normlab.functional._core import channel_affine, channels_last_format, pool_moments
 
 __all__ = [
-    "BatchNormTrainNCHW",
+    "BatchNormTrain",
     "GhostChannelsLast",
     "InstanceNormChannelsLast",
     "batch_moments",
@@ -42,6 +42,7 @@ __all__ = [
     "kernel_param",
     "row_moments",
     "use_fast_batch_stats",
+    "use_given_stats",
 ]
 
 # Below these sizes the fixed cost of the extra small ops outweighs the gain (measured with
@@ -59,23 +60,10 @@ _MAX_OFFSET = 8.0
 _MAX_SUMSQ_OFFSET = 2.0
 
 
-def use_fast_batch_stats(x: Tensor, *others: Tensor | None) -> bool:
-    """Whether :class:`BatchNormTrainNCHW` applies to ``x`` (else the native kernel is used).
-
-    Eager CPU float32/float64 channels-first contiguous tensors with spatial dims, large enough to
-    pay off, whose ``others`` (weight, bias, running statistics; ``None`` allowed) share their
-    dtype and device -- mixed dtypes go to torch's kernel, which raises for them. Under
-    ``torch.compile``, ``torch.func`` transforms and forward-mode AD the native op is used: the
-    compiler generates its own fused kernel, the transforms need the op's batching and jvp rules.
-    """
-    if (
-        x.device.type != "cpu"
-        or x.dtype not in _FAST_DTYPES
-        or x.dim() < 3
-        or x.numel() < _MIN_NUMEL
-        or x.numel() // (x.shape[0] * x.shape[1]) < _MIN_ROW
-        or not x.is_contiguous()
-    ):
+def _eligible(x: Tensor, others: tuple[Tensor | None, ...]) -> bool:
+    """Eager CPU float32/float64 ``(N, C, *spatial)`` input whose ``others`` share its dtype and
+    device, outside ``torch.compile``, ``torch.func`` transforms and forward-mode AD."""
+    if x.device.type != "cpu" or x.dtype not in _FAST_DTYPES or x.dim() < 3:
         return False
     for p in others:
         if p is not None and (p.dtype != x.dtype or p.device != x.device):
@@ -84,6 +72,33 @@ def use_fast_batch_stats(x: Tensor, *others: Tensor | None) -> bool:
         torch.compiler.is_compiling()
         or torch._C._are_functorch_transforms_active()
         or forward_ad._current_level >= 0  # inside a forward-AD dual_level
+    )
+
+
+def use_fast_batch_stats(x: Tensor, *others: Tensor | None) -> bool:
+    """Whether :class:`BatchNormTrain` computes the statistics of ``x`` (else the native kernel is
+    used).
+
+    Eager CPU float32/float64 channels-first contiguous tensors with spatial dims, large enough to
+    pay off, whose ``others`` (weight, bias, running statistics; ``None`` allowed) share their
+    dtype and device -- mixed dtypes go to torch's kernel, which raises for them. Under
+    ``torch.compile``, ``torch.func`` transforms and forward-mode AD the native op is used: the
+    compiler generates its own fused kernel, the transforms need the op's batching and jvp rules.
+    """
+    return (
+        x.is_contiguous()
+        and x.numel() >= _MIN_NUMEL
+        and x.numel() // (x.shape[0] * x.shape[1]) >= _MIN_ROW
+        and _eligible(x, others)
+    )
+
+
+def use_given_stats(x: Tensor, *others: Tensor | None) -> bool:
+    """Whether :class:`BatchNormTrain` can normalize ``x`` with statistics computed beforehand by
+    :func:`batch_moments` (batch renorm needs them first): :func:`use_fast_batch_stats`, or
+    eligible channels-last input (whose statistics torch computes read-only and fast)."""
+    return use_fast_batch_stats(x, *others) or (
+        channels_last_format(x) is not None and _eligible(x, others)
     )
 
 
@@ -140,12 +155,16 @@ def _native_moments(x: Tensor) -> tuple[Tensor, Tensor]:
 def batch_moments(x: Tensor) -> tuple[Tensor, Tensor]:
     """Per-channel batch mean and biased variance of ``(N, C, *)`` input, float64, no gradient.
 
-    Large channels-first CPU tensors use row sums and norms (:func:`_batch_moments`); everything
-    else torch's batch-norm kernel in training mode (its channels-last path is fast).
+    Large channels-first CPU tensors use row sums and norms (:func:`_batch_moments`),
+    channels-last float32/float64 tensors torch's read-only statistics kernel (fast on that
+    layout); everything else torch's batch-norm kernel in training mode.
     """
     with torch.no_grad():
         if use_fast_batch_stats(x):
             return _batch_moments(x)
+        if channels_last_format(x) is not None and x.dtype in _FAST_DTYPES:
+            mean, var = torch.batch_norm_update_stats(x.detach(), None, None, 0.0)
+            return mean.double(), var.double()  # var: biased
         if x.dim() == 2 or x[0, 0].numel() == 1:
             flat = (
                 x.detach().double().flatten(2) if x.dim() > 2 else x.detach().double().unsqueeze(2)
@@ -157,18 +176,29 @@ def batch_moments(x: Tensor) -> tuple[Tensor, Tensor]:
         return _native_moments(x)
 
 
-class BatchNormTrainNCHW(torch.autograd.Function):
+class BatchNormTrain(torch.autograd.Function):
     """``y = (x - mu_B) / sqrt(var_B + eps) * weight + bias`` with batch statistics over all dims but 1.
 
-    ``apply(x, weight, bias, eps)`` returns ``(y, mean, var)``; ``mean`` and the biased ``var`` are
-    float64 per-channel batch statistics (not differentiable), for the running-statistics update.
+    ``apply(x, weight, bias, eps, mean=None, var=None)`` returns ``(y, mean, var)``; ``mean`` and
+    the biased ``var`` are float64 per-channel batch statistics (not differentiable), for the
+    running-statistics update. They are computed here (:func:`_batch_moments`, channels-first
+    input that passes :func:`use_fast_batch_stats`) unless given -- from :func:`batch_moments` of
+    the same ``x``, by a caller that needs them first (input passing :func:`use_given_stats`);
+    the gradient flows through them as through batch norm's own. The output keeps ``x``'s layout.
     """
 
     @staticmethod
     def forward(
-        ctx: Any, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+        ctx: Any,
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        eps: float,
+        mean: Tensor | None = None,
+        var: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        mean, var = _batch_moments(x)
+        if mean is None or var is None:
+            mean, var = _batch_moments(x)
         out = torch.empty_like(x)
         save_mean = mean.to(x.dtype)
         save_invstd = torch.rsqrt(var + eps).to(x.dtype)
@@ -190,18 +220,24 @@ class BatchNormTrainNCHW(torch.autograd.Function):
         )
         ctx.save_for_backward(x, weight, save_mean, save_invstd)
         ctx.eps = eps
-        ctx.centered = bool((mean.abs() * save_invstd.double()).max() <= _MAX_OFFSET)
+        # The fast backward serves centred channels-first data (on channels-last tensors torch's
+        # backward kernel is already fast).
+        ctx.fast = x.is_contiguous() and bool(
+            (mean.abs() * save_invstd.double()).max() <= _MAX_OFFSET
+        )
         ctx.mark_non_differentiable(mean, var)
         return out, mean, var
 
     @staticmethod
     def backward(
         ctx: Any, grad_out: Tensor, _grad_mean: Tensor | None, _grad_var: Tensor | None
-    ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None, None, None]:
         x, weight, save_mean, save_invstd = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        grad_out = grad_out.contiguous()
-        if torch.is_grad_enabled() or not ctx.centered:
+        grad_out = grad_out.contiguous(
+            memory_format=channels_last_format(x) or torch.contiguous_format
+        )
+        if torch.is_grad_enabled() or not ctx.fast:
             # Double backward (create_graph=True) needs torch's differentiable formula; far
             # off-centre data needs its exactly centred reductions (see _fast_backward).
             grad_x, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
@@ -224,6 +260,8 @@ class BatchNormTrainNCHW(torch.autograd.Function):
             grad_x if need_x else None,
             grad_w if need_w else None,
             grad_b if need_b else None,
+            None,
+            None,
             None,
         )
 

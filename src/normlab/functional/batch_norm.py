@@ -23,7 +23,7 @@ from normlab.functional._core import (
     update_running_stats_,
 )
 from normlab.functional._fast import (
-    BatchNormTrainNCHW,
+    BatchNormTrain,
     InstanceNormChannelsLast,
     use_fast_batch_stats,
 )
@@ -148,7 +148,7 @@ def batch_norm_unchecked(
     check_values_per_channel(input, count, owner=owner, what="values per channel")
     track = training and running_mean is not None
     if use_fast_batch_stats(input, weight, bias, running_mean, running_var):
-        y, mean, var = BatchNormTrainNCHW.apply(input, weight, bias, eps)  # type: ignore[no-untyped-call]
+        y, mean, var = BatchNormTrain.apply(input, weight, bias, eps)  # type: ignore[no-untyped-call]
         if track and running_mean is not None and running_var is not None:
             update_running_stats_(running_mean, running_var, mean, var, count, momentum, owner)
         return y  # type: ignore[no-any-return]

@@ -16,10 +16,11 @@ from normlab.functional._core import (
     update_running_stats_,
 )
 from normlab.functional._fast import (
-    BatchNormTrainNCHW,
+    BatchNormTrain,
     GhostChannelsLast,
     batch_moments,
     use_fast_batch_stats,
+    use_given_stats,
 )
 from normlab.functional.batch_norm import batch_norm_unchecked
 
@@ -148,7 +149,11 @@ def batch_renorm_unchecked(
     new_bias = d_ if weight is None else weight * d_
     if bias is not None:
         new_bias = new_bias + bias
-    y = batch_norm_unchecked(input, None, None, new_weight, new_bias, True, 0.0, eps, owner)
+    if use_given_stats(input, new_weight, new_bias):
+        # one statistics pass: normalize with the moments already computed for r and d
+        y = BatchNormTrain.apply(input, new_weight, new_bias, eps, mean, var)[0]  # type: ignore[no-untyped-call]
+    else:
+        y = batch_norm_unchecked(input, None, None, new_weight, new_bias, True, 0.0, eps, owner)
     if not finite_statistics(mean, var, owner=owner):
         return y
     with torch.no_grad():
@@ -212,7 +217,7 @@ def ghost_batch_norm_unchecked(
         # (each a contiguous slice), whose statistics also give the whole batch's by pooling.
         for chunk in torch.split(input, sizes):
             if use_fast_batch_stats(chunk, weight, bias):
-                y_k, mean_k, var_k = BatchNormTrainNCHW.apply(chunk, weight, bias, eps)  # type: ignore[no-untyped-call]
+                y_k, mean_k, var_k = BatchNormTrain.apply(chunk, weight, bias, eps)  # type: ignore[no-untyped-call]
                 chunk_stats.append((mean_k, var_k))
             else:
                 y_k = batch_norm_unchecked(chunk, None, None, weight, bias, True, 0.0, eps, owner)
