@@ -486,27 +486,35 @@ class NoisyBatchNorm(RunningStatsNorm, _TorchBatchNorm):
         out channels-last), so applying it needs no layout conversion -- which costs torch ~10x
         a copy."""
         g = self.generator
-        lo, hi = self.mean_range
         # the step's levels stay 0-dim float64 tensors (no .item()), so torch.compile can trace
         u_mu = _rng.rand((), g, dtype=torch.float64)
         u_sigma = _rng.rand((), g, dtype=torch.float64, after=u_mu)
         per_element = self.per == "element"
         noise_shape = tuple(shape) if per_element else (*shape[:2], *([1] * (len(shape) - 2)))
+        stored, back = noise_shape, tuple(range(len(noise_shape)))
         if per_element and channels_last:
             stored = (noise_shape[0], *noise_shape[2:], noise_shape[1])  # (N, *spatial, C)
             back = (0, len(stored) - 1, *range(1, len(stored) - 1))
+        (mu_lo, mu_hi), (sigma_lo, sigma_hi) = self.mean_range, self.std_range
+        if torch.compiler.is_compiling():
             u_m = _rng.rand(stored, g, after=u_sigma).permute(back)
             z_s = _rng.randn(stored, g, after=u_m).permute(back)
+            # in the noise's dtype, as a Python float would be: a float64 0-dim operand would
+            # send every elementwise op below down torch's ~5x slower mixed-dtype path
+            mu_t = (mu_lo + (mu_hi - mu_lo) * u_mu).to(u_m.dtype)
+            sigma_t = (sigma_lo + (sigma_hi - sigma_lo) * u_sigma).to(u_m.dtype)
+            m = mu_t + self.mean_spread * (2 * u_m - 1)
+            s = sigma_t + self.std_spread * z_s
         else:
-            u_m = _rng.rand(noise_shape, g, after=u_sigma)
-            z_s = _rng.randn(noise_shape, g, after=u_m)
-        # in the noise's dtype, as a Python float would be: a float64 0-dim operand would send
-        # every elementwise op below down torch's ~5x slower mixed-dtype path
-        mu_t = (lo + (hi - lo) * u_mu).to(u_m.dtype)
-        lo, hi = self.std_range
-        sigma_t = (lo + (hi - lo) * u_sigma).to(u_m.dtype)
-        m = mu_t + self.mean_spread * (2 * u_m - 1)
-        s = sigma_t + self.std_spread * z_s
+            # The same draws from the same stream, scaled by torch's generator kernels in the
+            # pass that writes them (torch.rand/randn are uniform_(0, 1)/normal_(0, 1)): the
+            # random numbers, not arithmetic passes over them, are the cost that remains.
+            mu_t = mu_lo + (mu_hi - mu_lo) * u_mu.item()
+            sigma_t = sigma_lo + (sigma_hi - sigma_lo) * u_sigma.item()
+            spread = self.mean_spread
+            m = torch.empty(stored).uniform_(mu_t - spread, mu_t + spread, generator=g)
+            s = torch.empty(stored).normal_(sigma_t, self.std_spread, generator=g)
+            m, s = m.permute(back), s.permute(back)
         return s.to(device=device, dtype=dtype), m.to(device=device, dtype=dtype)
 
     def forward(self, input: Tensor) -> Tensor:
