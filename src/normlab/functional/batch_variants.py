@@ -149,6 +149,7 @@ def batch_renorm_unchecked(
     new_bias = d_ if weight is None else weight * d_
     if bias is not None:
         new_bias = new_bias + bias
+    y: Tensor
     if use_given_stats(input, new_weight, new_bias):
         # one statistics pass: normalize with the moments already computed for r and d
         y = BatchNormTrain.apply(input, new_weight, new_bias, eps, mean, var)[0]  # type: ignore[no-untyped-call]

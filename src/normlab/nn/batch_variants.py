@@ -509,11 +509,11 @@ class NoisyBatchNorm(RunningStatsNorm, _TorchBatchNorm):
             # The same draws from the same stream, scaled by torch's generator kernels in the
             # pass that writes them (torch.rand/randn are uniform_(0, 1)/normal_(0, 1)): the
             # random numbers, not arithmetic passes over them, are the cost that remains.
-            mu_t = mu_lo + (mu_hi - mu_lo) * u_mu.item()
-            sigma_t = sigma_lo + (sigma_hi - sigma_lo) * u_sigma.item()
+            mu = mu_lo + (mu_hi - mu_lo) * u_mu.item()
+            sigma = sigma_lo + (sigma_hi - sigma_lo) * u_sigma.item()
             spread = self.mean_spread
-            m = torch.empty(stored).uniform_(mu_t - spread, mu_t + spread, generator=g)
-            s = torch.empty(stored).normal_(sigma_t, self.std_spread, generator=g)
+            m = torch.empty(stored).uniform_(mu - spread, mu + spread, generator=g)
+            s = torch.empty(stored).normal_(sigma, self.std_spread, generator=g)
             m, s = m.permute(back), s.permute(back)
         return s.to(device=device, dtype=dtype), m.to(device=device, dtype=dtype)
 
