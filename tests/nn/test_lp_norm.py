@@ -153,3 +153,79 @@ def test_fused_l1_matches_the_composite_formula(
     small = x[:2, :, :3, :3].detach().clone().requires_grad_()
     assert torch.autograd.gradcheck(fused_l1, (small, w, b))
     assert torch.autograd.gradgradcheck(fused_l1, (small, w, b))
+
+
+@pytest.mark.parametrize(
+    ("shape", "layout"),
+    [
+        ((6, 3, 16, 16), "nchw"),  # blocks of 64 positions, 24 per channel
+        ((6, 3, 16, 16), "nhwc"),
+        ((5, 3, 5, 7), "nchw"),  # 35 positions: no divisor in [8, 64], one block per row
+        ((4, 3, 2, 6, 5), "ndhwc"),
+        ((200, 3), "nc"),
+        ((7, 3, 40), "ncl"),
+    ],
+)
+@pytest.mark.parametrize(("k", "offset"), [(3, 0.0), (1, 0.0), (10, 60.0), (10_000, 0.0)])
+def test_fused_linf_matches_the_composite_formula(
+    monkeypatch: pytest.MonkeyPatch,
+    shape: tuple[int, ...],
+    layout: str,
+    k: int,
+    offset: float,
+) -> None:
+    """The fused training L-inf batch norm (block-pruned top-k search, own backward) equals
+    autograd through the composite ops (a sort of every channel): output, gradients, running
+    statistics, layout; k=1 (the maximum), k beyond the values per channel, far off-centre."""
+    import importlib
+
+    lp = importlib.import_module("normlab.functional.lp_norm")
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(shape, generator=g, dtype=torch.float64) * 2 + 1 + offset
+    fmt = {"nhwc": torch.channels_last, "ndhwc": torch.channels_last_3d}.get(layout)
+    if fmt is not None:
+        x = x.contiguous(memory_format=fmt)
+    gy = torch.randn(shape, generator=g, dtype=torch.float64) + 0.5
+    calls: list[int] = []
+    fused_apply = lp.LinfBatchNormTrain.apply
+
+    def run(fused: bool) -> list[torch.Tensor]:
+        monkeypatch.setattr(lp, "_fused", lambda *a: fused)
+        layer = nl.LinfBatchNorm(3, k=k, dtype=torch.float64)
+        with torch.no_grad():
+            layer.weight.copy_(torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64))
+            layer.bias.copy_(torch.tensor([0.1, -0.2, 0.3], dtype=torch.float64))
+        xr = x.detach().clone(memory_format=torch.preserve_format).requires_grad_()
+        y = layer.train()(xr)
+        if fmt is not None:
+            assert y.is_contiguous(memory_format=fmt)
+        grads = torch.autograd.grad(y, [xr, *layer.parameters()], gy)
+        return [y, *grads, layer.running_mean, layer.running_scale]
+
+    monkeypatch.setattr(
+        lp.LinfBatchNormTrain, "apply", lambda *a: calls.append(1) or fused_apply(*a)
+    )
+    fused, composite = run(True), run(False)
+    assert calls == [1]
+    for a, b in zip(fused, composite, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_fused_linf_gradcheck_and_gradgradcheck(channels_last: bool) -> None:
+    import importlib
+
+    lp = importlib.import_module("normlab.functional.lp_norm")
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 2, 3, 6, generator=g, dtype=torch.float64) + 1.5
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    w = torch.rand(2, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.rand(2, generator=g, dtype=torch.float64, requires_grad=True)
+
+    def fused_linf(x, w, b):  # type: ignore[no-untyped-def]
+        return lp.LinfBatchNormTrain.apply(x, w, b, 1e-5, 0.4, 4)[0]
+
+    assert torch.autograd.gradcheck(fused_linf, (x, w, b))
+    assert torch.autograd.gradgradcheck(fused_linf, (x, w, b))

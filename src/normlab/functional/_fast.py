@@ -37,7 +37,9 @@ __all__ = [
     "GhostChannelsLast",
     "InstanceNormChannelsLast",
     "batch_moments",
+    "centred_grad_sums",
     "channel_grad_sums",
+    "channel_sums",
     "input_grad",
     "kernel_param",
     "row_moments",
@@ -100,6 +102,16 @@ def use_given_stats(x: Tensor, *others: Tensor | None) -> bool:
     return use_fast_batch_stats(x, *others) or (
         channels_last_format(x) is not None and _eligible(x, others)
     )
+
+
+def channel_sums(x: Tensor) -> Tensor:
+    """Per-channel sums of ``(N, C, *)`` input in its dtype (accumulated in float64 across rows).
+    On contiguous channels-first tensors it sums each ``(sample, channel)`` row (a reduction along
+    contiguous memory, ~2x faster there than torch's sum over dims ``(0, 2, ...)``)."""
+    if x.dim() > 2 and x.is_contiguous():
+        n, c = x.shape[0], x.shape[1]
+        return x.view(n * c, -1).sum(1).view(n, c).double().sum(0).to(x.dtype)
+    return x.sum([0, *range(2, x.dim())])
 
 
 def row_moments(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -305,6 +317,23 @@ def channel_grad_sums(
         [False, True, True],
     )
     return grad_w, grad_b
+
+
+def centred_grad_sums(
+    grad_out: Tensor, x: Tensor, mean: Tensor, centred: bool
+) -> tuple[Tensor, Tensor]:
+    """``(sum(dy * (x - mean)), sum(dy))`` per channel of ``(N, C, *)`` tensors of one layout,
+    read once: by the group-norm backward kernel (:func:`channel_grad_sums`) for centred
+    channels-first data (``centred``: ``|mean| / std`` at most ~``_MAX_OFFSET``), else by torch's
+    batch-norm backward kernel, which centres exactly (and is fast on channels-last tensors)."""
+    ones = torch.ones_like(mean)
+    if centred and x.dim() > 2 and x.is_contiguous():
+        dz, d = channel_grad_sums(grad_out, x, mean, ones)
+        return dz, d
+    _, dz, d = torch.ops.aten.native_batch_norm_backward(
+        grad_out, x, ones, None, None, mean, ones, True, 0.0, [False, True, True]
+    )
+    return dz, d
 
 
 def input_grad(

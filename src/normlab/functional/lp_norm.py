@@ -22,6 +22,7 @@ from normlab.functional._core import (
     finite_statistics,
     stats_dtype,
 )
+from normlab.functional._fast import centred_grad_sums, channel_sums
 
 __all__ = ["L1_CONSTANT", "linf_constant", "lp_batch_norm_unchecked", "lp_dispersion"]
 
@@ -112,10 +113,16 @@ def lp_batch_norm_unchecked(
         check_values_per_channel(
             input, input.numel() // c if c else 0, owner=owner, what="values per channel"
         )
-        fused: Tensor | None = None  # the output, from the fused L1 function
+        fused: Tensor | None = None  # the output, from a fused function
         if p == "1" and center and _fused(input, weight, bias):
             constant = L1_CONSTANT if gaussian_constant else 1.0
             fused, mean, scale = L1BatchNormTrain.apply(input, weight, bias, eps, constant)  # type: ignore[no-untyped-call]
+        elif p == "inf" and center and _fused(input, weight, bias) and _layout(input) is not None:
+            n = input.numel() // c
+            constant = linf_constant(n) if gaussian_constant else 1.0
+            fused, mean, scale = LinfBatchNormTrain.apply(  # type: ignore[no-untyped-call]
+                input, weight, bias, eps, constant, min(k, n)
+            )
         else:
             dims = [0, *range(2, input.dim())]
             mean = input.to(stats_dtype(input.dtype)).mean(dims)
@@ -168,16 +175,16 @@ class L1BatchNormTrain(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx: Any, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, k: float
+        ctx: Any, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, constant: float
     ) -> tuple[Tensor, Tensor, Tensor]:
         dims = [0, *range(2, x.dim())]
         mean = x.mean(dims)
         z = channel_affine(x, None, -mean)  # centred first: exact for far off-centre data
-        scale = z.abs().mean(dims) * k
+        scale = z.abs().mean(dims) * constant
         denom = scale + eps
         y = channel_affine(z, (1.0 / denom) if weight is None else weight / denom, bias)
         ctx.save_for_backward(x, weight, mean, denom)
-        ctx.eps, ctx.k = eps, k
+        ctx.eps, ctx.constant, ctx.k = eps, constant, 1
         ctx.has_bias = bias is not None
         ctx.mark_non_differentiable(mean, scale)
         return y, mean, scale
@@ -191,25 +198,7 @@ class L1BatchNormTrain(torch.autograd.Function):
         dims = [0, *range(2, x.dim())]
         view = channel_view_shape(x.dim(), x.shape[1])
         if torch.is_grad_enabled():  # double backward: differentiate the composite formula
-            with torch.enable_grad():
-                xg = x if x.requires_grad else x.detach().requires_grad_()
-                wg = None
-                if weight is not None:
-                    wg = weight if weight.requires_grad else weight.detach().requires_grad_()
-                mu = xg.mean(dims)
-                z = xg - mu.view(view)
-                y = z / (ctx.k * z.abs().mean(dims) + ctx.eps).view(view)
-                if wg is not None:
-                    y = y * wg.view(view)
-                wrt = [xg] if wg is None else [xg, wg]
-                grads = torch.autograd.grad(y, wrt, grad, create_graph=True)
-            return (
-                grads[0] if need_x else None,
-                grads[1] if need_w and wg is not None else None,
-                grad.sum(dims) if need_b and ctx.has_bias else None,
-                None,
-                None,
-            )
+            return (*_composite_grads(ctx, x, weight, grad, "1"), None, None)
         count = x.numel() // x.shape[1]
         z = channel_affine(x, None, -mean)
         sum_dy = grad.sum(dims)
@@ -220,7 +209,7 @@ class L1BatchNormTrain(torch.autograd.Function):
             sign = z.sign_()  # z is not needed any more
             total_sign = sign.sum(dims)
             alpha = gamma / denom
-            beta = -ctx.k * gamma * sum_dy_z / (count * denom.square())
+            beta = -ctx.constant * gamma * sum_dy_z / (count * denom.square())
             shift = -(alpha * sum_dy + beta * total_sign) / count
             grad_x = channel_affine(sign, beta, shift)
             grad_x.addcmul_(grad, alpha.view(view))
@@ -231,3 +220,166 @@ class L1BatchNormTrain(torch.autograd.Function):
             None,
             None,
         )
+
+
+def _composite_grads(
+    ctx: Any, x: Tensor, weight: Tensor | None, grad: Tensor, p: P
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Input, weight and bias gradients of the fused functions by autograd through the composite
+    formula, differentiably (``create_graph``): their double-backward route. ``ctx`` carries
+    ``eps``, ``constant``, ``k``, ``has_bias`` and ``needs_input_grad``."""
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    dims = [0, *range(2, x.dim())]
+    view = channel_view_shape(x.dim(), x.shape[1])
+    with torch.enable_grad():
+        xg = x if x.requires_grad else x.detach().requires_grad_()
+        wg = None
+        if weight is not None:
+            wg = weight if weight.requires_grad else weight.detach().requires_grad_()
+        mu = xg.mean(dims)
+        dispersion = lp_dispersion(xg, mu, p, k=ctx.k, gaussian_constant=False)
+        y = (xg - mu.view(view)) / (ctx.constant * dispersion + ctx.eps).view(view)
+        if wg is not None:
+            y = y * wg.view(view)
+        wrt = [xg] if wg is None else [xg, wg]
+        grads = torch.autograd.grad(y, wrt, grad, create_graph=True)
+    return (
+        grads[0] if need_x else None,
+        grads[1] if need_w and wg is not None else None,
+        grad.sum(dims) if need_b and ctx.has_bias else None,
+    )
+
+
+def _block(length: int, low: int, high: int) -> int:
+    """Values per block for the top-k search: the largest divisor of ``length`` in
+    ``[low, high]``, else ``length`` itself (one block)."""
+    return next((b for b in range(high, low - 1, -1) if length % b == 0), length)
+
+
+def _layout(x: Tensor) -> str | None:
+    """How :func:`_top_deviations` reads ``x``'s storage: ``"first"`` (contiguous ``(N, C, *)``
+    with positions), ``"last"`` (channels innermost: channels-last, or contiguous ``(N, C)``), or
+    ``None`` (other strides: the composite ops serve)."""
+    if channels_last_format(x) is not None or (x.dim() == 2 and x.is_contiguous()):
+        return "last"
+    return "first" if x.is_contiguous() and x.dim() > 2 else None
+
+
+def _top_deviations(x: Tensor, mean: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The ``k`` largest ``|x - mean|`` per channel without sorting the data: ``(values, offsets,
+    signs)``, each ``(C, k)``, with the storage offsets of those values in ``x`` and the signs of
+    ``x - mean`` there.
+
+    The values are cut into blocks (:func:`_block`; contiguous runs of positions on channels-first
+    storage, runs of rows on channels-last storage); each block's largest deviation is
+    ``max(max(x) - mean, mean - min(x))`` (two fast reductions); the ``k`` largest values of a
+    channel all lie in its ``k`` blocks with the largest such maxima (any value outside them is
+    exceeded by at least one value in each of those ``k`` blocks), so top-k runs only on those
+    ``k`` blocks' values.
+    """
+    c = x.shape[1]
+    centre = mean.to(x.dtype).view(c, 1)
+    channel = torch.arange(c, device=x.device).view(c, 1)
+    flat = torch.as_strided(x, (x.numel(),), (1,))  # the storage, in order
+    if _layout(x) == "first":  # storage (N, C, positions): blocks along the positions
+        # long blocks: the reductions over them run at bandwidth, and each chosen block is a
+        # contiguous run, copied whole
+        n = x.shape[0]
+        r = x.numel() // (n * c)
+        b = _block(r, 64, 256)
+        view = x.view(n, c, r // b, b)
+        hi = view.amax(3).transpose(0, 1).reshape(c, -1)  # (C, N * blocks per sample)
+        lo = view.amin(3).transpose(0, 1).reshape(c, -1)
+        worst = torch.maximum(hi - centre, centre - lo)
+        chosen = worst.topk(min(k, worst.shape[1]), dim=1).indices  # (C, kb) block ids
+        sample, block = chosen // (r // b), chosen % (r // b)
+        start = sample * (c * r) + channel * r + block * b
+        values = flat.view(-1, b).index_select(0, (start // b).flatten()).view(c, -1)
+        offsets = (start.unsqueeze(2) + torch.arange(b, device=x.device)).reshape(c, -1)
+    else:  # storage (M, C): blocks of consecutive rows, one strided value per row gathered
+        m = x.numel() // c
+        b = _block(m, 16, 64)
+        view = torch.as_strided(x, (m // b, b, c), (b * c, c, 1))
+        worst = torch.maximum(view.amax(1) - centre.t(), centre.t() - view.amin(1)).t()
+        chosen = worst.topk(min(k, worst.shape[1]), dim=1).indices
+        start = chosen * (b * c) + channel
+        offsets = (start.unsqueeze(2) + torch.arange(b, device=x.device) * c).reshape(c, -1)
+        values = flat[offsets]
+    values = values - centre  # (C, kb * B)
+    top = values.abs().topk(k, dim=1)
+    return top.values, offsets.gather(1, top.indices), values.gather(1, top.indices).sign()
+
+
+class LinfBatchNormTrain(torch.autograd.Function):
+    """Training-mode L-infinity (top-k) batch norm, ``y = weight * (x - mu) / D + bias`` with
+    ``D = K * mean(top_k |x - mu|) + eps`` per channel, with its own backward: the top-k search
+    reads ``x`` twice (block maxima and minima, :func:`_top_deviations`) instead of sorting an
+    activation-sized copy, and the gradient is one per-channel multiply-add over ``dy`` plus a
+    sparse correction at the ``k`` selected values of each channel. Saves ``x`` and per-channel
+    statistics (and the ``(C, k)`` selection).
+
+    Per channel over M values, with ``z = x - mu``, ``h = weight * dy``, ``T`` the top-k set and
+    ``S = sum(h z)``: ``dL/dz_i = h_i / D - S / D^2 * K / k * sign(z_i) [i in T]``, and ``dx`` is
+    that minus its mean over the channel. ``apply(x, weight, bias, eps, K, k)`` returns
+    ``(y, mu, K mean(top_k |z|))``.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        eps: float,
+        constant: float,
+        k: int,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        mean = channel_sums(x) / (x.numel() // x.shape[1])
+        top, offsets, signs = _top_deviations(x, mean, k)
+        scale = top.mean(1) * constant
+        denom = scale + eps
+        a = (1.0 / denom) if weight is None else weight / denom
+        ctx.centred = bool((mean.abs() <= _MAX_FOLDED_OFFSET * denom).all())
+        if ctx.centred:
+            y = channel_affine(x, a, -mean * a if bias is None else bias - mean * a)
+        else:  # far off-centre: centre first (folding the mean into the shift would cancel)
+            y = channel_affine(channel_affine(x, None, -mean), a, bias)
+        ctx.save_for_backward(x, weight, mean, denom, offsets, signs)
+        ctx.eps, ctx.constant, ctx.k = eps, constant, k
+        ctx.has_bias = bias is not None
+        ctx.mark_non_differentiable(mean, scale)
+        return y, mean, scale
+
+    @staticmethod
+    def backward(
+        ctx: Any, grad: Tensor, _grad_mean: Tensor | None, _grad_scale: Tensor | None
+    ) -> tuple[Tensor | None, ...]:
+        x, weight, mean, denom, offsets, signs = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        if torch.is_grad_enabled():  # double backward: differentiate the composite formula
+            return (*_composite_grads(ctx, x, weight, grad, "inf"), None, None, None)
+        grad = grad.contiguous(memory_format=channels_last_format(x) or torch.contiguous_format)
+        count = x.numel() // x.shape[1]
+        sum_dy_z, sum_dy = centred_grad_sums(grad, x, mean, ctx.centred)
+        grad_x = None
+        if need_x:
+            gamma = torch.ones_like(denom) if weight is None else weight
+            alpha = gamma / denom
+            coef = -gamma * sum_dy_z / denom.square() * (ctx.constant / ctx.k)  # per unit sign
+            shift = -(alpha * sum_dy + coef * signs.sum(1)) / count
+            grad_x = channel_affine(grad, alpha, shift)
+            flat = torch.as_strided(grad_x, (grad_x.numel(),), (1,))
+            flat.index_put_((offsets.flatten(),), (coef.view(-1, 1) * signs).flatten(), True)
+        return (
+            grad_x,
+            sum_dy_z / denom if need_w and weight is not None else None,
+            sum_dy if need_b and ctx.has_bias else None,
+            None,
+            None,
+            None,
+        )
+
+
+# Where every channel's |mean| is at most this many times its divisor, the output is one folded
+# multiply-add (error ~ this many float ulps); further off-centre x is centred first.
+_MAX_FOLDED_OFFSET = 8.0
