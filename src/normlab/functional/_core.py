@@ -122,17 +122,38 @@ def apply_affine(
     return y
 
 
-def channel_affine(x: Tensor, scale: Tensor | None, shift: Tensor | None) -> Tensor:
-    """``x * scale + shift`` per channel (dim 1; ``None``: 1, 0), out of place, through torch's
-    eval-mode batch-norm kernel (zero mean, unit variance, eps 0): one pass at bandwidth, ~2.5x
-    faster on channels-first tensors than a broadcast multiply-add, any layout kept.
+def channel_affine(
+    x: Tensor, scale: Tensor | None, shift: Tensor | None, out: Tensor | None = None
+) -> Tensor:
+    """``x * scale + shift`` per channel (dim 1; ``None``: 1, 0), through torch's eval-mode
+    batch-norm kernel (zero mean, unit variance, eps 0): one pass at bandwidth, ~2.5x faster on
+    channels-first tensors than a broadcast multiply-add, any layout kept. Out of place, or into
+    ``out`` (of ``x``'s shape and layout; no autograd).
 
     >>> channel_affine(torch.ones(1, 2, 1), torch.tensor([2.0, 3.0]), torch.tensor([0.5, 0.0]))
     tensor([[[2.5000],
              [3.0000]]])
     """
     zeros = x.new_zeros(x.shape[1])
-    return torch.batch_norm(x, scale, shift, zeros, torch.ones_like(zeros), False, 0.0, 0.0, False)
+    if out is None:
+        return torch.batch_norm(
+            x, scale, shift, zeros, torch.ones_like(zeros), False, 0.0, 0.0, False
+        )
+    unused = x.new_empty(0)
+    torch.ops.aten.native_batch_norm.out(
+        x,
+        scale,
+        shift,
+        zeros,
+        torch.ones_like(zeros),
+        False,
+        0.0,
+        0.0,
+        out=out,
+        save_mean=unused,
+        save_invstd=unused.clone(),
+    )
+    return out
 
 
 def _centered_moments(x: Tensor, dims: Sequence[int]) -> tuple[Tensor, Tensor, Tensor]:

@@ -345,13 +345,14 @@ def input_grad(
     sum_dy: Tensor,
     sum_dy_xhat: Tensor,
     count: int | float,
+    out: Tensor | None = None,
 ) -> Tensor:
     """Batch norm's input gradient given the per-channel sums over ``count`` values::
 
         grad_x = w * invstd * (dy - sum_dy / M - xhat * sum_dy_xhat / M) = a * dy + b * x + c
 
-    ``b * x + c`` is written by the eval-mode batch-norm kernel, then ``a * dy`` is added in place:
-    two bandwidth-bound passes.
+    ``b * x + c`` is written by the eval-mode batch-norm kernel (into ``out`` if given), then
+    ``a * dy`` is added in place: two bandwidth-bound passes.
     """
     c = x.shape[1]
     w = torch.ones_like(invstd) if weight is None else weight
@@ -360,7 +361,7 @@ def input_grad(
     mean_dy, mean_dy_xhat = sum_dy.double() / count, sum_dy_xhat.double() / count
     b = -a * inv * mean_dy_xhat
     shift = a * (mean.double() * inv * mean_dy_xhat - mean_dy)
-    grad_x = channel_affine(x, b.to(x.dtype), shift.to(x.dtype))
+    grad_x = channel_affine(x, b.to(x.dtype), shift.to(x.dtype), out=out)
     grad_x.addcmul_(grad_out, a.to(x.dtype).view(c, *([1] * (x.dim() - 2))))
     return grad_x
 
@@ -439,7 +440,7 @@ def kernel_param(t: Tensor | None, x: Tensor) -> Tensor | None:
 class GhostChannelsLast(torch.autograd.Function):
     """Ghost batch norm of channels-last input: torch's (fast) channels-last batch-norm kernel per
     virtual batch, writing into slices of one output (no concatenation), and its backward kernel
-    into slices of one input gradient. ``apply(x, weight, bias, eps, sizes)`` returns ``(y, mean,
+    per virtual batch into slices of one input gradient. ``apply(x, weight, bias, eps, sizes)`` returns ``(y, mean,
     invstd)`` with one row of statistics per virtual batch. Saved for backward: ``x`` and the
     statistics, as torch."""
 
@@ -478,7 +479,10 @@ class GhostChannelsLast(torch.autograd.Function):
         grad_x = torch.empty_like(x)
         grad_w = None if weight is None else torch.zeros_like(mean[0])
         grad_b = torch.zeros_like(mean[0]) if ctx.bias_dtype is not None else None
-        gw_k, gb_k = torch.empty_like(mean[0]), torch.empty_like(mean[0])  # per-group scratch
+        # float32/float64: per virtual batch the two sums from torch's backward kernel, then the
+        # input gradient written into the slice (two passes); low precision: torch's kernel and
+        # a copy into the slice (its out= variant costs more than both)
+        fused = x.dtype in _FAST_DTYPES and need_x
         for k, (gs, xs, gx) in enumerate(
             zip(
                 torch.split(grad_out, ctx.sizes),
@@ -487,7 +491,7 @@ class GhostChannelsLast(torch.autograd.Function):
                 strict=True,
             )
         ):
-            torch.ops.aten.native_batch_norm_backward.out(
+            gx_k, gw_k, gb_k = torch.ops.aten.native_batch_norm_backward(
                 gs,
                 xs,
                 w,
@@ -497,11 +501,13 @@ class GhostChannelsLast(torch.autograd.Function):
                 invstd[k],
                 True,
                 ctx.eps,
-                [True, grad_w is not None, grad_b is not None],
-                out0=gx,
-                out1=gw_k,
-                out2=gb_k,
+                [need_x and not fused, True, True],
             )
+            if fused:
+                count = xs.numel() // xs.shape[1]
+                input_grad(gs, xs, w, mean[k], invstd[k], gb_k, gw_k, count, out=gx)
+            elif need_x:
+                gx.copy_(gx_k)
             if grad_w is not None:
                 grad_w += gw_k
             if grad_b is not None:
