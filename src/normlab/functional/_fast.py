@@ -376,7 +376,8 @@ class InstanceNormChannelsLast(torch.autograd.Function):
     cascade-summed mean (with the kernel's float32 mean the weight gradient is ~10x less accurate
     than torch's when ``dy`` is off-centre), and writes the input gradient in two broadcast passes.
     ``apply(x, weight, bias, eps)`` returns ``(y, mean, invstd)`` with ``(N, C)`` statistics.
-    Saved for backward: ``x`` and the inverse standard deviations.
+    Saved for backward: ``x`` and the ``(N, C)`` statistics. Low-precision input runs torch's backward
+    kernel per sample instead (float32 accumulation).
     """
 
     @staticmethod
@@ -384,7 +385,8 @@ class InstanceNormChannelsLast(torch.autograd.Function):
         ctx: Any, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
     ) -> tuple[Tensor, Tensor, Tensor]:
         y, mean, invstd = _per_group_forward(x, weight, bias, eps, [1] * x.shape[0])
-        ctx.save_for_backward(x, weight, invstd)  # the mean is recomputed, more accurately
+        # float32/float64 recompute the mean, more accurately; (N, C) is small either way
+        ctx.save_for_backward(x, weight, mean, invstd)
         ctx.eps = eps
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.mark_non_differentiable(mean, invstd)
@@ -394,13 +396,25 @@ class InstanceNormChannelsLast(torch.autograd.Function):
     def backward(
         ctx: Any, grad_out: Tensor, _grad_mean: Tensor | None, _grad_invstd: Tensor | None
     ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:
-        x, weight, invstd = ctx.saved_tensors
+        x, weight, mean, invstd = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         n, c = x.shape[0], x.shape[1]
         if torch.is_grad_enabled():  # double backward: differentiate torch's formula again
             grad_x, grad_w = _per_group_grads(x, weight, grad_out, ctx.eps, 1, need_x, need_w)
             grad_b = grad_out.sum([0, *range(2, x.dim())]) if need_b else None
             return grad_x, grad_w, grad_b, None
+        if x.dtype not in _FAST_DTYPES:
+            # low precision: torch's kernel per sample (float32 accumulation; converting whole
+            # bfloat16 tensors for float32 reductions costs more than the reductions)
+            grad_x, grad_w, grad_b = _per_group_backward(
+                grad_out, x, weight, mean, invstd, ctx.eps, [1] * n, need_x, ctx.bias_dtype
+            )
+            return (
+                grad_x if need_x else None,
+                grad_w if need_w else None,
+                grad_b if need_b else None,
+                None,
+            )
         # Per (sample, channel) over the M spatial positions, centred on a cascade-summed mean
         # (the kernel's float32 mean is less accurate, and sum(dy) would amplify its error):
         #   grad_x = a * (dy - sum(dy) / M - xhat * sum(dy * xhat) / M),  a = weight * invstd
@@ -472,50 +486,13 @@ class GhostChannelsLast(torch.autograd.Function):
             )
             grad_b = grad_out.sum([0, *range(2, x.dim())]) if need_b else None
             return grad_x, grad_w, grad_b, None, None
-        w = kernel_param(weight, x)
-        grad_out = grad_out.contiguous(
-            memory_format=channels_last_format(x) or torch.contiguous_format
+        grad_x, grad_w, grad_b = _per_group_backward(
+            grad_out, x, weight, mean, invstd, ctx.eps, ctx.sizes, need_x, ctx.bias_dtype
         )
-        grad_x = torch.empty_like(x)
-        grad_w = None if weight is None else torch.zeros_like(mean[0])
-        grad_b = torch.zeros_like(mean[0]) if ctx.bias_dtype is not None else None
-        # float32/float64: per virtual batch the two sums from torch's backward kernel, then the
-        # input gradient written into the slice (two passes); low precision: torch's kernel and
-        # a copy into the slice (its out= variant costs more than both)
-        fused = x.dtype in _FAST_DTYPES and need_x
-        for k, (gs, xs, gx) in enumerate(
-            zip(
-                torch.split(grad_out, ctx.sizes),
-                torch.split(x, ctx.sizes),
-                torch.split(grad_x, ctx.sizes),
-                strict=True,
-            )
-        ):
-            gx_k, gw_k, gb_k = torch.ops.aten.native_batch_norm_backward(
-                gs,
-                xs,
-                w,
-                None,
-                None,
-                mean[k],
-                invstd[k],
-                True,
-                ctx.eps,
-                [need_x and not fused, True, True],
-            )
-            if fused:
-                count = xs.numel() // xs.shape[1]
-                input_grad(gs, xs, w, mean[k], invstd[k], gb_k, gw_k, count, out=gx)
-            elif need_x:
-                gx.copy_(gx_k)
-            if grad_w is not None:
-                grad_w += gw_k
-            if grad_b is not None:
-                grad_b += gb_k
         return (
             grad_x if need_x else None,
-            None if grad_w is None or not need_w else grad_w.to(weight.dtype),
-            None if grad_b is None or not need_b else grad_b.to(ctx.bias_dtype),
+            grad_w if need_w else None,
+            grad_b if need_b else None,
             None,
             None,
         )
@@ -537,6 +514,56 @@ def _per_group_forward(
             xs, w, b, None, None, True, 0.0, eps, out=ys, save_mean=mean[k], save_invstd=invstd[k]
         )
     return out, mean, invstd
+
+
+def _per_group_backward(
+    grad_out: Tensor,
+    x: Tensor,
+    weight: Tensor | None,
+    mean: Tensor,
+    invstd: Tensor,
+    eps: float,
+    sizes: list[int],
+    need_x: bool,
+    bias_dtype: torch.dtype | None,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """Batch-norm gradients of each group of samples ``torch.split(x, sizes)`` with its own
+    statistics (one row of ``mean``/``invstd`` per group), written into slices of one input
+    gradient of ``x``'s layout: ``(grad_x, grad_weight, grad_bias)`` (``None`` without weight /
+    bias). float32/float64: per group the two sums from torch's backward kernel, then the input
+    gradient written into the slice (two passes); low precision: torch's kernel (float32
+    accumulation) and a copy into the slice (its out= variant costs more than both)."""
+    w = kernel_param(weight, x)
+    grad_out = grad_out.contiguous(memory_format=channels_last_format(x) or torch.contiguous_format)
+    grad_x = torch.empty_like(x)
+    grad_w = None if weight is None else torch.zeros_like(mean[0])
+    grad_b = torch.zeros_like(mean[0]) if bias_dtype is not None else None
+    fused = x.dtype in _FAST_DTYPES and need_x
+    for k, (gs, xs, gx) in enumerate(
+        zip(
+            torch.split(grad_out, sizes),
+            torch.split(x, sizes),
+            torch.split(grad_x, sizes),
+            strict=True,
+        )
+    ):
+        gx_k, gw_k, gb_k = torch.ops.aten.native_batch_norm_backward(
+            gs, xs, w, None, None, mean[k], invstd[k], True, eps, [need_x and not fused, True, True]
+        )
+        if fused:
+            count = xs.numel() // xs.shape[1]
+            input_grad(gs, xs, w, mean[k], invstd[k], gb_k, gw_k, count, out=gx)
+        elif need_x:
+            gx.copy_(gx_k)
+        if grad_w is not None:
+            grad_w += gw_k
+        if grad_b is not None:
+            grad_b += gb_k
+    return (
+        grad_x,
+        None if grad_w is None or weight is None else grad_w.to(weight.dtype),
+        None if grad_b is None or bias_dtype is None else grad_b.to(bias_dtype),
+    )
 
 
 def _per_group_grads(
