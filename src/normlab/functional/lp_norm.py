@@ -177,14 +177,15 @@ class L1BatchNormTrain(torch.autograd.Function):
     def forward(
         ctx: Any, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, constant: float
     ) -> tuple[Tensor, Tensor, Tensor]:
-        dims = [0, *range(2, x.dim())]
-        mean = x.mean(dims)
+        count = x.numel() // x.shape[1]
+        mean = channel_sums(x) / count
         z = channel_affine(x, None, -mean)  # centred first: exact for far off-centre data
-        scale = z.abs().mean(dims) * constant
+        scale = channel_sums(z.abs()) / count * constant
         denom = scale + eps
-        y = channel_affine(z, (1.0 / denom) if weight is None else weight / denom, bias)
+        y = channel_affine(z, (1.0 / denom) if weight is None else weight / denom, bias, out=z)
         ctx.save_for_backward(x, weight, mean, denom)
         ctx.eps, ctx.constant, ctx.k = eps, constant, 1
+        ctx.centred = bool((mean.abs() <= _MAX_FOLDED_OFFSET * denom).all())
         ctx.has_bias = bias is not None
         ctx.mark_non_differentiable(mean, scale)
         return y, mean, scale
@@ -195,23 +196,21 @@ class L1BatchNormTrain(torch.autograd.Function):
     ) -> tuple[Tensor | None, ...]:
         x, weight, mean, denom = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        dims = [0, *range(2, x.dim())]
         view = channel_view_shape(x.dim(), x.shape[1])
         if torch.is_grad_enabled():  # double backward: differentiate the composite formula
             return (*_composite_grads(ctx, x, weight, grad, "1"), None, None)
+        grad = grad.contiguous(memory_format=channels_last_format(x) or torch.contiguous_format)
         count = x.numel() // x.shape[1]
-        z = channel_affine(x, None, -mean)
-        sum_dy = grad.sum(dims)
-        sum_dy_z = (grad * z).sum(dims)
+        sum_dy_z, sum_dy = centred_grad_sums(grad, x, mean, ctx.centred)
         grad_x = None
         if need_x:
             gamma = torch.ones_like(denom) if weight is None else weight
-            sign = z.sign_()  # z is not needed any more
-            total_sign = sign.sum(dims)
+            sign = channel_affine(x, None, -mean).sign_()
+            total_sign = channel_sums(sign)
             alpha = gamma / denom
             beta = -ctx.constant * gamma * sum_dy_z / (count * denom.square())
             shift = -(alpha * sum_dy + beta * total_sign) / count
-            grad_x = channel_affine(sign, beta, shift)
+            grad_x = channel_affine(sign, beta, shift, out=sign)
             grad_x.addcmul_(grad, alpha.view(view))
         return (
             grad_x,
