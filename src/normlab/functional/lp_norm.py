@@ -183,11 +183,7 @@ class L1BatchNormTrain(torch.autograd.Function):
         scale = channel_sums(z.abs()) / count * constant
         denom = scale + eps
         y = channel_affine(z, (1.0 / denom) if weight is None else weight / denom, bias, out=z)
-        ctx.save_for_backward(x, weight, mean, denom)
-        ctx.eps, ctx.constant, ctx.k = eps, constant, 1
-        ctx.centred = bool((mean.abs() <= _MAX_FOLDED_OFFSET * denom).all())
-        ctx.has_bias = bias is not None
-        ctx.mark_non_differentiable(mean, scale)
+        _remember(ctx, (x, weight, mean, denom), eps, constant, 1, bias, scale)
         return y, mean, scale
 
     @staticmethod
@@ -199,9 +195,7 @@ class L1BatchNormTrain(torch.autograd.Function):
         view = channel_view_shape(x.dim(), x.shape[1])
         if torch.is_grad_enabled():  # double backward: differentiate the composite formula
             return (*_composite_grads(ctx, x, weight, grad, "1"), None, None)
-        grad = grad.contiguous(memory_format=channels_last_format(x) or torch.contiguous_format)
-        count = x.numel() // x.shape[1]
-        sum_dy_z, sum_dy = centred_grad_sums(grad, x, mean, ctx.centred)
+        grad, count, sum_dy_z, sum_dy = _grad_sums(ctx, grad, x, mean)
         grad_x = None
         if need_x:
             gamma = torch.ones_like(denom) if weight is None else weight
@@ -219,6 +213,36 @@ class L1BatchNormTrain(torch.autograd.Function):
             None,
             None,
         )
+
+
+def _remember(
+    ctx: Any,
+    saved: tuple[Tensor | None, ...],
+    eps: float,
+    constant: float,
+    k: int,
+    bias: Tensor | None,
+    scale: Tensor,
+) -> None:
+    """What the fused functions keep for backward; ``saved`` is ``(x, weight, mean, denom, ...)``.
+    ``ctx.centred``: every channel's ``|mean|`` within ``_MAX_FOLDED_OFFSET`` divisors of zero."""
+    ctx.save_for_backward(*saved)
+    ctx.eps, ctx.constant, ctx.k = eps, constant, k
+    mean, denom = saved[2], saved[3]
+    assert mean is not None
+    assert denom is not None
+    ctx.centred = bool((mean.abs() <= _MAX_FOLDED_OFFSET * denom).all())
+    ctx.has_bias = bias is not None
+    ctx.mark_non_differentiable(mean, scale)
+
+
+def _grad_sums(
+    ctx: Any, grad: Tensor, x: Tensor, mean: Tensor
+) -> tuple[Tensor, int, Tensor, Tensor]:
+    """``(grad in x's layout, values per channel, sum(dy * (x - mean)), sum(dy))`` per channel."""
+    grad = grad.contiguous(memory_format=channels_last_format(x) or torch.contiguous_format)
+    sum_dy_z, sum_dy = centred_grad_sums(grad, x, mean, ctx.centred)
+    return grad, x.numel() // x.shape[1], sum_dy_z, sum_dy
 
 
 def _composite_grads(
@@ -338,15 +362,11 @@ class LinfBatchNormTrain(torch.autograd.Function):
         scale = top.mean(1) * constant
         denom = scale + eps
         a = (1.0 / denom) if weight is None else weight / denom
-        ctx.centred = bool((mean.abs() <= _MAX_FOLDED_OFFSET * denom).all())
+        _remember(ctx, (x, weight, mean, denom, offsets, signs), eps, constant, k, bias, scale)
         if ctx.centred:
             y = channel_affine(x, a, -mean * a if bias is None else bias - mean * a)
         else:  # far off-centre: centre first (folding the mean into the shift would cancel)
             y = channel_affine(channel_affine(x, None, -mean), a, bias)
-        ctx.save_for_backward(x, weight, mean, denom, offsets, signs)
-        ctx.eps, ctx.constant, ctx.k = eps, constant, k
-        ctx.has_bias = bias is not None
-        ctx.mark_non_differentiable(mean, scale)
         return y, mean, scale
 
     @staticmethod
@@ -357,9 +377,7 @@ class LinfBatchNormTrain(torch.autograd.Function):
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         if torch.is_grad_enabled():  # double backward: differentiate the composite formula
             return (*_composite_grads(ctx, x, weight, grad, "inf"), None, None, None)
-        grad = grad.contiguous(memory_format=channels_last_format(x) or torch.contiguous_format)
-        count = x.numel() // x.shape[1]
-        sum_dy_z, sum_dy = centred_grad_sums(grad, x, mean, ctx.centred)
+        grad, count, sum_dy_z, sum_dy = _grad_sums(ctx, grad, x, mean)
         grad_x = None
         if need_x:
             gamma = torch.ones_like(denom) if weight is None else weight
