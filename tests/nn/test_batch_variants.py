@@ -271,6 +271,22 @@ def test_noisy_batch_norm_noise_distribution() -> None:
     assert abs(scales.mean().item() - 1.125) < 4 * 0.25 * math.sqrt(1 / 12 / 200)
 
 
+def test_noisy_batch_norm_draws_the_same_stream_whatever_the_default_dtype() -> None:
+    """The noise comes from float32 draws (as the compiled layer draws them), so the default
+    dtype does not change which numbers a seed gives."""
+    reference = nl.NoisyBatchNorm(2, seed=7).draw_noise(
+        (3, 2, 4), torch.device("cpu"), torch.float64
+    )
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        got = nl.NoisyBatchNorm(2, seed=7).draw_noise((3, 2, 4), torch.device("cpu"), torch.float64)
+    finally:
+        torch.set_default_dtype(previous)
+    for a, b in zip(got, reference, strict=True):
+        assert torch.equal(a, b)
+
+
 def test_noisy_batch_norm_mechanics() -> None:
     x = _x((16, 4, 5, 5), 0, dtype=torch.float32)
     layer, plain = nl.NoisyBatchNorm(4, seed=7), nn.BatchNorm2d(4)
@@ -351,6 +367,17 @@ def test_mean_only_batch_norm() -> None:
             lambda: nl.NoisyBatchNorm(3, std_range=(2.0, 1.0)),
             ValueError,
             r"argument 'std_range' must be \(low, high\) with low <= high",
+        ),
+        (
+            lambda: nl.NoisyBatchNorm(3, mean_spread=-0.1),
+            ValueError,
+            r"NoisyBatchNorm: argument 'mean_spread' must be a number >= 0 \(a half-width / a "
+            r"standard deviation\), got -0\.1\. Fix: pass e\.g\. mean_spread=0\.1",
+        ),
+        (
+            lambda: nl.NoisyBatchNorm(3, std_spread=float("nan")),
+            ValueError,
+            r"argument 'std_spread' must be a number >= 0 .*, got nan\. Fix: pass e\.g\. std_sp",
         ),
     ],
 )

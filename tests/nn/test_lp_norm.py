@@ -158,9 +158,11 @@ def test_fused_l1_matches_the_composite_formula(
 @pytest.mark.parametrize(
     ("shape", "layout"),
     [
-        ((6, 3, 16, 16), "nchw"),  # blocks of 64 positions, 24 per channel
-        ((6, 3, 16, 16), "nhwc"),
-        ((5, 3, 5, 7), "nchw"),  # 35 positions: no divisor in [8, 64], one block per row
+        ((6, 3, 16, 16), "nchw"),  # 256 positions: one block per row, 6 per channel
+        ((3, 3, 600), "ncl"),  # blocks of 200 positions, 9 per channel
+        ((2, 3, 16, 32), "nchw"),  # blocks of 256 positions, 4 per channel
+        ((6, 3, 16, 16), "nhwc"),  # blocks of 64 rows, 24 per channel
+        ((5, 3, 5, 7), "nchw"),  # 35 positions: no divisor in [64, 256], one block per row
         ((4, 3, 2, 6, 5), "ndhwc"),
         ((200, 3), "nc"),
         ((7, 3, 40), "ncl"),
@@ -229,3 +231,22 @@ def test_fused_linf_gradcheck_and_gradgradcheck(channels_last: bool) -> None:
 
     assert torch.autograd.gradcheck(fused_linf, (x, w, b))
     assert torch.autograd.gradgradcheck(fused_linf, (x, w, b))
+
+
+# torch's forward AD scripts its own decompositions on first use (torch's warning, not ours).
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+@pytest.mark.parametrize("cls", [nl.L1BatchNorm, nl.LinfBatchNorm])
+def test_forward_mode_ad_uses_the_composite_ops(cls: type) -> None:
+    """The fused training functions have no jvp: under forward-mode AD the composite ops serve
+    (the tangent equals the float64 finite difference)."""
+    import torch.autograd.forward_ad as fwAD
+
+    g = torch.Generator().manual_seed(4)
+    layer = cls(3, dtype=torch.float64).train()
+    x = torch.randn(4, 3, 5, 5, generator=g, dtype=torch.float64)
+    v = torch.randn(x.shape, generator=g, dtype=torch.float64)
+    with fwAD.dual_level():
+        tangent = fwAD.unpack_dual(layer(fwAD.make_dual(x, v))).tangent
+    h = 1e-6
+    numeric = (layer(x + h * v) - layer(x - h * v)) / (2 * h)
+    torch.testing.assert_close(tangent, numeric, rtol=1e-5, atol=1e-6)

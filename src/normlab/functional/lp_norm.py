@@ -11,6 +11,7 @@ import math
 from typing import Any, Literal
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 from torch import Tensor
 
 from normlab._checks import check_values_per_channel
@@ -150,14 +151,16 @@ def lp_batch_norm_unchecked(
 
 
 def _fused(x: Tensor, *params: Tensor | None) -> bool:
-    """Whether :class:`L1BatchNormTrain` applies: eager float32/float64 with matching parameters
-    (low precision, ``torch.compile`` and ``torch.func`` transforms use the composite ops)."""
+    """Whether the fused functions (:class:`L1BatchNormTrain`, :class:`LinfBatchNormTrain`) apply:
+    eager float32/float64 with matching parameters (low precision, ``torch.compile``,
+    ``torch.func`` transforms and forward-mode AD use the composite ops, which have jvp rules)."""
     return (
         x.dtype in (torch.float32, torch.float64)
         and x.dim() >= 2
         and all(t is None or (t.dtype == x.dtype and t.device == x.device) for t in params)
         and not compiling()
         and not torch._C._are_functorch_transforms_active()
+        and forward_ad._current_level < 0  # not inside a forward-AD dual_level
     )
 
 
@@ -183,7 +186,8 @@ class L1BatchNormTrain(torch.autograd.Function):
         scale = channel_sums(z.abs()) / count * constant
         denom = scale + eps
         y = channel_affine(z, (1.0 / denom) if weight is None else weight / denom, bias, out=z)
-        _remember(ctx, (x, weight, mean, denom), eps, constant, 1, bias, scale)
+        # the L1 divisor is ~1 std (0.8 without the Gaussian constant)
+        _remember(ctx, (x, weight, mean, denom), eps, constant, 1, bias, scale, 8.0)
         return y, mean, scale
 
     @staticmethod
@@ -223,15 +227,18 @@ def _remember(
     k: int,
     bias: Tensor | None,
     scale: Tensor,
+    centred_within: float,
 ) -> None:
     """What the fused functions keep for backward; ``saved`` is ``(x, weight, mean, denom, ...)``.
-    ``ctx.centred``: every channel's ``|mean|`` within ``_MAX_FOLDED_OFFSET`` divisors of zero."""
+    ``ctx.centred``: every channel's ``|mean|`` within ``centred_within`` divisors of zero (about
+    8 standard deviations: then the group-norm kernel's gradient sums and the folded output are
+    accurate)."""
     ctx.save_for_backward(*saved)
     ctx.eps, ctx.constant, ctx.k = eps, constant, k
     mean, denom = saved[2], saved[3]
     assert mean is not None
     assert denom is not None
-    ctx.centred = bool((mean.abs() <= _MAX_FOLDED_OFFSET * denom).all())
+    ctx.centred = bool((mean.abs() <= centred_within * denom).all())
     ctx.has_bias = bias is not None
     ctx.mark_non_differentiable(mean, scale)
 
@@ -362,7 +369,11 @@ class LinfBatchNormTrain(torch.autograd.Function):
         scale = top.mean(1) * constant
         denom = scale + eps
         a = (1.0 / denom) if weight is None else weight / denom
-        _remember(ctx, (x, weight, mean, denom, offsets, signs), eps, constant, k, bias, scale)
+        # the L-inf divisor is ~1.4 std with Hoffer's constant C(n) (docs of linf_constant), so
+        # ~1.4 / C(n) std without it: ~8 std is 6 divisors, or 6 C(n) divisors
+        within = 6.0 * min(1.0, constant / linf_constant(x.numel() // x.shape[1]))
+        saved = (x, weight, mean, denom, offsets, signs)
+        _remember(ctx, saved, eps, constant, k, bias, scale, within)
         if ctx.centred:
             y = channel_affine(x, a, -mean * a if bias is None else bias - mean * a)
         else:  # far off-centre: centre first (folding the mean into the shift would cancel)
@@ -395,8 +406,3 @@ class LinfBatchNormTrain(torch.autograd.Function):
             None,
             None,
         )
-
-
-# Where every channel's |mean| is at most this many times its divisor, the output is one folded
-# multiply-add (error ~ this many float ulps); further off-centre x is centred first.
-_MAX_FOLDED_OFFSET = 8.0

@@ -411,7 +411,7 @@ class NoisyBatchNorm(RunningStatsNorm, _TorchBatchNorm):
         per: ``"element"`` or ``"channel"``.
         mean_range, std_range: the ranges of ``mu_t`` and ``sigma_t``. Defaults: (-0.5, 0.5),
             (1.0, 1.25).
-        mean_spread, std_spread: the half-width of ``m``'s uniform and the std of ``s``.
+        mean_spread, std_spread: the half-width of ``m``'s uniform and the std of ``s``, >= 0.
             Defaults: 0.1 and 0.1.
         eval_noise: also inject noise in evaluation. Default: ``False``.
         eps, momentum, affine, track_running_stats, device, dtype: as in ``BatchNorm``.
@@ -459,6 +459,16 @@ class NoisyBatchNorm(RunningStatsNorm, _TorchBatchNorm):
                     "(low, high) with low <= high",
                     repr((low, high)),
                     f"pass e.g. {name}=(-0.5, 0.5)",
+                )
+        for name, spread in (("mean_spread", mean_spread), ("std_spread", std_spread)):
+            if not spread >= 0:
+                fail(
+                    ValueError,
+                    owner,
+                    f"argument '{name}'",
+                    "a number >= 0 (a half-width / a standard deviation)",
+                    repr(spread),
+                    f"pass e.g. {name}=0.1",
                 )
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
         self.per = per
@@ -512,8 +522,11 @@ class NoisyBatchNorm(RunningStatsNorm, _TorchBatchNorm):
             mu = mu_lo + (mu_hi - mu_lo) * u_mu.item()
             sigma = sigma_lo + (sigma_hi - sigma_lo) * u_sigma.item()
             spread = self.mean_spread
-            m = torch.empty(stored).uniform_(mu - spread, mu + spread, generator=g)
-            s = torch.empty(stored).normal_(sigma, self.std_spread, generator=g)
+            m = torch.empty(stored, dtype=torch.float32)  # as _rng draws: the same stream
+            m.uniform_(mu - spread, mu + spread, generator=g)
+            s = torch.empty(stored, dtype=torch.float32).normal_(
+                sigma, self.std_spread, generator=g
+            )
             m, s = m.permute(back), s.permute(back)
         return s.to(device=device, dtype=dtype), m.to(device=device, dtype=dtype)
 
