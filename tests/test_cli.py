@@ -123,20 +123,28 @@ def test_ctrl_c_keeps_checkpoints_and_a_rerun_completes(tmp_path) -> None:  # ty
         "2000",
         "--workers",
         "2",
+        "--checkpoint-every",
+        "0.5",
         "--out",
     ]
     args = [sys.executable, "-m", "normlab", *study, str(tmp_path)]
     proc = subprocess.Popen(
-        args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+        args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True
     )
-    time.sleep(10)  # workers spawned, data loaded, the first runs part-way (2000 steps each)
+    # Ctrl-C once a run is part-way (its first checkpoint, 0.5 s into training, is the sign) --
+    # not after a fixed time, which a busy machine may spend before the workers start training
+    deadline = time.monotonic() + 300
+    while not list((tmp_path / "checkpoints").glob("*.pt")):
+        assert proc.poll() is None, proc.communicate()[1]
+        assert time.monotonic() < deadline, "no run checkpointed within 300 s"
+        time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole group
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     assert "interrupted after" in err
     assert "run the same command again to continue" in err
     checkpoints = list((tmp_path / "checkpoints").glob("*.pt"))
-    assert checkpoints, "Ctrl-C after 10 s of 2000-step runs should leave checkpoints"
+    assert checkpoints, "Ctrl-C during 2000-step runs should leave their checkpoints"
     for path in checkpoints:  # loadable as the rerun loads them (the rerun's workers log apart)
         assert torch.load(path, weights_only=True)["step"] > 0
     assert main([*study, str(tmp_path)]) == 0
