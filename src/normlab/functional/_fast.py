@@ -186,13 +186,14 @@ def batch_moments(x: Tensor) -> tuple[Tensor, Tensor]:
     """Per-channel batch mean and biased variance of ``(N, C, *)`` input, float64, no gradient.
 
     Large channels-first CPU tensors use row sums and norms (:func:`_batch_moments`),
-    channels-last float32/float64 tensors torch's read-only statistics kernel (fast on that
+    channels-last float32/float64 CPU tensors torch's read-only statistics kernel (fast on that
     layout); everything else torch's batch-norm kernel in training mode.
     """
     with torch.no_grad():
         if use_fast_batch_stats(x):
             return _batch_moments(x)
-        if channels_last_format(x) is not None and x.dtype in _FAST_DTYPES:
+        cpu = x.device.type == "cpu"  # the biased variance is checked on CPU (no GPU here)
+        if cpu and channels_last_format(x) is not None and x.dtype in _FAST_DTYPES:
             mean, var = torch.batch_norm_update_stats(x.detach(), None, None, 0.0)
             return mean.double(), var.double()  # var: biased
         if x.dim() == 2 or x[0, 0].numel() == 1:
