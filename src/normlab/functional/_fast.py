@@ -34,8 +34,7 @@ from normlab.functional._core import channel_affine, channels_last_format, pool_
 
 __all__ = [
     "BatchNormTrain",
-    "GhostChannelsLast",
-    "InstanceNormChannelsLast",
+    "PerGroupChannelsLast",
     "batch_moments",
     "centred_grad_sums",
     "channel_grad_sums",
@@ -385,83 +384,6 @@ def input_grad(
     return grad_x
 
 
-class InstanceNormChannelsLast(torch.autograd.Function):
-    """Instance norm of channels-last ``(N, C, *)`` input that stays channels-last, at memory speed.
-
-    One sample is a channels-last ``(1, C, *)`` tensor whose batch statistics are its instance
-    statistics: torch's batch-norm kernel (fast on channels-last tensors, unlike its channels-first
-    training path and its instance norm, which converts the layout first) runs once per sample.
-    The backward pass reduces ``dy`` and ``dy * (x - mean)`` per (sample, channel), centred on a
-    cascade-summed mean (with the kernel's float32 mean the weight gradient is ~10x less accurate
-    than torch's when ``dy`` is off-centre), and writes the input gradient in two broadcast passes.
-    ``apply(x, weight, bias, eps)`` returns ``(y, mean, invstd)`` with ``(N, C)`` statistics.
-    Saved for backward: ``x`` and the ``(N, C)`` statistics. Low-precision input runs torch's backward
-    kernel per sample instead (float32 accumulation).
-    """
-
-    @staticmethod
-    def forward(
-        ctx: Any, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        y, mean, invstd = _per_group_forward(x, weight, bias, eps, [1] * x.shape[0])
-        # float32/float64 recompute the mean, more accurately; (N, C) is small either way
-        ctx.save_for_backward(x, weight, mean, invstd)
-        ctx.eps = eps
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.mark_non_differentiable(mean, invstd)
-        return y, mean, invstd
-
-    @staticmethod
-    def backward(
-        ctx: Any, grad_out: Tensor, _grad_mean: Tensor | None, _grad_invstd: Tensor | None
-    ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:
-        x, weight, mean, invstd = ctx.saved_tensors
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        n, c = x.shape[0], x.shape[1]
-        if torch.is_grad_enabled():  # double backward: differentiate torch's formula again
-            grad_x, grad_w = _per_group_grads(x, weight, grad_out, ctx.eps, 1, need_x, need_w)
-            grad_b = grad_out.sum([0, *range(2, x.dim())]) if need_b else None
-            return grad_x, grad_w, grad_b, None
-        if x.dtype not in _FAST_DTYPES:
-            # low precision: torch's kernel per sample (float32 accumulation; converting whole
-            # bfloat16 tensors for float32 reductions costs more than the reductions)
-            grad_x, grad_w, grad_b = _per_group_backward(
-                grad_out, x, weight, mean, invstd, ctx.eps, [1] * n, need_x, ctx.bias_dtype
-            )
-            return (
-                grad_x if need_x else None,
-                grad_w if need_w else None,
-                grad_b if need_b else None,
-                None,
-            )
-        # Per (sample, channel) over the M spatial positions, centred on a cascade-summed mean
-        # (the kernel's float32 mean is less accurate, and sum(dy) would amplify its error):
-        #   grad_x = a * (dy - sum(dy) / M - xhat * sum(dy * xhat) / M),  a = weight * invstd
-        # written as a * dy + b * (x - mean) + c in two passes over broadcast coefficients.
-        spatial = list(range(2, x.dim()))
-        view = (n, c, *([1] * len(spatial)))
-        count = math.prod(x.shape[2:])
-        inv = invstd.view(view).to(x.dtype if x.dtype == torch.float64 else torch.float32)
-        centred = x - x.mean(spatial, keepdim=True, dtype=inv.dtype).to(x.dtype)
-        sum_dy = grad_out.sum(spatial, keepdim=True, dtype=inv.dtype)
-        sum_dy_xhat = (centred * grad_out).sum(spatial, keepdim=True, dtype=inv.dtype) * inv
-        grad_x = grad_w = grad_b = None
-        if need_x:
-            w = 1.0 if weight is None else weight.to(inv.dtype).view(1, c, *([1] * len(spatial)))
-            a = w * inv
-            grad_x = torch.addcmul(
-                (-a * sum_dy / count).to(x.dtype),
-                (-a * inv * sum_dy_xhat / count).to(x.dtype),
-                centred,
-            )
-            grad_x.addcmul_(grad_out, a.to(x.dtype))
-        if need_b and ctx.bias_dtype is not None:
-            grad_b = sum_dy.sum(0).flatten().to(ctx.bias_dtype)
-        if need_w and weight is not None:
-            grad_w = sum_dy_xhat.sum(0).flatten()
-        return grad_x, None if grad_w is None else grad_w.to(weight.dtype), grad_b, None
-
-
 def kernel_param(t: Tensor | None, x: Tensor) -> Tensor | None:
     """Affine parameters for torch's kernel: float32 where activations are float16/bfloat16 (its
     mixed-precision path), else as they are."""
@@ -470,12 +392,17 @@ def kernel_param(t: Tensor | None, x: Tensor) -> Tensor | None:
     return t.float()
 
 
-class GhostChannelsLast(torch.autograd.Function):
-    """Ghost batch norm of channels-last input: torch's (fast) channels-last batch-norm kernel per
-    virtual batch, writing into slices of one output (no concatenation), and its backward kernel
-    per virtual batch into slices of one input gradient. ``apply(x, weight, bias, eps, sizes)`` returns ``(y, mean,
-    invstd)`` with one row of statistics per virtual batch. Saved for backward: ``x`` and the
-    statistics, as torch."""
+class PerGroupChannelsLast(torch.autograd.Function):
+    """Batch norm of each group of samples ``torch.split(x, sizes)`` of channels-last input with its
+    own statistics, channels-last out: ghost batch norm (a group per virtual batch) and instance
+    norm (a group per sample, whose batch statistics are its instance statistics). torch's (fast)
+    channels-last batch-norm kernel runs per group, writing into slices of one output (no
+    concatenation; torch's instance norm converts the layout first). Backward: its backward kernel
+    per group into slices of one input gradient (:func:`_per_group_backward`); float32/float64
+    instance norm instead reduces per (sample, channel) around a cascade-summed mean
+    (:func:`_per_sample_grads`: more accurate than the kernel's float32 mean on positions).
+    ``apply(x, weight, bias, eps, sizes)`` returns ``(y, mean, invstd)`` with one row of
+    statistics per group. Saved for backward: ``x`` and the statistics, as torch."""
 
     @staticmethod
     def forward(
@@ -505,9 +432,14 @@ class GhostChannelsLast(torch.autograd.Function):
             )
             grad_b = grad_out.sum([0, *range(2, x.dim())]) if need_b else None
             return grad_x, grad_w, grad_b, None, None
-        grad_x, grad_w, grad_b = _per_group_backward(
-            grad_out, x, weight, mean, invstd, ctx.eps, ctx.sizes, need_x, ctx.bias_dtype
-        )
+        if x.dtype in _FAST_DTYPES and all(size == 1 for size in ctx.sizes):
+            grad_x, grad_w, grad_b = _per_sample_grads(
+                grad_out, x, weight, invstd, need_x, need_w, need_b, ctx.bias_dtype
+            )
+        else:  # ghost batch norm; low-precision instance norm (float32 accumulation in the kernel)
+            grad_x, grad_w, grad_b = _per_group_backward(
+                grad_out, x, weight, mean, invstd, ctx.eps, ctx.sizes, need_x, ctx.bias_dtype
+            )
         return (
             grad_x if need_x else None,
             grad_w if need_w else None,
@@ -515,6 +447,51 @@ class GhostChannelsLast(torch.autograd.Function):
             None,
             None,
         )
+
+
+def _per_sample_grads(
+    grad_out: Tensor,
+    x: Tensor,
+    weight: Tensor | None,
+    invstd: Tensor,
+    need_x: bool,
+    need_w: bool,
+    need_b: bool,
+    bias_dtype: torch.dtype | None,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Instance norm's gradients of float32/float64 channels-last input, ``invstd`` ``(N, C)``.
+
+    Per (sample, channel) over the M spatial positions, centred on a cascade-summed mean (with the
+    kernel's float32 mean the weight gradient is ~10x less accurate than torch's when ``dy`` is
+    off-centre, and sum(dy) would amplify its error)::
+
+        grad_x = a * (dy - sum(dy) / M - xhat * sum(dy * xhat) / M),  a = weight * invstd
+
+    written as ``a * dy + b * (x - mean) + c`` in two passes over broadcast coefficients.
+    """
+    n, c = x.shape[0], x.shape[1]
+    spatial = list(range(2, x.dim()))
+    view = (n, c, *([1] * len(spatial)))
+    count = math.prod(x.shape[2:])
+    inv = invstd.view(view).to(x.dtype if x.dtype == torch.float64 else torch.float32)
+    centred = x - x.mean(spatial, keepdim=True, dtype=inv.dtype).to(x.dtype)
+    sum_dy = grad_out.sum(spatial, keepdim=True, dtype=inv.dtype)
+    sum_dy_xhat = (centred * grad_out).sum(spatial, keepdim=True, dtype=inv.dtype) * inv
+    grad_x = grad_w = grad_b = None
+    if need_x:
+        w = 1.0 if weight is None else weight.to(inv.dtype).view(1, c, *([1] * len(spatial)))
+        a = w * inv
+        grad_x = torch.addcmul(
+            (-a * sum_dy / count).to(x.dtype),
+            (-a * inv * sum_dy_xhat / count).to(x.dtype),
+            centred,
+        )
+        grad_x.addcmul_(grad_out, a.to(x.dtype))
+    if need_b and bias_dtype is not None:
+        grad_b = sum_dy.sum(0).flatten().to(bias_dtype)
+    if need_w and weight is not None:
+        grad_w = sum_dy_xhat.sum(0).flatten().to(weight.dtype)
+    return grad_x, grad_w, grad_b
 
 
 def _per_group_forward(

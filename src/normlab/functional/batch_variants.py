@@ -17,7 +17,7 @@ from normlab.functional._core import (
 )
 from normlab.functional._fast import (
     BatchNormTrain,
-    GhostChannelsLast,
+    PerGroupChannelsLast,
     batch_moments,
     use_fast_batch_stats,
     use_given_stats,
@@ -227,7 +227,7 @@ def ghost_batch_norm_unchecked(
         # channels-last: torch's batch-norm kernel is fast there; it runs per virtual batch into
         # slices of one channels-last output. Each one's statistics come back from the kernel (the
         # variance as invstd**-2 - eps, exact to float32 rounding unless var << eps).
-        y, means, invstds = GhostChannelsLast.apply(input, weight, bias, eps, sizes)  # type: ignore[no-untyped-call]
+        y, means, invstds = PerGroupChannelsLast.apply(input, weight, bias, eps, sizes)  # type: ignore[no-untyped-call]
         chunk_stats = list(zip(means, (invstds.double().pow(-2) - eps).clamp_min(0.0), strict=True))
         pieces = [y]
     else:
