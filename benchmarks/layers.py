@@ -37,6 +37,24 @@ class TorchChannelLayerNorm(nn.LayerNorm):
         return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
+class TorchNoisyBatchNorm(nn.BatchNorm2d):
+    """Santurkar et al.'s noisy batch norm as a torch.nn user writes it: BatchNorm2d, then
+    per-element noise ``s * y + m`` with ``m ~ U(mu_t +- 0.1)``, ``s ~ N(sigma_t, 0.1)`` drawn by
+    torch's in-place generators from a generator of its own (the cheapest way in plain torch)."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__(c)
+        self.generator = torch.Generator().manual_seed(0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = super().forward(x)
+        mu, sigma = torch.rand(2, generator=self.generator).tolist()
+        mu, sigma = mu - 0.5, 1.0 + 0.25 * sigma
+        m = torch.empty_like(y).uniform_(mu - 0.1, mu + 0.1, generator=self.generator)
+        s = torch.empty_like(y).normal_(sigma, 0.1, generator=self.generator)
+        return torch.addcmul(m, s, y)
+
+
 @dataclass(frozen=True)
 class Layer:
     name: str
@@ -68,7 +86,8 @@ LAYERS = [
     ),
 ]
 
-# Variants, each against the torch.nn layer a user would otherwise train with: BatchNorm2d.
+# Variants, each against the torch.nn layer a user would otherwise train with: BatchNorm2d
+# (noisy batch norm: BatchNorm2d plus the same noise in plain torch -- the noise is its purpose).
 VARIANTS = [
     Layer(
         "BatchRenorm2d (r,d active) vs BN2d",
@@ -87,7 +106,9 @@ VARIANTS = [
         lambda c, s: nn.BatchNorm2d(c),
     ),
     Layer(
-        "NoisyBatchNorm vs BN2d", lambda c, s: nl.NoisyBatchNorm(c), lambda c, s: nn.BatchNorm2d(c)
+        "NoisyBatchNorm vs BN2d+noise",
+        lambda c, s: nl.NoisyBatchNorm(c),
+        lambda c, s: TorchNoisyBatchNorm(c),
     ),
     Layer("Conv2d3x3+WS vs Conv2d3x3", lambda c, s: _ws_conv(c), lambda c, s: _conv(c)),
 ]

@@ -13,7 +13,9 @@ minimum traffic (5 S: forward 2 S, backward reads x and dy and writes dx; S = te
 memory of one forward+backward (tensors alive at once: input, output, saved tensors, gradients;
 ``torch.distributed._tools.mem_tracker.MemTracker``) for normlab / torch.nn. bfloat16 rows feed
 bfloat16 activations to float32 parameters, as autocast does. Variant rows (batch renorm, ghost,
-L1/Linf, noisy batch norm) compare with ``torch.nn.BatchNorm2d``, what a user would otherwise train.
+L1/Linf) compare with ``torch.nn.BatchNorm2d``, what a user would otherwise train; noisy batch norm
+with ``BatchNorm2d`` plus the same noise drawn in plain torch (``layers.TorchNoisyBatchNorm``: the
+random numbers are the layer's purpose and most of its cost).
 
 Model rows: one SGD training step (forward, cross-entropy, backward, optimizer step) of the
 reference VGG-style CNN (VGG-4 width 16, 1x28x28 input) and MLP (3 x 128, 784 inputs), batch 128,

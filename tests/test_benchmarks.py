@@ -56,7 +56,7 @@ def test_run_all_benchmark_smoke(tmp_path: Path) -> None:
     for text in (
         "| BatchNorm2d train | 8x16x8x8 | float32 | NCHW |",
         "| InstanceNorm2d(affine) | 8x16x8x8 | bfloat16 | channels_last |",
-        "| NoisyBatchNorm vs BN2d |",
+        "| NoisyBatchNorm vs BN2d+noise |",
         "| VGG-4 CNN, BN | 2 |",
         "| MLP 3x128, BN | 1 |",
     ):

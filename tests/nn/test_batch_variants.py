@@ -291,7 +291,8 @@ def test_noisy_batch_norm_mechanics() -> None:
     x = _x((16, 4, 5, 5), 0, dtype=torch.float32)
     layer, plain = nl.NoisyBatchNorm(4, seed=7), nn.BatchNorm2d(4)
     y = layer.train()(x)
-    s, m = layer._noise
+    assert layer._noise is None  # nothing activation-sized kept between steps
+    s, m = nl.NoisyBatchNorm(4, seed=7).draw_noise(x.shape, x.device, x.dtype)  # the same draw
     torch.testing.assert_close(y, s * plain.train()(x) + m)
     assert not torch.equal(layer(x), y)  # a new draw every step: time-varying
     layer.hold_noise = True
@@ -304,8 +305,33 @@ def test_noisy_batch_norm_mechanics() -> None:
     again = nl.NoisyBatchNorm(4, seed=7).train()
     torch.testing.assert_close(again(x), y)  # seeded: reproducible
     channel = nl.NoisyBatchNorm(4, per="channel").train()
+    channel.hold_noise = True
     channel(x)
+    assert channel._noise is not None
     assert channel._noise[0].shape == (16, 4, 1, 1)
+
+
+@pytest.mark.parametrize("shape", [(4, 3, 5, 6), (2, 3, 2, 3, 4)], ids=["2d", "3d"])
+def test_noisy_batch_norm_channels_last_noise_is_the_stream_in_memory_order(
+    shape: tuple[int, ...],
+) -> None:
+    """Channels-last input: the per-element noise is the generator's stream laid out in memory
+    order ((N, *spatial, C) draws, permuted), the output stays channels-last and equals
+    ``s * batch_norm(x) + m`` with that noise."""
+    fmt = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
+    x = _x(shape, 0, dtype=torch.float32).contiguous(memory_format=fmt)
+    layer = nl.NoisyBatchNorm(3, seed=5).train()
+    y = layer(x)
+    assert y.is_contiguous(memory_format=fmt)
+    g = torch.Generator().manual_seed(5)
+    u_mu, u_sigma = (torch.rand((), generator=g, dtype=torch.float64).item() for _ in "ms")
+    mu, sigma = -0.5 + u_mu, 1.0 + 0.25 * u_sigma
+    stored = (shape[0], *shape[2:], shape[1])
+    back = (0, len(shape) - 1, *range(1, len(shape) - 1))
+    m = torch.empty(stored).uniform_(mu - 0.1, mu + 0.1, generator=g).permute(back)
+    s = torch.empty(stored).normal_(sigma, 0.1, generator=g).permute(back)
+    plain = F.batch_norm(x, None, None, layer.weight, layer.bias, True)
+    torch.testing.assert_close(y, s * plain + m)
 
 
 def test_mean_only_batch_norm() -> None:
@@ -395,14 +421,19 @@ def test_ghost_needs_a_full_virtual_batch_in_training() -> None:
         nl.GhostBatchNorm(3, virtual_batch_size=4).train()(torch.randn(3, 3))
 
 
-@pytest.mark.parametrize("route", ["fast-nchw", "channels-last"])
+@pytest.mark.parametrize(
+    "route", ["fast-nchw", "fast-nchw-mixed", "fast-nchw-off-centre", "channels-last"]
+)
 @pytest.mark.parametrize("n", [12, 13, 14])
 def test_ghost_fast_routes_match_the_grouped_route(
     monkeypatch: pytest.MonkeyPatch, route: str, n: int
 ) -> None:
-    """Large NCHW virtual batches run normlab's own batch norm per virtual batch, channels-last
-    ones torch's kernel per virtual batch, both with pooled running statistics: outputs,
-    gradients and buffers equal the grouped route's (tested against F.batch_norm above)."""
+    """Large NCHW virtual batches get normlab's own statistics per virtual batch, channels-last
+    ones torch's kernel, each written into a slice of one output, with pooled running
+    statistics ("mixed": the 2-sample remainder of n=14 is too small for normlab's statistics and
+    takes torch's kernel; "off-centre": ~30 std off zero, torch's exactly centred reductions):
+    outputs, gradients and buffers equal the grouped route's (tested against F.batch_norm
+    above)."""
     from normlab.functional import _fast
 
     def run(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -416,12 +447,21 @@ def test_ghost_fast_routes_match_the_grouped_route(
         return (y, *grads, layer.running_mean, layer.running_var)
 
     x = _x((n, 3, 5, 2), 0)
+    if route.endswith("off-centre"):
+        x = x + 30 * x.std()
     reference = run(x)
-    if route == "fast-nchw":
-        monkeypatch.setattr(_fast, "_MIN_NUMEL", 1)
+    groups: list[int] = []
+    if route.startswith("fast-nchw"):
+        moments = _fast._batch_moments
+        monkeypatch.setattr(_fast, "_MIN_NUMEL", x[:4].numel() if route.endswith("mixed") else 1)
         monkeypatch.setattr(_fast, "_MIN_ROW", 1)
+        monkeypatch.setattr(
+            _fast, "_batch_moments", lambda t: (groups.append(t.shape[0]), moments(t))[1]
+        )
         assert _fast.use_fast_batch_stats(x[:4])
         got = run(x)
+        sizes = {12: [4, 4, 4], 13: [4, 4, 5], 14: [4, 4, 4, 2]}[n]
+        assert groups == [s for s in sizes if not route.endswith("mixed") or s >= 4]
     else:
         got = run(x.contiguous(memory_format=torch.channels_last))
         assert got[0].is_contiguous(memory_format=torch.channels_last)

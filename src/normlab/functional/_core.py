@@ -205,18 +205,28 @@ def normalize(
     return y.to(x.dtype), mean, var
 
 
-def pool_moments(mean: Tensor, var: Tensor, dim: int) -> tuple[Tensor, Tensor]:
-    """Merge equal-count groups' means and biased variances along ``dim`` (Chan et al.'s rule).
+def pool_moments(
+    mean: Tensor, var: Tensor, dim: int, counts: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """Merge groups' means and biased variances along ``dim`` (Chan et al.'s rule), the groups of
+    equal size unless ``counts`` (broadcastable to ``mean``) gives their sizes.
 
-    ``var_total = mean_g(var_g) + mean_g((mean_g - mean_total)^2)``: exact, and stable because the
-    second term only sees the spread of the group means.
+    ``var_total = mean_g(var_g) + mean_g((mean_g - mean_total)^2)`` (means weighted by the
+    counts): exact, and stable because the second term only sees the spread of the group means.
 
     >>> m, v = pool_moments(torch.tensor([0.0, 2.0]), torch.tensor([1.0, 1.0]), 0)
     >>> m.item(), v.item()
     (1.0, 2.0)
+    >>> m, v = pool_moments(torch.tensor([0.0, 3.0]), torch.tensor([0.0, 0.0]), 0, torch.tensor([2.0, 1.0]))
+    >>> m.item(), v.item()
+    (1.0, 2.0)
     """
-    total = mean.mean(dim)
-    return total, (var + (mean - total.unsqueeze(dim)).square()).mean(dim)
+    if counts is None:
+        total = mean.mean(dim)
+        return total, (var + (mean - total.unsqueeze(dim)).square()).mean(dim)
+    weights = counts / counts.sum(dim, keepdim=True)
+    total = (weights * mean).sum(dim)
+    return total, (weights * (var + (mean - total.unsqueeze(dim)).square())).sum(dim)
 
 
 class NonFiniteStatisticsWarning(RuntimeWarning):

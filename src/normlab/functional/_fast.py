@@ -34,7 +34,7 @@ from normlab.functional._core import channel_affine, channels_last_format, pool_
 
 __all__ = [
     "BatchNormTrain",
-    "PerGroupChannelsLast",
+    "PerGroupBatchNorm",
     "batch_moments",
     "centred_grad_sums",
     "channel_grad_sums",
@@ -392,17 +392,25 @@ def kernel_param(t: Tensor | None, x: Tensor) -> Tensor | None:
     return t.float()
 
 
-class PerGroupChannelsLast(torch.autograd.Function):
-    """Batch norm of each group of samples ``torch.split(x, sizes)`` of channels-last input with its
-    own statistics, channels-last out: ghost batch norm (a group per virtual batch) and instance
-    norm (a group per sample, whose batch statistics are its instance statistics). torch's (fast)
-    channels-last batch-norm kernel runs per group, writing into slices of one output (no
-    concatenation; torch's instance norm converts the layout first). Backward: its backward kernel
-    per group into slices of one input gradient (:func:`_per_group_backward`); float32/float64
-    instance norm instead reduces per (sample, channel) around a cascade-summed mean
-    (:func:`_per_sample_grads`: more accurate than the kernel's float32 mean on positions).
-    ``apply(x, weight, bias, eps, sizes)`` returns ``(y, mean, invstd)`` with one row of
-    statistics per group. Saved for backward: ``x`` and the statistics, as torch."""
+class PerGroupBatchNorm(torch.autograd.Function):
+    """Batch norm of each group of samples ``torch.split(x, sizes)`` with its own statistics, into
+    slices of one output of ``x``'s layout: ghost batch norm (a group per virtual batch) and
+    channels-last instance norm (a group per sample, whose batch statistics are its instance
+    statistics). No concatenation: the output, and in backward the input gradient, are written
+    slice by slice (a concatenation keeps the pieces and the result alive at once: one more
+    activation-sized tensor at the peak).
+
+    Per group (:func:`_per_group_forward`): large channels-first groups get their moments from
+    :func:`_batch_moments` and the eval-mode kernel's one pass; others (channels-last, where
+    torch's kernel is fast, or small) torch's training-mode kernel. Backward per group: the two
+    per-channel sums (:func:`centred_grad_sums`), then the input gradient written into the slice
+    (:func:`_per_group_backward`); float32/float64 instance norm instead reduces per (sample,
+    channel) around a cascade-summed mean (:func:`_per_sample_grads`: more accurate than the
+    kernel's float32 mean on positions).
+
+    ``apply(x, weight, bias, eps, sizes)`` returns ``(y, mean, invstd, var)`` with one row of
+    statistics per group (``var``: float64 biased variance). Saved for backward: ``x`` and the
+    statistics, as torch."""
 
     @staticmethod
     def forward(
@@ -412,17 +420,17 @@ class PerGroupChannelsLast(torch.autograd.Function):
         bias: Tensor | None,
         eps: float,
         sizes: list[int],
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        out, mean, invstd = _per_group_forward(x, weight, bias, eps, sizes)
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        out, mean, invstd, var = _per_group_forward(x, weight, bias, eps, sizes)
         ctx.save_for_backward(x, weight, mean, invstd)
         ctx.eps, ctx.sizes = eps, sizes
         ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.mark_non_differentiable(mean, invstd)
-        return out, mean, invstd
+        ctx.mark_non_differentiable(mean, invstd, var)
+        return out, mean, invstd, var
 
     @staticmethod
     def backward(
-        ctx: Any, grad_out: Tensor, _grad_mean: Tensor | None, _grad_invstd: Tensor | None
+        ctx: Any, grad_out: Tensor, *_grad_stats: Tensor | None
     ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None, None]:
         x, weight, mean, invstd = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
@@ -432,7 +440,11 @@ class PerGroupChannelsLast(torch.autograd.Function):
             )
             grad_b = grad_out.sum([0, *range(2, x.dim())]) if need_b else None
             return grad_x, grad_w, grad_b, None, None
-        if x.dtype in _FAST_DTYPES and all(size == 1 for size in ctx.sizes):
+        if (
+            x.dtype in _FAST_DTYPES
+            and channels_last_format(x) is not None
+            and all(size == 1 for size in ctx.sizes)
+        ):
             grad_x, grad_w, grad_b = _per_sample_grads(
                 grad_out, x, weight, invstd, need_x, need_w, need_b, ctx.bias_dtype
             )
@@ -496,20 +508,51 @@ def _per_sample_grads(
 
 def _per_group_forward(
     x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, sizes: list[int]
-) -> tuple[Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Training-mode batch norm of each group of samples ``torch.split(x, sizes)`` with its own
-    statistics, by torch's kernel writing into slices of one output (of ``x``'s layout): ``(y,
-    mean, invstd)`` with one row of statistics per group."""
+    statistics, written into slices of one output (of ``x``'s layout): ``(y, mean, invstd,
+    var)`` with one row of statistics per group (``var`` float64)."""
     w, b = (kernel_param(t, x) for t in (weight, bias))
     out = torch.empty_like(x)
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     mean = x.new_empty((len(sizes), x.shape[1]), dtype=dtype)
     invstd = torch.empty_like(mean)
+    var = x.new_empty((len(sizes), x.shape[1]), dtype=torch.float64)
     for k, (xs, ys) in enumerate(zip(torch.split(x, sizes), torch.split(out, sizes), strict=True)):
-        torch.ops.aten.native_batch_norm.out(
-            xs, w, b, None, None, True, 0.0, eps, out=ys, save_mean=mean[k], save_invstd=invstd[k]
-        )
-    return out, mean, invstd
+        if use_fast_batch_stats(xs, w, b):
+            # moments without a scratch tensor, then the eval-mode kernel's one pass
+            mean_k, var[k] = _batch_moments(xs)
+            mean[k], invstd[k] = mean_k, torch.rsqrt(var[k] + eps)
+            torch.ops.aten.native_batch_norm.out(
+                xs,
+                w,
+                b,
+                mean[k],
+                var[k].to(dtype),
+                False,
+                0.0,
+                eps,
+                out=ys,
+                save_mean=xs.new_empty(0),
+                save_invstd=xs.new_empty(0),
+            )
+        else:
+            torch.ops.aten.native_batch_norm.out(
+                xs,
+                w,
+                b,
+                None,
+                None,
+                True,
+                0.0,
+                eps,
+                out=ys,
+                save_mean=mean[k],
+                save_invstd=invstd[k],
+            )
+            # the kernel returns invstd: its variance is exact to float32 rounding unless var << eps
+            var[k] = (invstd[k].double().pow(-2) - eps).clamp_min(0.0)
+    return out, mean, invstd, var
 
 
 def _per_group_backward(
@@ -526,15 +569,18 @@ def _per_group_backward(
     """Batch-norm gradients of each group of samples ``torch.split(x, sizes)`` with its own
     statistics (one row of ``mean``/``invstd`` per group), written into slices of one input
     gradient of ``x``'s layout: ``(grad_x, grad_weight, grad_bias)`` (``None`` without weight /
-    bias). float32/float64: per group the two sums from torch's backward kernel, then the input
-    gradient written into the slice (two passes); low precision: torch's kernel (float32
-    accumulation) and a copy into the slice (its out= variant costs more than both)."""
+    bias). float32/float64: per group the two sums read once (:func:`centred_grad_sums`: the
+    group-norm backward kernel for centred channels-first groups, else torch's batch-norm
+    backward kernel), then the input gradient written into the slice (two passes); low
+    precision: torch's kernel (float32 accumulation) and a copy into the slice (its out= variant
+    costs more than both)."""
     w = kernel_param(weight, x)
     grad_out = grad_out.contiguous(memory_format=channels_last_format(x) or torch.contiguous_format)
     grad_x = torch.empty_like(x)
     grad_w = None if weight is None else torch.zeros_like(mean[0])
     grad_b = torch.zeros_like(mean[0]) if bias_dtype is not None else None
-    fused = x.dtype in _FAST_DTYPES and need_x
+    fast = x.dtype in _FAST_DTYPES
+    centred = (mean.abs() * invstd <= _MAX_OFFSET).all(1).tolist() if fast else []
     for k, (gs, xs, gx) in enumerate(
         zip(
             torch.split(grad_out, sizes),
@@ -543,14 +589,18 @@ def _per_group_backward(
             strict=True,
         )
     ):
-        gx_k, gw_k, gb_k = torch.ops.aten.native_batch_norm_backward(
-            gs, xs, w, None, None, mean[k], invstd[k], True, eps, [need_x and not fused, True, True]
-        )
-        if fused:
-            count = xs.numel() // xs.shape[1]
-            input_grad(gs, xs, w, mean[k], invstd[k], gb_k, gw_k, count, out=gx)
-        elif need_x:
-            gx.copy_(gx_k)
+        if fast:
+            sum_dy_z, gb_k = centred_grad_sums(gs, xs, mean[k], centred[k])
+            gw_k = sum_dy_z * invstd[k]
+            if need_x:
+                count = xs.numel() // xs.shape[1]
+                input_grad(gs, xs, w, mean[k], invstd[k], gb_k, gw_k, count, out=gx)
+        else:
+            gx_k, gw_k, gb_k = torch.ops.aten.native_batch_norm_backward(
+                gs, xs, w, None, None, mean[k], invstd[k], True, eps, [need_x, True, True]
+            )
+            if need_x:
+                gx.copy_(gx_k)
         if grad_w is not None:
             grad_w += gw_k
         if grad_b is not None:

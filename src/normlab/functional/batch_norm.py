@@ -24,7 +24,7 @@ from normlab.functional._core import (
 )
 from normlab.functional._fast import (
     BatchNormTrain,
-    PerGroupChannelsLast,
+    PerGroupBatchNorm,
     use_fast_batch_stats,
 )
 
@@ -309,8 +309,8 @@ def instance_norm_unchecked(
         # Channels-last: one sample is a channels-last (1, C, *) tensor whose batch statistics
         # are its instance statistics, so torch's channels-last batch-norm kernel (fast there)
         # runs per sample into one channels-last output; the input gradient stays channels-last
-        # too (PerGroupChannelsLast, a group per sample).
-        y, mean, rstd = PerGroupChannelsLast.apply(input, weight, bias, eps, [1] * input.shape[0])  # type: ignore[no-untyped-call]
+        # too (PerGroupBatchNorm, a group per sample).
+        y, mean, rstd, _ = PerGroupBatchNorm.apply(input, weight, bias, eps, [1] * input.shape[0])  # type: ignore[no-untyped-call]
     else:
         # Channels-first contiguous: torch's group-norm kernel is accurate and fast there; on
         # channels-last input it is slower than a copy plus the channels-first kernel, and its

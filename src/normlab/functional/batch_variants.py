@@ -2,22 +2,20 @@
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import Tensor
 
 from normlab._checks import check_values_per_channel, fail
 from normlab.functional._core import (
-    Moments,
     channels_last_format,
     compiling,
     finite_statistics,
+    pool_moments,
     update_running_stats_,
 )
 from normlab.functional._fast import (
     BatchNormTrain,
-    PerGroupChannelsLast,
+    PerGroupBatchNorm,
     batch_moments,
     use_fast_batch_stats,
     use_given_stats,
@@ -179,14 +177,17 @@ def ghost_batch_norm_unchecked(
     """Ghost batch norm (Hoffer, Hubara & Soudry, 2017) on validated arguments.
 
     Training: the batch (at least ``virtual_batch_size`` samples) is cut into consecutive *virtual
-    batches* of ``virtual_batch_size`` samples; each is normalized with its own statistics. A ragged remainder of at least 2 samples
-    is a smaller virtual batch of its own; a single leftover sample joins the previous virtual
-    batch. The running statistics are updated once per call with the statistics of the **whole**
-    batch (exactly as ``BatchNorm`` would), so evaluation -- running statistics -- is plain batch
-    norm. Without running statistics, evaluation uses virtual batches too.
+    batches* of ``virtual_batch_size`` samples; each is normalized with its own statistics. A
+    ragged remainder of at least 2 samples is a smaller virtual batch of its own; a single
+    leftover sample joins the previous virtual batch. The running statistics are updated once per
+    call with the statistics of the **whole** batch (exactly as ``BatchNorm`` would), so
+    evaluation -- running statistics -- is plain batch norm. Without running statistics, evaluation uses virtual batches too.
 
-    Full virtual batches are normalized together by torch's group-norm kernel on a transposed
-    view ``(k, C, vbs * positions)`` (one channel per group), which is exact and fast.
+    Routes: large channels-first and all channels-last virtual batches by
+    :class:`~normlab.functional._fast.PerGroupBatchNorm` (each virtual batch normalized into a
+    slice of one output; running statistics pooled from the virtual batches' own); others
+    (small, 2-D, compiled) by torch's group-norm kernel on a transposed copy ``(k, C, vbs *
+    positions)`` (one channel per group), which is exact.
     """
     if running_mean is not None and not training:
         return batch_norm_unchecked(
@@ -210,27 +211,21 @@ def ghost_batch_norm_unchecked(
     full, rest = divmod(n, vbs)
     if rest == 1:  # a lone sample has no variance: it joins the last full virtual batch
         full, rest = full - 1, vbs + 1
-    pieces = []
     sizes = [vbs] * full + ([rest] if rest else [])
-    chunk_stats: list[tuple[Tensor, Tensor]] = []
-    if full and use_fast_batch_stats(input[:vbs], weight, bias):
-        # Large channels-first virtual batches: normlab's own NCHW batch norm per virtual batch
-        # (each a contiguous slice), whose statistics also give the whole batch's by pooling.
-        for chunk in torch.split(input, sizes):
-            if use_fast_batch_stats(chunk, weight, bias):
-                y_k, mean_k, var_k = BatchNormTrain.apply(chunk, weight, bias, eps)  # type: ignore[no-untyped-call]
-                chunk_stats.append((mean_k, var_k))
-            else:
-                y_k = batch_norm_unchecked(chunk, None, None, weight, bias, True, 0.0, eps, owner)
-            pieces.append(y_k)
-    elif channels_last_format(input) is not None and not compiling():
-        # channels-last: torch's batch-norm kernel is fast there; it runs per virtual batch into
-        # slices of one channels-last output. Each one's statistics come back from the kernel (the
-        # variance as invstd**-2 - eps, exact to float32 rounding unless var << eps).
-        y, means, invstds = PerGroupChannelsLast.apply(input, weight, bias, eps, sizes)  # type: ignore[no-untyped-call]
-        chunk_stats = list(zip(means, (invstds.double().pow(-2) - eps).clamp_min(0.0), strict=True))
-        pieces = [y]
+    y: Tensor
+    stats: tuple[Tensor, Tensor] | None = None  # per virtual batch (mean, biased var)
+    if not compiling() and (
+        channels_last_format(input) is not None
+        or (full and use_fast_batch_stats(input[:vbs], weight, bias))
+    ):
+        # Large channels-first virtual batches (normlab's own statistics, each a contiguous
+        # slice) and channels-last ones (torch's kernel, fast there): one function normalizing
+        # each virtual batch into slices of one output; their statistics also give the whole
+        # batch's, by pooling.
+        y, means, _, variances = PerGroupBatchNorm.apply(input, weight, bias, eps, sizes)  # type: ignore[no-untyped-call]
+        stats = (means, variances)
     else:
+        pieces = []
         if full:
             head = input[: full * vbs]
             # (full * vbs, C, *) -> (full, vbs, C, P) -> (full, C, vbs, P): one row per
@@ -243,17 +238,11 @@ def ghost_batch_norm_unchecked(
             pieces.append(
                 batch_norm_unchecked(tail, None, None, weight, bias, True, 0.0, eps, owner)
             )
-    y = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+        y = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
     if training and running_mean is not None and running_var is not None:
-        if len(chunk_stats) == len(sizes):  # pooled from the virtual batches (Chan et al.)
-            pooled = functools.reduce(
-                Moments.merge,
-                (
-                    Moments(torch.full_like(m, size, dtype=torch.float64), m.double(), v * size)
-                    for (m, v), size in zip(chunk_stats, sizes, strict=True)
-                ),
-            )
-            mean, var = pooled.mean, pooled.variance()
+        if stats is not None:  # pooled from the virtual batches (Chan et al.)
+            counts = torch.tensor(sizes, dtype=torch.float64).unsqueeze(1)
+            mean, var = pool_moments(stats[0].double(), stats[1], 0, counts)
         else:
             mean, var = batch_moments(input)
         update_running_stats_(

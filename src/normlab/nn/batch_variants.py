@@ -402,8 +402,8 @@ class NoisyBatchNorm(RunningStatsNorm, _TorchBatchNorm):
     it". ``per="element"`` (default) draws ``m``, ``s`` for every ``(c, *position)``,
     ``per="channel"`` once per channel. Evaluation applies no noise (``eval_noise=True`` keeps
     it). The noise comes from the layer's own generator (``seed``), so runs are reproducible; set
-    ``hold_noise = True`` to reuse the last drawn noise (e.g. across the step sizes of a landscape
-    probe).
+    ``hold_noise = True`` to draw at the next call and reuse that noise in the calls after it
+    (e.g. across the step sizes of a landscape probe) -- only then does the layer keep it.
 
     Args:
         num_features: ``C``.
@@ -521,13 +521,16 @@ class NoisyBatchNorm(RunningStatsNorm, _TorchBatchNorm):
             # random numbers, not arithmetic passes over them, are the cost that remains.
             mu = mu_lo + (mu_hi - mu_lo) * u_mu.item()
             sigma = sigma_lo + (sigma_hi - sigma_lo) * u_sigma.item()
-            spread = self.mean_spread
-            m = torch.empty(stored, dtype=torch.float32)  # as _rng draws: the same stream
-            m.uniform_(mu - spread, mu + spread, generator=g)
-            s = torch.empty(stored, dtype=torch.float32).normal_(
-                sigma, self.std_spread, generator=g
-            )
-            m, s = m.permute(back), s.permute(back)
+            # Tensors of the noise's layout (not views: the forward writes its output over m in
+            # place), filled through their contiguous view in the stored order: as _rng draws,
+            # the same stream.
+            fmt = torch.contiguous_format
+            if stored != noise_shape:
+                fmt = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
+            m, s = (torch.empty(noise_shape, dtype=torch.float32, memory_format=fmt) for _ in "ms")
+            order = tuple(back.index(d) for d in range(len(back)))  # noise dims -> stored dims
+            m.permute(order).uniform_(mu - self.mean_spread, mu + self.mean_spread, generator=g)
+            s.permute(order).normal_(sigma, self.std_spread, generator=g)
         return s.to(device=device, dtype=dtype), m.to(device=device, dtype=dtype)
 
     def forward(self, input: Tensor) -> Tensor:
@@ -537,10 +540,15 @@ class NoisyBatchNorm(RunningStatsNorm, _TorchBatchNorm):
         y = self._normalize_with(batch_norm_unchecked, input)
         if not (self.training or self.eval_noise):
             return y
+        if self.hold_noise and self._noise is not None and self._noise[0].shape[0] == y.shape[0]:
+            s, m = self._noise
+            return torch.addcmul(m, s, y)
         last = channels_last_format(y) is not None
-        if not self.hold_noise or self._noise is None or self._noise[0].shape[0] != y.shape[0]:
-            self._noise = self.draw_noise(y.shape, y.device, y.dtype, channels_last=last)
-        s, m = self._noise
+        s, m = self.draw_noise(y.shape, y.device, y.dtype, channels_last=last)
+        # kept only while held: two activation-sized tensors per layer otherwise
+        self._noise = (s, m) if self.hold_noise else None
+        if self._noise is None and m.shape == y.shape:
+            return m.addcmul_(s, y)  # the output written over m (in y's layout); saves only s
         return torch.addcmul(m, s, y)  # noise in y's layout: the output keeps it
 
     def extra_repr(self) -> str:
