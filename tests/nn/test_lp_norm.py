@@ -112,21 +112,47 @@ def test_unsupported_p(p: object) -> None:
         nl.LpBatchNorm(3, p=p)
 
 
-@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize(
+    ("shape", "layout"),
+    [
+        ((6, 3, 5, 4), "nchw"),
+        ((6, 3, 5, 4), "nhwc"),
+        ((4, 3, 2, 3, 5), "ndhwc"),
+        ((7, 3, 10), "ncl"),
+        ((40, 3), "nc"),
+        ((6, 3, 5, 4), "strided"),  # neither layout: one chunk, generic reductions
+    ],
+)
+@pytest.mark.parametrize("offset", [3.0, 60.0], ids=["centred", "off-centre"])
 @pytest.mark.parametrize("affine", [True, False])
 def test_fused_l1_matches_the_composite_formula(
-    monkeypatch: pytest.MonkeyPatch, channels_last: bool, affine: bool
+    monkeypatch: pytest.MonkeyPatch,
+    shape: tuple[int, ...],
+    layout: str,
+    offset: float,
+    affine: bool,
 ) -> None:
     """The fused training L1 batch norm (own backward) equals autograd through the composite ops:
-    output, input and parameter gradients, running statistics; keeps the layout; gradgradcheck."""
+    output, input and parameter gradients, running statistics; keeps the layout; gradgradcheck.
+    Chunks of 64 bytes: its chunked passes run over several chunks; "off-centre" (~30 divisors
+    from zero) takes the centre-first output."""
     import importlib
 
     lp = importlib.import_module("normlab.functional.lp_norm")
+    monkeypatch.setattr(lp, "_CHUNK_BYTES", 64)
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(6, 3, 5, 4, generator=g, dtype=torch.float64) * 2 + 3
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
+    x = torch.randn(shape, generator=g, dtype=torch.float64) * 2 + offset
+    fmt = {"nhwc": torch.channels_last, "ndhwc": torch.channels_last_3d}.get(layout)
+    if fmt is not None:
+        x = x.contiguous(memory_format=fmt)
+    if layout == "strided":
+        x = x.transpose(2, 3).contiguous().transpose(2, 3)
     gy = torch.randn(x.shape, generator=g, dtype=torch.float64) + 0.5
+    chunked = lp._channel_chunks
+    counts: list[int] = []
+    monkeypatch.setattr(
+        lp, "_channel_chunks", lambda *t: (r := chunked(*t), counts.append(len(r[0])))[0]
+    )
 
     def run(fused: bool) -> list[torch.Tensor]:
         monkeypatch.setattr(lp, "_fused", lambda *a: fused)
@@ -137,12 +163,15 @@ def test_fused_l1_matches_the_composite_formula(
                 layer.bias.copy_(torch.tensor([0.1, -0.2, 0.3], dtype=torch.float64))
         xr = x.detach().clone().requires_grad_()
         y = layer.train()(xr)
-        if fused and channels_last:
-            assert y.is_contiguous(memory_format=torch.channels_last)
+        if fused and fmt is not None:
+            assert y.is_contiguous(memory_format=fmt)
         grads = torch.autograd.grad(y, [xr, *layer.parameters()], gy)
         return [y, *grads, layer.running_mean, layer.running_scale]
 
-    for a, b in zip(run(True), run(False), strict=True):
+    fused = run(True)
+    assert counts
+    assert (min(counts) > 1) == (layout != "strided")
+    for a, b in zip(fused, run(False), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
     def fused_l1(x, w, b):  # type: ignore[no-untyped-def]
@@ -150,7 +179,8 @@ def test_fused_l1_matches_the_composite_formula(
 
     w = torch.rand(3, generator=g, dtype=torch.float64, requires_grad=True)
     b = torch.rand(3, generator=g, dtype=torch.float64, requires_grad=True)
-    small = x[:2, :, :3, :3].detach().clone().requires_grad_()
+    small = x[(slice(0, 2), slice(None), *[slice(0, 3)] * (x.dim() - 2))]
+    small = small.detach().clone().requires_grad_()
     assert torch.autograd.gradcheck(fused_l1, (small, w, b))
     assert torch.autograd.gradgradcheck(fused_l1, (small, w, b))
 
