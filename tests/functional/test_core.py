@@ -7,7 +7,12 @@ import torch
 
 import normlab.functional as NF
 import normlab.nn as nl
-from normlab.functional._core import channel_view_shape, stats_dtype
+from normlab.functional._core import (
+    channel_affine,
+    channel_view_shape,
+    channels_last_format,
+    stats_dtype,
+)
 from normlab.functional._fast import use_fast_batch_stats
 
 
@@ -133,3 +138,38 @@ def test_every_layer_is_accurate_with_a_large_offset(name, make, shape, dims, gr
     naive_var = ((xg * xg).mean(dims, keepdim=True) - mean * mean).clamp_min(0)
     naive = ((xg - mean) / torch.sqrt(naive_var + 1e-5)).reshape(x.shape)
     assert rel(naive) > 1e-3
+
+
+@pytest.mark.parametrize("shape", [(3, 4, 5, 2), (2, 4, 3, 2, 2), (3, 4, 5)])
+@pytest.mark.parametrize("fmt", ["first", "last"])
+@pytest.mark.parametrize("params", ["both", "scale", "shift", "none"])
+@pytest.mark.parametrize("into", [False, True], ids=["new", "out"])
+def test_channel_affine_every_route_and_layout(
+    shape: tuple[int, ...], fmt: str, params: str, into: bool
+) -> None:
+    """``x * scale + shift`` per channel against the broadcast formula in float64, on the
+    batch-norm kernel's route (channels-first) and the broadcast route (channels-last), out of
+    place and into ``out``; the layout is kept."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g, dtype=torch.float64)
+    if fmt == "last" and len(shape) > 3:
+        x = x.contiguous(
+            memory_format=torch.channels_last if len(shape) == 4 else torch.channels_last_3d
+        )
+    scale = (
+        torch.rand(4, generator=g, dtype=torch.float64) + 0.5
+        if params in ("both", "scale")
+        else None
+    )
+    shift = (
+        torch.randn(4, generator=g, dtype=torch.float64) if params in ("both", "shift") else None
+    )
+    view = (1, 4, *([1] * (len(shape) - 2)))
+    expected = x * (1.0 if scale is None else scale.view(view))
+    expected = expected + (0.0 if shift is None else shift.view(view))
+    out = torch.full_like(x, float("nan")) if into else None
+    got = channel_affine(x, scale, shift, out=out)
+    if into:
+        assert got is out
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    assert channels_last_format(got) == channels_last_format(x)

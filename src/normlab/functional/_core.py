@@ -125,15 +125,43 @@ def apply_affine(
 def channel_affine(
     x: Tensor, scale: Tensor | None, shift: Tensor | None, out: Tensor | None = None
 ) -> Tensor:
-    """``x * scale + shift`` per channel (dim 1; ``None``: 1, 0), through torch's eval-mode
-    batch-norm kernel (zero mean, unit variance, eps 0): one pass at bandwidth, ~2.5x faster on
-    channels-first tensors than a broadcast multiply-add, any layout kept. Out of place, or into
-    ``out`` (of ``x``'s shape and layout; no autograd).
+    """``x * scale + shift`` per channel (dim 1; ``None``: 1, 0), in one pass at bandwidth, any
+    layout kept: through torch's eval-mode batch-norm kernel (zero mean, unit variance, eps 0;
+    ~2.5x faster on channels-first tensors than a broadcast multiply-add), or on channels-last
+    tensors with parameters of their dtype a multiply-add broadcast along the contiguous channels
+    (5-25% faster there than the kernel). Out of place, or into ``out`` (of ``x``'s shape and
+    layout; no autograd).
 
     >>> channel_affine(torch.ones(1, 2, 1), torch.tensor([2.0, 3.0]), torch.tensor([0.5, 0.0]))
     tensor([[[2.5000],
              [3.0000]]])
     """
+    if channels_last_format(x) is not None and all(
+        t is None or (t.dtype == x.dtype and t.dim() == 1) for t in (scale, shift)
+    ):
+        rows = x.movedim(1, -1)  # (N, *spatial, C), contiguous
+        if out is None:
+            result = (
+                torch.addcmul(shift, rows, scale)
+                if scale is not None and shift is not None
+                else rows * scale
+                if scale is not None
+                else rows + shift
+                if shift is not None
+                else rows.clone()
+            )
+            return result.movedim(-1, 1)
+        if channels_last_format(out) is not None:
+            target = out.movedim(1, -1)
+            if scale is not None and shift is not None:
+                torch.addcmul(shift, rows, scale, out=target)
+            elif scale is not None:
+                torch.mul(rows, scale, out=target)
+            elif shift is not None:
+                torch.add(rows, shift, out=target)
+            else:
+                target.copy_(rows)
+            return out
     zeros = x.new_zeros(x.shape[1])
     if out is None:
         return torch.batch_norm(
