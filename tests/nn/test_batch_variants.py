@@ -311,7 +311,11 @@ def test_noisy_batch_norm_mechanics() -> None:
     assert channel._noise[0].shape == (16, 4, 1, 1)
 
 
-@pytest.mark.parametrize("shape", [(4, 3, 5, 6), (2, 3, 2, 3, 4)], ids=["2d", "3d"])
+@pytest.mark.parametrize(
+    "shape",
+    [(4, 3, 5, 6), (2, 3, 3, 3), (2, 3, 2, 3, 4), (2, 3, 3, 3, 3)],
+    ids=["2d", "2d-c=h=w", "3d", "3d-c=d=h=w"],  # C == H == W: stored and noise shapes equal
+)
 def test_noisy_batch_norm_channels_last_noise_is_the_stream_in_memory_order(
     shape: tuple[int, ...],
 ) -> None:

@@ -518,8 +518,10 @@ def _per_group_forward(
     mean = x.new_empty((len(sizes), x.shape[1]), dtype=dtype)
     invstd = torch.empty_like(mean)
     var = x.new_empty((len(sizes), x.shape[1]), dtype=torch.float64)
+    kernel = []  # groups normalized by the training-mode kernel (it returns invstd)
+    first = x.is_contiguous()  # else no group is channels-first contiguous (skip the checks)
     for k, (xs, ys) in enumerate(zip(torch.split(x, sizes), torch.split(out, sizes), strict=True)):
-        if use_fast_batch_stats(xs, w, b):
+        if first and use_fast_batch_stats(xs, w, b):
             # moments without a scratch tensor, then the eval-mode kernel's one pass
             mean_k, var[k] = _batch_moments(xs)
             mean[k], invstd[k] = mean_k, torch.rsqrt(var[k] + eps)
@@ -550,8 +552,10 @@ def _per_group_forward(
                 save_mean=mean[k],
                 save_invstd=invstd[k],
             )
-            # the kernel returns invstd: its variance is exact to float32 rounding unless var << eps
-            var[k] = (invstd[k].double().pow(-2) - eps).clamp_min(0.0)
+            kernel.append(k)
+    if kernel:  # its variance: exact to float32 rounding unless var << eps
+        rows = kernel if len(kernel) < len(sizes) else slice(None)
+        var[rows] = (invstd[rows].double().pow(-2) - eps).clamp_min(0.0)
     return out, mean, invstd, var
 
 

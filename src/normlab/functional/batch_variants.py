@@ -241,7 +241,8 @@ def ghost_batch_norm_unchecked(
         y = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
     if training and running_mean is not None and running_var is not None:
         if stats is not None:  # pooled from the virtual batches (Chan et al.)
-            counts = torch.tensor(sizes, dtype=torch.float64).unsqueeze(1)
+            counts = torch.tensor(sizes, dtype=torch.float64, device=stats[1].device)
+            counts = counts.unsqueeze(1)
             mean, var = pool_moments(stats[0].double(), stats[1], 0, counts)
         else:
             mean, var = batch_moments(input)

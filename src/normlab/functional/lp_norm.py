@@ -168,7 +168,8 @@ class L1BatchNormTrain(torch.autograd.Function):
     """Training-mode L1 batch norm, ``y = weight * (x - mu) / (K mean|x - mu| + eps) + bias``, with
     its own backward, layout-preserving, saving only ``x`` and per-channel statistics (autograd
     through the composite ops keeps three activation-sized tensors and, on channels-last input,
-    runs mixed-layout kernels ~10x slower). No activation-sized scratch: ``sum |x - mu|`` and
+    runs mixed-layout kernels ~10x slower). No activation-sized scratch (channels-first,
+    channels-last and ``(N, C)`` layouts; others are reduced whole): ``sum |x - mu|`` and
     ``sum sign(x - mu)`` come chunk by chunk through a cache-sized buffer
     (:func:`_centred_sums`), the input gradient is written chunk by chunk; the output is one
     pass from ``x`` (centred data) or from ``x - mu`` (far off-centre, exact there).
@@ -258,7 +259,8 @@ def _centred_sums(x: Tensor, mean: Tensor, how: Literal["abs", "sign"]) -> Tenso
     """Per-channel ``sum |x - mean|`` or ``sum sign(x - mean)`` (float64), chunk by chunk through
     one small buffer: one read of ``x``, no activation-sized scratch."""
     chunks, dims, view = _channel_chunks(x)
-    total = x.new_zeros(x.shape[1], dtype=torch.float64)
+    # float64 totals across chunks (where the device has float64)
+    total = x.new_zeros(x.shape[1], dtype=x.dtype if x.device.type == "mps" else torch.float64)
     buffer = torch.empty_like(chunks[0][0])
     mu = mean.view(view)
     for (xc,) in chunks:

@@ -525,7 +525,7 @@ class NoisyBatchNorm(RunningStatsNorm, _TorchBatchNorm):
             # place), filled through their contiguous view in the stored order: as _rng draws,
             # the same stream.
             fmt = torch.contiguous_format
-            if stored != noise_shape:
+            if per_element and channels_last:  # not stored != noise_shape: C == H == W
                 fmt = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
             m, s = (torch.empty(noise_shape, dtype=torch.float32, memory_format=fmt) for _ in "ms")
             order = tuple(back.index(d) for d in range(len(back)))  # noise dims -> stored dims
