@@ -473,16 +473,29 @@ def test_ghost_fast_routes_match_the_grouped_route(
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
 
 
-def test_ghost_channels_last_gradients_and_second_derivatives() -> None:
+@pytest.mark.parametrize("route", ["fast-nchw", "channels-last"])
+def test_ghost_per_group_gradients_and_second_derivatives(
+    monkeypatch: pytest.MonkeyPatch, route: str
+) -> None:
+    """gradcheck / gradgradcheck of the per-virtual-batch function on both of its layouts (NCHW:
+    normlab's statistics per group, thresholds lowered so that these small groups take it)."""
+    from normlab.functional import _fast
+
+    if route == "fast-nchw":
+        monkeypatch.setattr(_fast, "_MIN_NUMEL", 1)
+        monkeypatch.setattr(_fast, "_MIN_ROW", 1)
     layer = nl.GhostBatchNorm(3, virtual_batch_size=2, dtype=torch.float64).train()
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         layer.weight.copy_(torch.rand(3, generator=g, dtype=torch.float64) + 0.5)
         layer.bias.copy_(torch.randn(3, generator=g, dtype=torch.float64))
-    x = (torch.randn(5, 3, 2, 3, generator=g, dtype=torch.float64) + 2).contiguous(
-        memory_format=torch.channels_last
-    )
+    x = torch.randn(5, 3, 2, 3, generator=g, dtype=torch.float64) + 2
+    fmt = torch.channels_last if route == "channels-last" else torch.contiguous_format
+    x = x.contiguous(memory_format=fmt)
     x.requires_grad_()
+    spy = _fast._per_group_forward
+    calls: list[int] = []
+    monkeypatch.setattr(_fast, "_per_group_forward", lambda *a: (calls.append(1), spy(*a))[1])
 
     from normlab.functional.batch_variants import ghost_batch_norm_unchecked
 
@@ -491,4 +504,5 @@ def test_ghost_channels_last_gradients_and_second_derivatives() -> None:
 
     assert torch.autograd.gradcheck(ghost, (x, layer.weight, layer.bias))
     assert torch.autograd.gradgradcheck(ghost, (x, layer.weight, layer.bias))
-    assert ghost(x, layer.weight, layer.bias).is_contiguous(memory_format=torch.channels_last)
+    assert ghost(x, layer.weight, layer.bias).is_contiguous(memory_format=fmt)
+    assert calls  # the per-group function ran
