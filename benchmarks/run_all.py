@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -87,17 +88,20 @@ def layer_rows(
             )
             assert both is not None
             gbs = f"{5 * size / both[0].median / 1e9:.1f}"
-            ratio_both = f"**{both[0].median / both[1].median:.2f}**"
+            ratio_both = _ratio(*both)
             memory = f"{peak_mib(ours, x, gy):.1f} / {peak_mib(theirs, x, gy):.1f}"
         else:
             gbs = f"{2 * size / fwd[0].median / 1e9:.1f} (fwd)"
             ratio_both, memory = "-", "-"
-        rows.append(
-            f"| {spec.name} | {label} | **{fwd[0].median / fwd[1].median:.2f}** | {ratio_both} | "
-            f"{gbs} | {memory} |"
-        )
+        rows.append(f"| {spec.name} | {label} | {_ratio(*fwd)} | {ratio_both} | {gbs} | {memory} |")
         print(rows[-1], file=sys.stderr, flush=True)
     return rows
+
+
+def _ratio(ours: Timing, theirs: Timing) -> str:
+    """``ours / theirs`` in bold with its spread: the two relative IQRs combined in quadrature."""
+    spread = math.hypot(ours.spread, theirs.spread)
+    return f"**{ours.median / theirs.median:.2f}** ±{100 * spread:.0f}%"
 
 
 def _torch_norms(model: nn.Module) -> nn.Module:
@@ -176,8 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     fixed = fix_allocator()
     lines = [
         f"Measured {datetime.date.today()} on {machine()}; allocator fix "
-        f"{'on' if fixed else 'OFF'}; `python benchmarks/run_all.py` (min_time {args.min_time} s "
-        "per comparison). Ratio = normlab time / torch.nn time, same run; < 1 is faster.",
+        f"{'on' if fixed else 'OFF'}; `python benchmarks/run_all.py --min-time {args.min_time}` "
+        "(seconds per comparison). Ratio = normlab time / torch.nn time, same run; < 1 is faster; "
+        "± its spread (the two timings' relative IQRs in quadrature).",
         "",
         "| layer | shape | dtype | format | fwd ratio | fwd+bwd ratio | normlab GB/s (fwd+bwd) | "
         "peak MiB fwd+bwd (normlab / torch) |",
