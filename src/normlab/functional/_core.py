@@ -136,32 +136,22 @@ def channel_affine(
     tensor([[[2.5000],
              [3.0000]]])
     """
-    if channels_last_format(x) is not None and all(
-        t is None or (t.dtype == x.dtype and t.dim() == 1) for t in (scale, shift)
+    if (
+        channels_last_format(x) is not None
+        and (out is None or channels_last_format(out) is not None)
+        and all(t is None or (t.dtype == x.dtype and t.dim() == 1) for t in (scale, shift))
     ):
         rows = x.movedim(1, -1)  # (N, *spatial, C), contiguous
-        if out is None:
-            result = (
-                torch.addcmul(shift, rows, scale)
-                if scale is not None and shift is not None
-                else rows * scale
-                if scale is not None
-                else rows + shift
-                if shift is not None
-                else rows.clone()
-            )
-            return result.movedim(-1, 1)
-        if channels_last_format(out) is not None:
-            target = out.movedim(1, -1)
-            if scale is not None and shift is not None:
-                torch.addcmul(shift, rows, scale, out=target)
-            elif scale is not None:
-                torch.mul(rows, scale, out=target)
-            elif shift is not None:
-                torch.add(rows, shift, out=target)
-            else:
-                target.copy_(rows)
-            return out
+        target = None if out is None else out.movedim(1, -1)
+        if scale is not None and shift is not None:
+            result = torch.addcmul(shift, rows, scale, out=target)
+        elif scale is not None:
+            result = torch.mul(rows, scale, out=target)
+        elif shift is not None:
+            result = torch.add(rows, shift, out=target)
+        else:
+            result = rows.clone() if target is None else target.copy_(rows)
+        return result.movedim(-1, 1) if out is None else out
     zeros = x.new_zeros(x.shape[1])
     if out is None:
         return torch.batch_norm(

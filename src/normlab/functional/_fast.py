@@ -41,6 +41,7 @@ __all__ = [
     "channel_sums",
     "input_grad",
     "kernel_param",
+    "normalize_given",
     "row_moments",
     "use_fast_batch_stats",
     "use_given_stats",
@@ -229,25 +230,9 @@ class BatchNormTrain(torch.autograd.Function):
     ) -> tuple[Tensor, Tensor, Tensor]:
         if mean is None or var is None:
             mean, var = _batch_moments(x)
-        out = torch.empty_like(x)
+        out = normalize_given(x, weight, bias, mean, var, eps, torch.empty_like(x))
         save_mean = mean.to(x.dtype)
         save_invstd = torch.rsqrt(var + eps).to(x.dtype)
-        unused = x.new_empty(0)
-        # The eval-mode kernel with the batch statistics as "running" statistics is exactly the
-        # training-mode output, written in one pass.
-        torch.ops.aten.native_batch_norm.out(
-            x,
-            weight,
-            bias,
-            save_mean,
-            var.to(x.dtype),
-            False,
-            0.0,
-            eps,
-            out=out,
-            save_mean=unused,
-            save_invstd=unused.clone(),
-        )
         ctx.save_for_backward(x, weight, save_mean, save_invstd)
         ctx.eps = eps
         # The fast backward serves centred channels-first data (on channels-last tensors torch's
@@ -294,6 +279,27 @@ class BatchNormTrain(torch.autograd.Function):
             None,
             None,
         )
+
+
+def normalize_given(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    mean: Tensor,
+    var: Tensor,
+    eps: float,
+    out: Tensor | None = None,
+) -> Tensor:
+    """Batch norm's training-mode output from batch moments computed beforehand (out of place,
+    or into ``out``): the eval-mode kernel with them as its "running" statistics, one pass."""
+    args = (x, weight, bias, mean.to(x.dtype), var.to(x.dtype), False, 0.0, eps)
+    if out is None:
+        return torch.batch_norm(*args, torch.backends.cudnn.enabled)
+    unused = x.new_empty(0)
+    torch.ops.aten.native_batch_norm.out(
+        *args, out=out, save_mean=unused, save_invstd=unused.clone()
+    )
+    return out
 
 
 def _fast_backward(
@@ -525,19 +531,7 @@ def _per_group_forward(
             # moments without a scratch tensor, then the eval-mode kernel's one pass
             mean_k, var[k] = _batch_moments(xs)
             mean[k], invstd[k] = mean_k, torch.rsqrt(var[k] + eps)
-            torch.ops.aten.native_batch_norm.out(
-                xs,
-                w,
-                b,
-                mean[k],
-                var[k].to(dtype),
-                False,
-                0.0,
-                eps,
-                out=ys,
-                save_mean=xs.new_empty(0),
-                save_invstd=xs.new_empty(0),
-            )
+            normalize_given(xs, w, b, mean_k, var[k], eps, ys)
         else:
             torch.ops.aten.native_batch_norm.out(
                 xs,
@@ -554,8 +548,7 @@ def _per_group_forward(
             )
             kernel.append(k)
     if kernel:  # its variance: exact to float32 rounding unless var << eps
-        rows = kernel if len(kernel) < len(sizes) else slice(None)
-        var[rows] = (invstd[rows].double().pow(-2) - eps).clamp_min(0.0)
+        var[kernel] = (invstd[kernel].double().pow(-2) - eps).clamp_min(0.0)
     return out, mean, invstd, var
 
 

@@ -181,7 +181,8 @@ def ghost_batch_norm_unchecked(
     ragged remainder of at least 2 samples is a smaller virtual batch of its own; a single
     leftover sample joins the previous virtual batch. The running statistics are updated once per
     call with the statistics of the **whole** batch (exactly as ``BatchNorm`` would), so
-    evaluation -- running statistics -- is plain batch norm. Without running statistics, evaluation uses virtual batches too.
+    evaluation -- running statistics -- is plain batch norm. Without running statistics,
+    evaluation uses virtual batches too.
 
     Routes: large channels-first and all channels-last virtual batches by
     :class:`~normlab.functional._fast.PerGroupBatchNorm` (each virtual batch normalized into a

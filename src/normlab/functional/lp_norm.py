@@ -191,11 +191,7 @@ class L1BatchNormTrain(torch.autograd.Function):
         a = (1.0 / denom) if weight is None else weight / denom
         # the L1 divisor is ~1 std (0.8 without the Gaussian constant)
         _remember(ctx, (x, weight, mean, denom), eps, constant, 1, bias, scale, 8.0)
-        if ctx.centred:  # one pass from x: the folded shift loses nothing near zero
-            shift = -mean * a if bias is None else bias - mean * a
-            return channel_affine(x, a, shift), mean, scale
-        z = channel_affine(x, None, -mean)  # centred first: exact for far off-centre data
-        return channel_affine(z, a, bias, out=z), mean, scale
+        return _scaled_output(x, mean, a, bias, ctx.centred), mean, scale
 
     @staticmethod
     def backward(
@@ -234,25 +230,20 @@ class L1BatchNormTrain(torch.autograd.Function):
 _CHUNK_BYTES = 1 << 19
 
 
-def _channel_chunks(
-    *tensors: Tensor,
-) -> tuple[list[tuple[Tensor, ...]], list[int], list[int]]:
-    """Aligned chunks of ``(N, C, *)`` tensors of one shape and layout, ~``_CHUNK_BYTES`` each:
-    ``(chunks, dims to reduce per channel, per-channel view shape)``. Channels-first tensors are
-    cut along the batch (``(k, C, positions)`` views), channels-last and ``(N, C)`` ones along their
-    rows of ``C`` values (``(rows, C)`` views); other layouts come whole."""
-    x = tensors[0]
+def _channel_chunks(x: Tensor) -> tuple[tuple[Tensor, ...], list[int], list[int]]:
+    """Chunks of an ``(N, C, *)`` tensor, ~``_CHUNK_BYTES`` each: ``(chunks, dims to reduce per
+    channel, per-channel view shape)``. Channels-first tensors are cut along the batch (``(k, C,
+    positions)`` views), channels-last and ``(N, C)`` ones along their rows of ``C`` values
+    (``(rows, C)`` views); other layouts come whole."""
     c = x.shape[1]
     if x.dim() > 2 and x.is_contiguous():
-        views = [t.view(t.shape[0], c, -1) for t in tensors]
-        dims, view = [0, 2], [1, c, 1]
+        rows, dims, view = x.view(x.shape[0], c, -1), [0, 2], [1, c, 1]
     elif (x.dim() == 2 and x.is_contiguous()) or channels_last_format(x) is not None:
-        views = [t.movedim(1, -1).view(-1, c) for t in tensors]
-        dims, view = [0], [c]
+        rows, dims, view = x.movedim(1, -1).view(-1, c), [0], [c]
     else:
-        return [tensors], [0, *range(2, x.dim())], channel_view_shape(x.dim(), c)
-    per = max(1, _CHUNK_BYTES // (views[0][0].numel() * x.element_size()))
-    return list(zip(*(torch.split(v, per) for v in views), strict=True)), dims, view
+        return (x,), [0, *range(2, x.dim())], channel_view_shape(x.dim(), c)
+    per = max(1, _CHUNK_BYTES // (rows[0].numel() * x.element_size()))
+    return torch.split(rows, per), dims, view
 
 
 def _abs_deviation_sums(x: Tensor, mean: Tensor) -> Tensor:
@@ -261,12 +252,24 @@ def _abs_deviation_sums(x: Tensor, mean: Tensor) -> Tensor:
     chunks, dims, view = _channel_chunks(x)
     # float64 totals across chunks (where the device has float64)
     total = x.new_zeros(x.shape[1], dtype=x.dtype if x.device.type == "mps" else torch.float64)
-    buffer = torch.empty_like(chunks[0][0])
+    buffer = torch.empty_like(chunks[0])
     mu = mean.view(view)
-    for (xc,) in chunks:
+    for xc in chunks:
         part = torch.sub(xc, mu, out=buffer[: xc.shape[0]])
         total += part.abs_().sum(dims)
     return total
+
+
+def _scaled_output(
+    x: Tensor, mean: Tensor, a: Tensor, bias: Tensor | None, centred: bool
+) -> Tensor:
+    """``(x - mean) * a + bias`` per channel: one pass from ``x`` for ``centred`` data (the
+    folded shift loses nothing near zero), else centred first into the buffer that becomes the
+    output (folding a far off-centre mean into the shift would cancel)."""
+    if centred:
+        return channel_affine(x, a, -mean * a if bias is None else bias - mean * a)
+    z = channel_affine(x, None, -mean)
+    return channel_affine(z, a, bias, out=z)
 
 
 def _remember(
@@ -424,11 +427,7 @@ class LinfBatchNormTrain(torch.autograd.Function):
         within = 6.0 * min(1.0, constant / linf_constant(x.numel() // x.shape[1]))
         saved = (x, weight, mean, denom, offsets, signs)
         _remember(ctx, saved, eps, constant, k, bias, scale, within)
-        if ctx.centred:
-            y = channel_affine(x, a, -mean * a if bias is None else bias - mean * a)
-        else:  # far off-centre: centre first (folding the mean into the shift would cancel)
-            y = channel_affine(channel_affine(x, None, -mean), a, bias)
-        return y, mean, scale
+        return _scaled_output(x, mean, a, bias, ctx.centred), mean, scale
 
     @staticmethod
     def backward(

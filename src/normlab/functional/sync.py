@@ -20,7 +20,13 @@ from torch import Tensor
 
 from normlab._checks import check_values_per_channel
 from normlab.functional._core import Moments, channel_view_shape, update_running_stats_
-from normlab.functional._fast import _MAX_OFFSET, batch_moments, channel_grad_sums, input_grad
+from normlab.functional._fast import (
+    _MAX_OFFSET,
+    batch_moments,
+    channel_grad_sums,
+    input_grad,
+    normalize_given,
+)
 
 __all__ = ["SyncError", "collective", "is_distributed", "sync_batch_norm_unchecked"]
 
@@ -90,18 +96,7 @@ class _SyncBatchNorm(torch.autograd.Function):
         )
         mean, var = moments.mean, moments.variance()
         invstd = torch.rsqrt(var + eps)
-        # the eval-mode kernel with the global statistics: one pass
-        y = torch.batch_norm(
-            x,
-            weight,
-            bias,
-            mean.to(x.dtype),
-            var.to(x.dtype),
-            False,
-            0.0,
-            eps,
-            torch.backends.cudnn.enabled,
-        )
+        y = normalize_given(x, weight, bias, mean, var, eps)  # the global statistics
         ctx.save_for_backward(x, weight, mean, invstd, count)
         ctx.group = group
         ctx.owner = owner

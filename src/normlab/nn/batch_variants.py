@@ -542,13 +542,13 @@ class NoisyBatchNorm(RunningStatsNorm, _TorchBatchNorm):
             return y
         if self.hold_noise and self._noise is not None and self._noise[0].shape[0] == y.shape[0]:
             s, m = self._noise
-            return torch.addcmul(m, s, y)
-        last = channels_last_format(y) is not None
-        s, m = self.draw_noise(y.shape, y.device, y.dtype, channels_last=last)
-        # kept only while held: two activation-sized tensors per layer otherwise
-        self._noise = (s, m) if self.hold_noise else None
-        if self._noise is None and m.shape == y.shape:
-            return m.addcmul_(s, y)  # the output written over m (in y's layout); saves only s
+        else:
+            last = channels_last_format(y) is not None
+            s, m = self.draw_noise(y.shape, y.device, y.dtype, channels_last=last)
+            # kept only while held: two activation-sized tensors per layer otherwise
+            self._noise = (s, m) if self.hold_noise else None
+            if not self.hold_noise and m.shape == y.shape:
+                return m.addcmul_(s, y)  # the output written over m (in y's layout); saves only s
         return torch.addcmul(m, s, y)  # noise in y's layout: the output keeps it
 
     def extra_repr(self) -> str:
