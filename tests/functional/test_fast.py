@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 import normlab.functional as NF
 from normlab.functional import _fast
+from normlab.functional import _kernels as kernels
 from normlab.functional._fast import BatchNormTrain, use_fast_batch_stats
 
 BIG = (8, 5, 33, 31)
@@ -29,6 +30,13 @@ def fast_for_big(monkeypatch: pytest.MonkeyPatch) -> None:
     """Let the moderate BIG shape take the fast path (the default limits are tuned for speed)."""
     monkeypatch.setattr(_fast, "_MIN_NUMEL", 1 << 15)
     monkeypatch.setattr(_fast, "_MIN_ROW", 16)
+
+
+@pytest.fixture
+def torch_routes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The routes through torch's kernels, as without the fast extra (numba's fused loops, which
+    would serve these inputs, are tested in test_kernels.py)."""
+    monkeypatch.setattr(kernels, "usable", lambda *_: False)
 
 
 @pytest.fixture
@@ -162,6 +170,7 @@ def test_torch_func_transforms_fall_back_to_the_native_op() -> None:
 
 
 @pytest.mark.parametrize(("offset", "fast"), [(0.0, True), (10.0, True), (1e3, False)])
+@pytest.mark.usefixtures("torch_routes")
 def test_backward_is_accurate_on_both_routes(
     monkeypatch: pytest.MonkeyPatch, offset: float, fast: bool
 ) -> None:
@@ -193,6 +202,7 @@ def test_backward_is_accurate_on_both_routes(
     ("offset", "route"),
     [(0.0, "sums"), (1.5, "sums"), (2.5, "rows"), (7.0, "rows"), (1e4, "torch")],
 )
+@pytest.mark.usefixtures("torch_routes")
 def test_batch_statistics_are_as_accurate_as_torchs_on_every_route(
     monkeypatch: pytest.MonkeyPatch, offset: float, route: str
 ) -> None:
@@ -226,6 +236,7 @@ def test_batch_statistics_are_as_accurate_as_torchs_on_every_route(
 
 
 @pytest.mark.parametrize(("shape", "route"), [((1, 2, 1024, 1024), "sums"), ((8, 4, 4099), "rows")])
+@pytest.mark.usefixtures("torch_routes")
 def test_batch_statistics_of_long_rows(
     monkeypatch: pytest.MonkeyPatch, shape: tuple[int, ...], route: str
 ) -> None:

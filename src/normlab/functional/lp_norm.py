@@ -15,6 +15,7 @@ import torch.autograd.forward_ad as forward_ad
 from torch import Tensor
 
 from normlab._checks import check_values_per_channel
+from normlab.functional import _kernels as kernels
 from normlab.functional._core import (
     channel_affine,
     channel_view_shape,
@@ -201,19 +202,22 @@ class L1BatchNormTrain(torch.autograd.Function):
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         if torch.is_grad_enabled():  # double backward: differentiate the composite formula
             return (*_composite_grads(ctx, x, weight, grad, "1"), None, None)
-        grad, count, sum_dy_z, sum_dy = _grad_sums(ctx, grad, x, mean)
+        grad, count, sum_dy_z, sum_dy, total_sign = _grad_sums(ctx, grad, x, mean, signs=True)
         grad_x = None
         if need_x:
-            # a * dy + b * sign(x - mu) + c in whole-tensor passes over one buffer (chunk by
-            # chunk, five broadcast ops per chunk measured 1.05-1.14x slower)
+            # a * dy + b * sign(x - mu) + c
             gamma = torch.ones_like(denom) if weight is None else weight
-            sign = channel_affine(x, None, -mean).sign_()
-            total_sign = channel_sums(sign)
             alpha = gamma / denom
             beta = -ctx.constant * gamma * sum_dy_z / (count * denom.square())
-            shift = -(alpha * sum_dy + beta * total_sign) / count
-            grad_x = channel_affine(sign, beta, shift, out=sign)
-            grad_x.addcmul_(grad, alpha.view(channel_view_shape(x.dim(), x.shape[1])))
+            if total_sign is not None:  # the fast extra: one pass
+                shift = -(alpha * sum_dy + beta * total_sign) / count
+                grad_x = kernels.input_grad(grad, x, alpha, beta, shift, sign_of=mean)
+            else:  # whole-tensor passes over one buffer (chunk by chunk, five broadcast ops per
+                # chunk measured 1.05-1.14x slower)
+                sign = channel_affine(x, None, -mean).sign_()
+                shift = -(alpha * sum_dy + beta * channel_sums(sign)) / count
+                grad_x = channel_affine(sign, beta, shift, out=sign)
+                grad_x.addcmul_(grad, alpha.view(channel_view_shape(x.dim(), x.shape[1])))
         return (
             grad_x,
             sum_dy_z / denom if need_w and weight is not None else None,
@@ -248,7 +252,10 @@ def _channel_chunks(x: Tensor) -> tuple[tuple[Tensor, ...], list[int], list[int]
 
 def _abs_deviation_sums(x: Tensor, mean: Tensor) -> Tensor:
     """Per-channel ``sum |x - mean|`` (float64), chunk by chunk through one small buffer: one read
-    of ``x``, no activation-sized scratch (but for layouts :func:`_channel_chunks` takes whole)."""
+    of ``x``, no activation-sized scratch (but for layouts :func:`_channel_chunks` takes whole);
+    with the fast extra one fused loop (:func:`normlab.functional._kernels.abs_deviation_sums`)."""
+    if kernels.usable(x):
+        return kernels.abs_deviation_sums(x, mean)
     chunks, dims, view = _channel_chunks(x)
     # float64 totals across chunks (where the device has float64)
     total = x.new_zeros(x.shape[1], dtype=x.dtype if x.device.type == "mps" else torch.float64)
@@ -297,12 +304,18 @@ def _remember(
 
 
 def _grad_sums(
-    ctx: Any, grad: Tensor, x: Tensor, mean: Tensor
-) -> tuple[Tensor, int, Tensor, Tensor]:
-    """``(grad in x's layout, values per channel, sum(dy * (x - mean)), sum(dy))`` per channel."""
+    ctx: Any, grad: Tensor, x: Tensor, mean: Tensor, signs: bool = False
+) -> tuple[Tensor, int, Tensor, Tensor, Tensor | None]:
+    """``(grad in x's layout, values per channel, sum(dy * (x - mean)), sum(dy), sum sign(x -
+    mean))`` per channel, the sums read at once; the sign sum only when ``signs`` and the fast
+    extra's loops serve ``x`` (else ``None``)."""
     grad = grad.contiguous(memory_format=channels_last_format(x) or torch.contiguous_format)
+    count = x.numel() // x.shape[1]
+    if signs and kernels.usable(x, grad):
+        sum_dy_z, sum_dy, total_sign = kernels.grad_sums(grad, x, mean, signs=True)
+        return grad, count, sum_dy_z.to(x.dtype), sum_dy.to(x.dtype), total_sign.to(x.dtype)
     sum_dy_z, sum_dy = centred_grad_sums(grad, x, mean, ctx.centred)
-    return grad, x.numel() // x.shape[1], sum_dy_z, sum_dy
+    return grad, count, sum_dy_z, sum_dy, None
 
 
 def _composite_grads(
@@ -437,7 +450,7 @@ class LinfBatchNormTrain(torch.autograd.Function):
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         if torch.is_grad_enabled():  # double backward: differentiate the composite formula
             return (*_composite_grads(ctx, x, weight, grad, "inf"), None, None, None)
-        grad, count, sum_dy_z, sum_dy = _grad_sums(ctx, grad, x, mean)
+        grad, count, sum_dy_z, sum_dy, _ = _grad_sums(ctx, grad, x, mean)
         grad_x = None
         if need_x:
             gamma = torch.ones_like(denom) if weight is None else weight

@@ -1,0 +1,413 @@
+"""Fused CPU reductions compiled by numba: the ``fast`` extra (``pip install 'normlab[fast]'``).
+
+torch's CPU kernels reach normlab's statistics in two or more passes over an activation (a row sum
+and a row norm; a group-norm backward for the two gradient sums and two more passes for the input
+gradient; broadcast ops chunk by chunk for ``sum |x - mean|`` on channels-last tensors). The loops
+here do each job in one pass over memory, and each is numerically as careful as torch's cascades:
+
+* moments by the corrected two-pass algorithm (Chan, Golub & LeVeque 1983) on cache-sized blocks
+  (a row block of ``_BLOCK`` values, or ``_BLOCK_BYTES`` of channels-last rows): the second pass
+  reads the block from L1/L2, so memory sees one read; block sums accumulate in the data's dtype
+  (vectorised), blocks are combined in float64 (Chan's rule);
+* gradient sums ``sum(dy)``, ``sum(dy * (x - mean))`` exactly centred (no cancellation however far
+  off-centre the data are), block partial sums in float64;
+* the input gradient ``a * dy + b * x + k`` per channel in one pass (read ``dy`` and ``x``, write);
+* ``sum |x - mean|`` per channel in one read.
+
+Two layouts: channels-first rows ``(N * C, L)`` (row ``r`` is channel ``r % C``) and
+channels-last rows ``(M, C)`` (channels contiguous; also plain ``(N, C)`` input). Loops run on
+``torch.get_num_threads()`` numba threads (serial code for one thread; parallel calls are
+serialised by a lock, so concurrent callers never share numba's thread pool).
+
+numba is optional: :func:`usable` is ``False`` without it (or with ``NORMLAB_NUMBA=0`` in the
+environment), and every caller keeps its torch route as the fallback. The first call of each
+kernel per dtype compiles it (~0.3-1 s; cached on disk by numba afterwards).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import numpy as _np
+import torch
+from torch import Tensor
+
+from normlab.functional._core import channels_last_format, pool_moments
+
+__all__ = [
+    "abs_deviation_sums",
+    "available",
+    "grad_sums",
+    "input_grad",
+    "moments",
+    "usable",
+]
+
+# Values per float32 partial sum along a channels-first row (the block also sits in L1 between
+# the two passes of the moments; vectorised, each lane sums ~1/16 of it). Channels-last rows are
+# summed one row after the other per channel: at most _CL_ROWS of them per partial sum (the
+# float32 error grows as sqrt(rows) * eps: ~1e-6 relative), and at most _BLOCK_BYTES per block.
+_BLOCK = 2048
+_CL_ROWS = 256
+_BLOCK_BYTES = 1 << 18
+# Below this many values the numba call's fixed cost (~5-10 us) is not worth it.
+_MIN_NUMEL = 1 << 14
+_DTYPES = (torch.float32, torch.float64)
+_LOCK = threading.Lock()
+# reassociation lets LLVM vectorise the sums; no-NaN/Inf assumptions are left out, so a NaN in
+# the data still reaches the statistics (and the callers' finiteness checks)
+_FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
+
+
+@functools.cache
+def _numba() -> Any:
+    if os.environ.get("NORMLAB_NUMBA", "1") == "0":
+        return None
+    try:
+        import numba
+    except ImportError:
+        return None
+    return numba
+
+
+def available() -> bool:
+    """Whether numba is importable and not switched off (``NORMLAB_NUMBA=0``)."""
+    return _numba() is not None
+
+
+def usable(x: Tensor, *like: Tensor | None) -> bool:
+    """Whether the kernels here serve ``x``: numba available, a CPU float32/float64 tensor of at
+    least ``_MIN_NUMEL`` values stored channels-first contiguous with spatial dims, channels-last,
+    or as a contiguous ``(N, C)`` matrix; every tensor in ``like`` (``None`` skipped: a gradient,
+    an output buffer) has ``x``'s dtype, shape and strides (the kernels read them as ``x``)."""
+    if x.device.type != "cpu" or x.dtype not in _DTYPES or x.numel() < _MIN_NUMEL:
+        return False
+    if _layout(x) is None or not available():
+        return False
+    return all(
+        t is None
+        or (
+            t.dtype == x.dtype and t.shape == x.shape and t.stride() == x.stride() and not t.is_cuda
+        )
+        for t in like
+    )
+
+
+def _layout(x: Tensor) -> str | None:
+    if x.dim() >= 3 and x.is_contiguous():
+        return "rows"
+    if (x.dim() == 2 and x.is_contiguous()) or channels_last_format(x) is not None:
+        return "cl"
+    return None
+
+
+def _rows(x: Tensor) -> Any:
+    """The numpy view the kernels read: ``(N * C, L)`` channels-first, ``(M, C)`` channels-last."""
+    x = x.detach()
+    if _layout(x) == "rows":
+        return x.view(x.shape[0] * x.shape[1], -1).numpy()
+    c = x.shape[1]
+    return x.movedim(1, -1).reshape(-1, c).numpy()  # a view: channels are the contiguous dim
+
+
+def _block_rows(c: int, itemsize: int) -> int:
+    return max(8, min(_CL_ROWS, _BLOCK_BYTES // (c * itemsize)))
+
+
+# --- the loops (plain Python; compiled on first use, serial and parallel) --------------------------
+
+
+def _rows_moments(rows: Any, block: int, mean: Any, m2: Any) -> None:  # pragma: no cover - numba
+    nrows, length = rows.shape
+    zero = _np.zeros(1, rows.dtype)[0]
+    one = _np.empty(1, rows.dtype)
+    for r in _prange(nrows):
+        count = 0.0
+        total_mean = 0.0
+        total_m2 = 0.0
+        for start in range(0, length, block):
+            # 1-D slices: LLVM vectorises loops over them (not over 2-D indexing from an offset)
+            xs = rows[r, start : min(start + block, length)]
+            n = xs.shape[0]
+            s = zero
+            for i in range(n):
+                s += xs[i]
+            one[0] = float(s) / n  # the block mean in the data's dtype
+            guess = one[0]
+            corr = zero
+            sq = zero
+            for i in range(n):
+                d = xs[i] - guess
+                corr += d
+                sq += d * d
+            b_mean = float(guess) + float(corr) / n
+            b_m2 = float(sq) - float(corr) * float(corr) / n
+            new = count + n
+            delta = b_mean - total_mean
+            total_mean += delta * n / new
+            total_m2 += b_m2 + delta * delta * count * n / new
+            count = new
+        mean[r] = total_mean
+        m2[r] = total_m2
+
+
+def _cl_moments(rows: Any, block: int, mean: Any, m2: Any) -> None:  # pragma: no cover - numba
+    nrows, c = rows.shape
+    for b in _prange(mean.shape[0]):
+        xs = rows[b * block : min(b * block + block, nrows)]
+        n = xs.shape[0]
+        s = _np.zeros(c, rows.dtype)
+        for m in range(n):
+            xm = xs[m]
+            for j in range(c):
+                s[j] += xm[j]
+        guess = _np.empty(c, rows.dtype)
+        for j in range(c):
+            guess[j] = float(s[j]) / n
+        corr = _np.zeros(c, rows.dtype)
+        sq = _np.zeros(c, rows.dtype)
+        for m in range(n):
+            xm = xs[m]
+            for j in range(c):
+                d = xm[j] - guess[j]
+                corr[j] += d
+                sq[j] += d * d
+        for j in range(c):
+            cj = float(corr[j])
+            mean[b, j] = float(guess[j]) + cj / n
+            m2[b, j] = float(sq[j]) - cj * cj / n
+
+
+def _rows_grad_sums(
+    dy: Any, x: Any, center: Any, block: int, signs: bool, sums: Any
+) -> None:  # pragma: no cover - numba
+    nrows, length = x.shape
+    c = center.shape[0]
+    zero = _np.zeros(1, x.dtype)[0]
+    for r in _prange(nrows):
+        mu = center[r % c]
+        total_dy = 0.0
+        total_dyz = 0.0
+        total_sign = 0.0
+        for start in range(0, length, block):
+            stop = min(start + block, length)
+            gs = dy[r, start:stop]
+            xs = x[r, start:stop]
+            s = zero
+            q = zero
+            t = zero
+            for i in range(gs.shape[0]):
+                g = gs[i]
+                z = xs[i] - mu
+                s += g
+                q += g * z
+                if signs:  # loop-invariant: LLVM unswitches it
+                    t += _np.sign(z)
+            total_dy += float(s)
+            total_dyz += float(q)
+            total_sign += float(t)
+        sums[0, r] = total_dy
+        sums[1, r] = total_dyz
+        sums[2, r] = total_sign
+
+
+def _cl_grad_sums(
+    dy: Any, x: Any, center: Any, block: int, signs: bool, sums: Any
+) -> None:  # pragma: no cover - numba
+    nrows, c = x.shape
+    for b in _prange(sums.shape[1]):
+        stop = min(b * block + block, nrows)
+        gs = dy[b * block : stop]
+        xs = x[b * block : stop]
+        s = _np.zeros(c, x.dtype)
+        q = _np.zeros(c, x.dtype)
+        t = _np.zeros(c, x.dtype)
+        for m in range(gs.shape[0]):
+            gm = gs[m]
+            xm = xs[m]
+            for j in range(c):
+                g = gm[j]
+                z = xm[j] - center[j]
+                s[j] += g
+                q[j] += g * z
+                if signs:
+                    t[j] += _np.sign(z)
+        for j in range(c):
+            sums[0, b, j] = s[j]
+            sums[1, b, j] = q[j]
+            sums[2, b, j] = t[j]
+
+
+def _rows_input_grad(
+    dy: Any, x: Any, center: Any, signs: bool, a: Any, b: Any, k: Any, out: Any
+) -> None:  # pragma: no cover - numba
+    nrows = x.shape[0]
+    c = a.shape[0]
+    for r in _prange(nrows):
+        mu = center[r % c]
+        ar = a[r % c]
+        br = b[r % c]
+        kr = k[r % c]
+        gs = dy[r]
+        xs = x[r]
+        os = out[r]
+        if signs:
+            for i in range(xs.shape[0]):
+                os[i] = ar * gs[i] + br * _np.sign(xs[i] - mu) + kr
+        else:
+            for i in range(xs.shape[0]):
+                os[i] = ar * gs[i] + br * xs[i] + kr
+
+
+def _cl_input_grad(
+    dy: Any, x: Any, center: Any, signs: bool, a: Any, b: Any, k: Any, out: Any
+) -> None:  # pragma: no cover - numba
+    nrows, c = x.shape
+    for m in _prange(nrows):
+        gm = dy[m]
+        xm = x[m]
+        om = out[m]
+        if signs:
+            for j in range(c):
+                om[j] = a[j] * gm[j] + b[j] * _np.sign(xm[j] - center[j]) + k[j]
+        else:
+            for j in range(c):
+                om[j] = a[j] * gm[j] + b[j] * xm[j] + k[j]
+
+
+def _rows_abs_dev(x: Any, center: Any, block: int, out: Any) -> None:  # pragma: no cover - numba
+    nrows, length = x.shape
+    c = center.shape[0]
+    zero = _np.zeros(1, x.dtype)[0]
+    for r in _prange(nrows):
+        mu = center[r % c]
+        total = 0.0
+        for start in range(0, length, block):
+            xs = x[r, start : min(start + block, length)]
+            s = zero
+            for i in range(xs.shape[0]):
+                s += abs(xs[i] - mu)
+            total += float(s)
+        out[r] = total
+
+
+def _cl_abs_dev(x: Any, center: Any, block: int, out: Any) -> None:  # pragma: no cover - numba
+    nrows, c = x.shape
+    for b in _prange(out.shape[0]):
+        xs = x[b * block : min(b * block + block, nrows)]
+        s = _np.zeros(c, x.dtype)
+        for m in range(xs.shape[0]):
+            xm = xs[m]
+            for j in range(c):
+                s[j] += abs(xm[j] - center[j])
+        for j in range(c):
+            out[b, j] = s[j]
+
+
+# numba.prange once numba is imported (a name the loops resolve at compile time)
+_prange: Callable[..., Any] = range
+
+
+@functools.cache
+def _compiled(name: str, parallel: bool) -> Any:
+    global _prange
+    numba = _numba()
+    _prange = numba.prange
+    return numba.njit(
+        globals()[name], parallel=parallel, fastmath=_FASTMATH, cache=True, nogil=True
+    )
+
+
+def _call(name: str, *args: Any) -> None:
+    numba = _numba()
+    threads = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
+    if threads <= 1:
+        _compiled(name, False)(*args)
+        return
+    with _LOCK:
+        numba.set_num_threads(threads)
+        _compiled(name, True)(*args)
+
+
+def _channel_vector(t: Tensor, x: Tensor) -> Any:
+    return t.detach().to(x.dtype).contiguous().numpy()
+
+
+# --- what the layers call -------------------------------------------------------------------------
+
+
+def moments(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel batch mean and biased variance of ``x`` (all dims but 1), float64, from one
+    read of memory (requires :func:`usable`)."""
+    rows = _rows(x)
+    n, c = x.shape[0], x.shape[1]
+    if _layout(x) == "rows":
+        mean = torch.empty(n * c, dtype=torch.float64)
+        m2 = torch.empty_like(mean)
+        _call("_rows_moments", rows, _BLOCK, mean.numpy(), m2.numpy())
+        length = rows.shape[1]
+        return pool_moments(mean.view(n, c), m2.view(n, c) / length, 0)
+    block = _block_rows(c, x.element_size())
+    nblocks = -(-rows.shape[0] // block)
+    mean = torch.empty(nblocks, c, dtype=torch.float64)
+    m2 = torch.empty_like(mean)
+    _call("_cl_moments", rows, block, mean.numpy(), m2.numpy())
+    counts = torch.full((nblocks, 1), float(block), dtype=torch.float64)
+    counts[-1] = rows.shape[0] - block * (nblocks - 1)
+    return pool_moments(mean, m2 / counts, 0, counts)
+
+
+def grad_sums(grad_out: Tensor, x: Tensor, mean: Tensor, signs: bool = False) -> tuple[Tensor, ...]:
+    """``(sum(dy * (x - mean)), sum(dy))`` per channel, float64, exactly centred, in one read of
+    ``dy`` and ``x`` (both of ``x``'s layout; requires :func:`usable`); with ``signs`` also
+    ``sum sign(x - mean)`` (L1 batch norm's backward) in the same read."""
+    dy, rows = _rows(grad_out), _rows(x)
+    center = _channel_vector(mean, x)
+    if _layout(x) == "rows":
+        sums = torch.zeros(3, rows.shape[0], dtype=torch.float64)
+        _call("_rows_grad_sums", dy, rows, center, _BLOCK, signs, sums.numpy())
+    else:
+        block = _block_rows(x.shape[1], x.element_size())
+        sums = torch.zeros(3, -(-rows.shape[0] // block), x.shape[1], dtype=torch.float64)
+        _call("_cl_grad_sums", dy, rows, center, block, signs, sums.numpy())
+    total = sums.view(3, -1, x.shape[1]).sum(1)
+    return (total[1], total[0], total[2]) if signs else (total[1], total[0])
+
+
+def input_grad(
+    grad_out: Tensor,
+    x: Tensor,
+    a: Tensor,
+    b: Tensor,
+    k: Tensor,
+    out: Tensor | None = None,
+    sign_of: Tensor | None = None,
+) -> Tensor:
+    """``a * dy + b * x + k`` with per-channel ``a``, ``b``, ``k`` -- or, given ``sign_of`` (the
+    per-channel mean), ``a * dy + b * sign(x - mean) + k`` -- written in one pass into ``out`` (a
+    new tensor of ``x``'s layout by default; requires :func:`usable`)."""
+    out = torch.empty_like(x) if out is None else out
+    center = _channel_vector(a if sign_of is None else sign_of, x)
+    vectors = [_channel_vector(t, x) for t in (a, b, k)]
+    name = "_rows_input_grad" if _layout(x) == "rows" else "_cl_input_grad"
+    _call(name, _rows(grad_out), _rows(x), center, sign_of is not None, *vectors, _rows(out))
+    return out
+
+
+def abs_deviation_sums(x: Tensor, mean: Tensor) -> Tensor:
+    """``sum |x - mean|`` per channel, float64, one read (requires :func:`usable`)."""
+    rows = _rows(x)
+    center = _channel_vector(mean, x)
+    c = x.shape[1]
+    if _layout(x) == "rows":
+        out = torch.empty(rows.shape[0], dtype=torch.float64)
+        _call("_rows_abs_dev", rows, center, _BLOCK, out.numpy())
+    else:
+        block = _block_rows(c, x.element_size())
+        out = torch.empty(-(-rows.shape[0] // block), c, dtype=torch.float64)
+        _call("_cl_abs_dev", rows, center, block, out.numpy())
+    return out.view(-1, c).sum(0)

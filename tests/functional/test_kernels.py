@@ -1,0 +1,276 @@
+"""The fast extra's numba loops (functional/_kernels.py) against float64 oracles, and the layers'
+routes through them. Skipped without numba (the torch routes are tested in test_fast.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import normlab.functional as NF
+from normlab.functional import _fast, lp_norm
+from normlab.functional import _kernels as kernels
+
+pytest.importorskip("numba")
+if not kernels.available():  # NORMLAB_NUMBA=0 in the environment
+    pytest.skip("numba switched off", allow_module_level=True)
+
+# layouts the loops read: channels-first rows (one block, several blocks with a remainder),
+# channels-last 4-D / 5-D, and an (N, C) matrix over several row blocks with a remainder
+LAYOUTS = {
+    "nchw": ((8, 5, 33, 31), None),
+    "long-rows": ((2, 3, 3 * kernels._BLOCK + 7), None),
+    "nhwc": ((8, 5, 33, 31), torch.channels_last),
+    "ndhwc": ((4, 6, 9, 10, 11), torch.channels_last_3d),
+    "nc": ((3 * kernels._block_rows(40, 4) + 5, 40), None),
+}
+OFFSETS = (0.0, 1e4)  # centred, and far off-centre (exactly centred loops: no cancellation)
+
+
+def _data(layout: str, offset: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 ``(x, dy)`` of the layout, channels of different scale and ``offset`` std off
+    zero."""
+    shape, fmt = LAYOUTS[layout]
+    g = torch.Generator().manual_seed(seed)
+    scale = torch.rand(shape[1], generator=g, dtype=torch.float64) * 3 + 0.1
+    view = (1, -1, *([1] * (len(shape) - 2)))
+    x = torch.randn(shape, generator=g, dtype=torch.float64) * scale.view(view)
+    x = x + offset * scale.view(view)
+    dy = torch.randn(shape, generator=g, dtype=torch.float64)
+    if fmt is not None:
+        x, dy = x.contiguous(memory_format=fmt), dy.contiguous(memory_format=fmt)
+    return x.float(), dy.float()
+
+
+def _dims(x: torch.Tensor) -> list[int]:
+    return [0, *range(2, x.dim())]
+
+
+def _view(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return t.view(1, -1, *([1] * (x.dim() - 2)))
+
+
+# float32 partial sums of at most 256 values per accumulator (blocks combined in float64): random
+# rounding ~ sqrt(256) * eps = 1e-6 relative to the sum of |terms|; twice that as the bound
+F32_REL = 2e-6
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("offset", OFFSETS)
+def test_moments_against_float64(layout: str, offset: float) -> None:
+    """Mean and biased variance of the float32 data against float64 of the same values; the
+    corrected two-pass blocks keep the variance accurate however far off-centre."""
+    x, _ = _data(layout, offset)
+    assert kernels.usable(x)
+    ref = x.double()
+    mean, var = kernels.moments(x)
+    ref_var = ref.var(_dims(x), unbiased=False)
+    assert mean.dtype == var.dtype == torch.float64
+    torch.testing.assert_close(
+        mean, ref.mean(_dims(x)), rtol=1e-7, atol=1e-6 * ref_var.sqrt().max()
+    )
+    assert (var / ref_var - 1).abs().max().item() <= F32_REL
+    _m64, v64 = kernels.moments(ref)  # float64 data: float64 all the way
+    torch.testing.assert_close(v64, ref_var, rtol=1e-10, atol=0)
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("offset", OFFSETS)
+def test_gradient_sums_and_input_gradient_against_float64(layout: str, offset: float) -> None:
+    x, dy = _data(layout, offset)
+    ref, gref = x.double(), dy.double()
+    mean = ref.mean(_dims(x))
+    mu = mean.float().double()  # the centre the kernel sees
+    dz, d, signs = kernels.grad_sums(dy, x, mean, signs=True)
+    z = ref - _view(x, mu)
+    for got, want in ((dz, (gref * z).sum(_dims(x))), (d, gref.sum(_dims(x)))):
+        assert (got - want).abs().max() <= F32_REL * (gref.abs() * z.abs()).sum(_dims(x)).max()
+    torch.testing.assert_close(signs, z.sign().sum(_dims(x)), rtol=0, atol=0)
+    assert kernels.grad_sums(dy, x, mean)[1].equal(d)
+    g = torch.Generator().manual_seed(1)
+    a, b, k = torch.randn(3, x.shape[1], generator=g, dtype=torch.float64)
+    out = kernels.input_grad(dy, x, a, b, k)
+    assert out.stride() == x.stride()
+    want = _view(x, a) * gref + _view(x, b) * ref + _view(x, k)
+    scale = (_view(x, a.abs()) * gref.abs() + _view(x, b.abs()) * ref.abs()).max()
+    assert (out.double() - want).abs().max() <= 4e-7 * scale + 1e-6
+    signed = kernels.input_grad(dy, x, a, b, k, sign_of=mean)
+    want = _view(x, a) * gref + _view(x, b) * z.sign() + _view(x, k)
+    assert (signed.double() - want).abs().max() <= 4e-7 * (scale + 1)
+    dev = kernels.abs_deviation_sums(x, mean)
+    want = z.abs().sum(_dims(x))
+    assert ((dev - want).abs() / want).max() <= F32_REL
+
+
+def test_two_threads_match_one() -> None:
+    """The parallel loops (prange over rows / row blocks) give the serial results: each row or
+    block is summed the same way on either."""
+    before = torch.get_num_threads()
+    for layout in ("nchw", "nhwc"):
+        x, dy = _data(layout, 0.5)
+        mean = x.double().mean(_dims(x))
+        try:
+            torch.set_num_threads(1)
+            one = (*kernels.moments(x), *kernels.grad_sums(dy, x, mean, signs=True))
+            torch.set_num_threads(2)
+            two = (*kernels.moments(x), *kernels.grad_sums(dy, x, mean, signs=True))
+        finally:
+            torch.set_num_threads(before)
+        for a, b in zip(one, two, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_usable_only_for_layouts_the_loops_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    x, dy = _data("nchw", 0.0)
+    assert kernels.usable(x, dy, None)
+    assert not kernels.usable(x, dy.contiguous(memory_format=torch.channels_last))
+    assert not kernels.usable(x, dy.double())
+    assert not kernels.usable(x.half())
+    assert not kernels.usable(x[:, :, ::2])  # strided
+    assert not kernels.usable(x[:1, :1, :4])  # too small to pay off
+    monkeypatch.setenv("NORMLAB_NUMBA", "0")
+    kernels._numba.cache_clear()
+    try:
+        assert not kernels.available()
+        assert not kernels.usable(x)
+    finally:
+        monkeypatch.delenv("NORMLAB_NUMBA")
+        kernels._numba.cache_clear()
+    assert kernels.available()
+
+
+def test_non_finite_data_reach_the_statistics() -> None:
+    """No fast-math assumption drops a NaN/Inf: the batch statistics come out non-finite (and the
+    layers' finiteness policy takes over)."""
+    x, _ = _data("nchw", 0.0)
+    x[3, 2, 4, 5] = float("nan")
+    x[1, 4, 0, 0] = float("inf")
+    mean, var = _fast._batch_moments(x)
+    assert mean[2].isnan()
+    assert var[2].isnan()
+    assert not var[4].isfinite()
+    assert var[[0, 1, 3]].isfinite().all()
+
+
+def _outputs_and_grads(
+    fn: Callable[..., torch.Tensor],
+    dtype: torch.dtype,
+    x32: torch.Tensor,
+    w32: torch.Tensor,
+    dy32: torch.Tensor,
+) -> tuple[torch.Tensor, ...]:
+    """``fn(x, w, b)`` and its gradients wrt ``x``, ``w`` and a zero ``b`` at ``dy``, in
+    ``dtype``."""
+    x = x32.to(dtype).requires_grad_()
+    w = w32.to(dtype).requires_grad_()
+    b = torch.zeros_like(w, requires_grad=True)
+    y = fn(x, w, b)
+    return (y, *torch.autograd.grad(y, (x, w, b), dy32.to(dtype)))
+
+
+class _Spy:
+    """Records which kernels ran."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, *names: str) -> None:
+        self.calls: list[str] = []
+        for name in names:
+            original = getattr(kernels, name)
+            monkeypatch.setattr(kernels, name, self._wrap(name, original))
+
+    def _wrap(self, name: str, fn: Callable[..., object]) -> Callable[..., object]:
+        def run(*args: object, **kwargs: object) -> object:
+            self.calls.append(name)
+            return fn(*args, **kwargs)
+
+        return run
+
+
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+@pytest.mark.parametrize("offset", [0.0, 1e3])
+def test_batch_norm_through_the_loops(
+    monkeypatch: pytest.MonkeyPatch, layout: str, offset: float
+) -> None:
+    """Training-mode batch norm, forward and backward, against torch's in float64 on the same
+    float32 input: as accurate as torch's own float32 result (factor 4), far off-centre too
+    (channels-first through the loops; channels-last on torch's kernels with given moments)."""
+    monkeypatch.setattr(_fast, "_MIN_NUMEL", 1 << 15)
+    monkeypatch.setattr(_fast, "_MIN_ROW", 16)
+    spy = _Spy(monkeypatch, "moments", "grad_sums", "input_grad")
+    x32, dy32 = _data(layout, offset)
+    w32 = torch.rand(x32.shape[1]) + 0.5
+
+    def run(fn: Callable[..., torch.Tensor], dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        return _outputs_and_grads(fn, dtype, x32, w32, dy32)
+
+    def batch_norm(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        if layout == "nchw":
+            return NF.batch_norm(x, None, None, w, b, training=True)
+        # channels-last batch norm is torch's kernel; batch renorm's route (statistics first)
+        # normalizes with BatchNormTrain
+        moments = _fast.batch_moments(x)
+        return _fast.BatchNormTrain.apply(x, w, b, 1e-5, *moments)[0]  # type: ignore[no-untyped-call]
+
+    ours = run(batch_norm, torch.float32)
+    # channels-last: torch's kernels, as fast as the loops there (see _fast._loops)
+    assert spy.calls == ([] if layout == "nhwc" else ["moments", "grad_sums", "input_grad"])
+    theirs = run(lambda x, w, b: F.batch_norm(x, None, None, w, b, True), torch.float32)
+    oracle = run(lambda x, w, b: F.batch_norm(x, None, None, w, b, True), torch.float64)
+    assert ours[0].stride() == x32.stride()
+    assert ours[1].stride() == x32.stride()
+    for o, t, r in zip(ours, theirs, oracle, strict=True):
+        err = (o.double() - r).norm() / r.norm()
+        assert err <= 4 * (t.double() - r).norm() / r.norm() + 1e-6, err
+
+
+@pytest.mark.parametrize("layout", ["nchw", "nhwc", "nc"])
+def test_l1_batch_norm_through_the_loops(monkeypatch: pytest.MonkeyPatch, layout: str) -> None:
+    """The fused L1 function with the loops (absolute deviations, three gradient sums in one read,
+    the input gradient in one pass) against autograd through the composite formula in float64."""
+    spy = _Spy(monkeypatch, "abs_deviation_sums", "grad_sums", "input_grad")
+    x32, dy32 = _data(layout, 0.3)
+    w32 = torch.rand(x32.shape[1]) + 0.5
+    c = lp_norm.L1_CONSTANT
+
+    def composite(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        mu = x.mean(_dims(x))
+        dev = (x - _view(x, mu)).abs().mean(_dims(x))
+        return (x - _view(x, mu)) / _view(x, c * dev + 1e-5) * _view(x, w) + _view(x, b)
+
+    def fused(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return lp_norm.L1BatchNormTrain.apply(x, w, b, 1e-5, c)[0]  # type: ignore[no-untyped-call]
+
+    def run(fn: Callable[..., torch.Tensor], dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        return _outputs_and_grads(fn, dtype, x32, w32, dy32)
+
+    ours = run(fused, torch.float32)
+    assert spy.calls == ["abs_deviation_sums", "grad_sums", "input_grad"]
+    oracle = run(composite, torch.float64)
+    for o, r in zip(ours, oracle, strict=True):
+        assert ((o.double() - r).norm() / r.norm()).item() <= 1e-5
+
+
+def test_gradcheck_through_the_loops(monkeypatch: pytest.MonkeyPatch) -> None:
+    """float64 gradcheck of batch norm and L1 batch norm with every loop in the path."""
+    monkeypatch.setattr(kernels, "_MIN_NUMEL", 0)
+    monkeypatch.setattr(_fast, "_MIN_NUMEL", 0)
+    monkeypatch.setattr(_fast, "_MIN_ROW", 2)
+    spy = _Spy(monkeypatch, "moments", "grad_sums", "input_grad")
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(4, 3, 5, 2, generator=g, dtype=torch.float64).requires_grad_()
+    w = (torch.rand(3, generator=g, dtype=torch.float64) + 0.5).requires_grad_()
+    b = torch.randn(3, generator=g, dtype=torch.float64).requires_grad_()
+
+    def bn(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return NF.batch_norm(x, None, None, w, b, training=True)
+
+    def l1(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return lp_norm.L1BatchNormTrain.apply(x, w, b, 1e-5, 1.0)[0]  # type: ignore[no-untyped-call]
+
+    for fn in (bn, l1):
+        assert torch.autograd.gradcheck(fn, (x, w, b))
+        assert torch.autograd.gradcheck(
+            fn, (x.detach().contiguous(memory_format=torch.channels_last).requires_grad_(), w, b)
+        )
+    assert {"moments", "grad_sums", "input_grad"} <= set(spy.calls)
