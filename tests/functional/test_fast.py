@@ -32,11 +32,21 @@ def fast_for_big(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(_fast, "_MIN_ROW", 16)
 
 
-@pytest.fixture
-def torch_routes(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The routes through torch's kernels, as without the fast extra (numba's fused loops, which
-    would serve these inputs, are tested in test_kernels.py)."""
-    monkeypatch.setattr(kernels, "usable", lambda *_: False)
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Every test runs on torch's routes (as without the fast extra) and, where numba is there,
+    through the fast extra's loops; tests marked ``torch_routes`` pin a torch route and run once."""
+    pinned = metafunc.definition.get_closest_marker("torch_routes") is not None
+    loops = kernels.available() and not pinned
+    metafunc.parametrize("loops", ["torch", "loops"] if loops else ["torch"], indirect=True)
+
+
+@pytest.fixture(autouse=True)
+def loops(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """``torch``: the loops switched off; ``loops``: as installed (numba's loops serve the inputs
+    they can; their own oracles are in test_kernels.py)."""
+    if request.param == "torch":
+        monkeypatch.setattr(kernels, "usable", lambda *_: False)
+    return str(request.param)
 
 
 @pytest.fixture
@@ -170,7 +180,7 @@ def test_torch_func_transforms_fall_back_to_the_native_op() -> None:
 
 
 @pytest.mark.parametrize(("offset", "fast"), [(0.0, True), (10.0, True), (1e3, False)])
-@pytest.mark.usefixtures("torch_routes")
+@pytest.mark.torch_routes
 def test_backward_is_accurate_on_both_routes(
     monkeypatch: pytest.MonkeyPatch, offset: float, fast: bool
 ) -> None:
@@ -202,7 +212,7 @@ def test_backward_is_accurate_on_both_routes(
     ("offset", "route"),
     [(0.0, "sums"), (1.5, "sums"), (2.5, "rows"), (7.0, "rows"), (1e4, "torch")],
 )
-@pytest.mark.usefixtures("torch_routes")
+@pytest.mark.torch_routes
 def test_batch_statistics_are_as_accurate_as_torchs_on_every_route(
     monkeypatch: pytest.MonkeyPatch, offset: float, route: str
 ) -> None:
@@ -236,7 +246,7 @@ def test_batch_statistics_are_as_accurate_as_torchs_on_every_route(
 
 
 @pytest.mark.parametrize(("shape", "route"), [((1, 2, 1024, 1024), "sums"), ((8, 4, 4099), "rows")])
-@pytest.mark.usefixtures("torch_routes")
+@pytest.mark.torch_routes
 def test_batch_statistics_of_long_rows(
     monkeypatch: pytest.MonkeyPatch, shape: tuple[int, ...], route: str
 ) -> None:

@@ -3,6 +3,9 @@ routes through them. Skipped without numba (the torch routes are tested in test_
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Callable
 
 import pytest
@@ -42,6 +45,14 @@ def _data(layout: str, offset: float, seed: int = 0) -> tuple[torch.Tensor, torc
     if fmt is not None:
         x, dy = x.contiguous(memory_format=fmt), dy.contiguous(memory_format=fmt)
     return x.float(), dy.float()
+
+
+def _layout_format(x: torch.Tensor) -> torch.memory_format:
+    for fmt in (torch.channels_last, torch.channels_last_3d):
+        rank = 4 if fmt == torch.channels_last else 5
+        if x.dim() == rank and not x.is_contiguous() and x.is_contiguous(memory_format=fmt):
+            return fmt
+    return torch.contiguous_format
 
 
 def _dims(x: torch.Tensor) -> list[int]:
@@ -91,14 +102,23 @@ def test_gradient_sums_and_input_gradient_against_float64(layout: str, offset: f
     assert kernels.grad_sums(dy, x, mean)[1].equal(d)
     g = torch.Generator().manual_seed(1)
     a, b, k = torch.randn(3, x.shape[1], generator=g, dtype=torch.float64)
-    out = kernels.input_grad(dy, x, a, b, k)
+    out = kernels.input_grad(dy, x, mean, a, b, k)
     assert out.stride() == x.stride()
-    want = _view(x, a) * gref + _view(x, b) * ref + _view(x, k)
-    scale = (_view(x, a.abs()) * gref.abs() + _view(x, b.abs()) * ref.abs()).max()
-    assert (out.double() - want).abs().max() <= 4e-7 * scale + 1e-6
-    signed = kernels.input_grad(dy, x, a, b, k, sign_of=mean)
+    # centred: the error scales with |x - mean|, not |x| (a few float32 ulps of each term)
+    want = _view(x, a) * gref + _view(x, b) * z + _view(x, k)
+    scale = (_view(x, a.abs()) * gref.abs() + _view(x, b.abs()) * z.abs() + _view(x, k.abs())).max()
+    assert (out.double() - want).abs().max() <= 4e-7 * scale
+    signed = kernels.input_grad(dy, x, mean, a, b, k, signs=True)
     want = _view(x, a) * gref + _view(x, b) * z.sign() + _view(x, k)
     assert (signed.double() - want).abs().max() <= 4e-7 * (scale + 1)
+    # into a slice of a bigger output along the batch (ghost batch norm's per-group route)
+    whole = torch.full((2 * x.shape[0], *x.shape[1:]), float("nan"))
+    whole = whole.contiguous(memory_format=_layout_format(x))
+    half = whole[: x.shape[0]]
+    if kernels.usable(x, dy, half):
+        kernels.input_grad(dy, x, mean, a, b, k, out=half)
+        torch.testing.assert_close(half, out, rtol=0, atol=0)
+        assert whole[x.shape[0] :].isnan().all()  # nothing written past the slice
     dev = kernels.abs_deviation_sums(x, mean)
     want = z.abs().sum(_dims(x))
     assert ((dev - want).abs() / want).max() <= F32_REL
@@ -141,17 +161,81 @@ def test_usable_only_for_layouts_the_loops_read(monkeypatch: pytest.MonkeyPatch)
     assert kernels.available()
 
 
-def test_non_finite_data_reach_the_statistics() -> None:
-    """No fast-math assumption drops a NaN/Inf: the batch statistics come out non-finite (and the
-    layers' finiteness policy takes over)."""
-    x, _ = _data("nchw", 0.0)
-    x[3, 2, 4, 5] = float("nan")
-    x[1, 4, 0, 0] = float("inf")
-    mean, var = _fast._batch_moments(x)
-    assert mean[2].isnan()
-    assert var[2].isnan()
-    assert not var[4].isfinite()
-    assert var[[0, 1, 3]].isfinite().all()
+@pytest.mark.parametrize("layout", ["nchw", "nhwc", "nc"])
+def test_non_finite_data_reach_every_sum(layout: str) -> None:
+    """No fast-math assumption drops a NaN/Inf: in the loops' own results the channel holding it
+    comes out non-finite, the others stay finite (the layers' finiteness policy takes over)."""
+    x, dy = _data(layout, 0.0)
+    x[3, 2].view(-1)[0] = float("nan")
+    x[1, 4].view(-1)[0] = float("inf")
+    mean = torch.zeros(x.shape[1], dtype=torch.float64)
+    var = kernels.moments(x)[1]
+    dz, _, signs = kernels.grad_sums(dy, x, mean, signs=True)
+    dev = kernels.abs_deviation_sums(x, mean)
+    for t in (var, dz, dev):
+        assert t[2].isnan()
+        assert not t[4].isfinite()
+        assert t[[0, 1, 3]].isfinite().all()
+    assert signs[[0, 1, 3, 4]].isfinite().all()  # sign(inf) = 1; sign(nan) is nan
+    if layout == "nchw":  # and the layers' route, which then asks torch's kernel
+        assert not _fast._batch_moments(x)[1][2].isfinite()
+
+
+def test_float64_far_off_centre_stays_exact() -> None:
+    """float64 data 1e8 std off-centre: the centred sums keep ~1e-8 relative accuracy (float64
+    rounding of values near 1e8, in the oracle too) where sums of raw values would lose every
+    digit (1e16 * 2e-16 ~ 1)."""
+    x, dy = (t.double() for t in _data("nchw", 0.0))
+    x = x + 1e8
+    ref = x.double()
+    mean = ref.mean(_dims(x))
+    dz, _ = kernels.grad_sums(dy, x, mean)
+    want = (dy * (x - _view(x, mean))).sum(_dims(x))
+    torch.testing.assert_close(dz, want, rtol=1e-7, atol=1e-7 * want.abs().max().item())
+    torch.testing.assert_close(
+        kernels.moments(x)[1], ref.var(_dims(x), unbiased=False), rtol=1e-7, atol=0
+    )
+
+
+def test_batched_backward_falls_back() -> None:
+    """``is_grads_batched`` runs the backward under vmap (batched tensors the loops cannot read):
+    the layers take torch's routes there, with the same result as one backward per vector."""
+    layer = NF.batch_norm
+    x = torch.randn(8, 16, 64, 64, requires_grad=True)
+    assert _fast.use_fast_batch_stats(x)  # BatchNormTrain, whose backward asks for the loops
+    y = layer(x, None, None, training=True)
+    vectors = torch.randn(2, *x.shape)
+    batched = torch.autograd.grad(y, x, vectors, is_grads_batched=True, retain_graph=True)[0]
+    for i in range(2):
+        one = torch.autograd.grad(y, x, vectors[i], retain_graph=True)[0]
+        torch.testing.assert_close(batched[i], one, rtol=1e-4, atol=1e-5)
+
+
+def test_serial_code_is_never_the_parallel_codes_cache(tmp_path: pytest.TempPathFactory) -> None:
+    """numba's cache key ignores ``parallel``: only the serial loops are cached, so a process
+    that ran the parallel loops first (two threads) and then one thread runs serial machine code
+    -- in a fresh process with a fresh cache, and again with the cache warm."""
+    script = (
+        "import torch, numba\n"
+        "from normlab.functional import _kernels as k\n"
+        "x = torch.randn(64, 64, 8, 8)\n"
+        "torch.set_num_threads(2); k.moments(x)\n"
+        "torch.set_num_threads(1); k.moments(x)\n"
+        "serial = k._compiled('_rows_moments', False)\n"
+        "parallel = k._compiled('_rows_moments', True)\n"
+        "hits = lambda d: sum(d.stats.cache_hits.values())\n"
+        "print(hits(serial), hits(parallel))\n"
+    )
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path), "NUMBA_NUM_THREADS": "2"}
+    runs = [
+        subprocess.run(
+            [sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True
+        ).stdout.split()
+        for _ in range(2)
+    ]
+    # cold: nothing loaded (the serial loop does not load the parallel one's code); warm: the
+    # serial loop loads its own, the parallel one is never cached
+    assert runs == [["0", "0"], ["1", "0"]]
 
 
 def _outputs_and_grads(

@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as _np
 import torch
+import torch.autograd.forward_ad as forward_ad
 from torch import Tensor
 
 from normlab.functional._core import channels_last_format, pool_moments
@@ -83,18 +84,37 @@ def usable(x: Tensor, *like: Tensor | None) -> bool:
     """Whether the kernels here serve ``x``: numba available, a CPU float32/float64 tensor of at
     least ``_MIN_NUMEL`` values stored channels-first contiguous with spatial dims, channels-last,
     or as a contiguous ``(N, C)`` matrix; every tensor in ``like`` (``None`` skipped: a gradient,
-    an output buffer) has ``x``'s dtype, shape and strides (the kernels read them as ``x``)."""
+    an output buffer) has ``x``'s dtype, shape and strides (the kernels read them as ``x``); not
+    under ``torch.compile``, ``torch.func`` transforms (e.g. a vmap'd backward) or forward AD."""
     if x.device.type != "cpu" or x.dtype not in _DTYPES or x.numel() < _MIN_NUMEL:
         return False
     if _layout(x) is None or not available():
         return False
+    if (
+        torch.compiler.is_compiling()
+        or torch._C._are_functorch_transforms_active()
+        or forward_ad._current_level >= 0
+    ):
+        return False
     return all(
         t is None
         or (
-            t.dtype == x.dtype and t.shape == x.shape and t.stride() == x.stride() and not t.is_cuda
+            t.dtype == x.dtype
+            and t.shape == x.shape
+            and t.stride() == x.stride()
+            and not _batched(t)
         )
-        for t in like
+        for t in (x, *like)
     )
+
+
+def _batched(t: Tensor) -> bool:
+    """A functorch-wrapped or (legacy) batched tensor, which has no memory the loops could read:
+    ``autograd.grad(..., is_grads_batched=True)`` hands one to the backward while no transform
+    is active in that frame."""
+    functorch = torch._C._functorch
+    legacy = getattr(functorch, "is_legacy_batchedtensor", None)
+    return bool(functorch.is_functorch_wrapped_tensor(t) or (legacy is not None and legacy(t)))
 
 
 def _layout(x: Tensor) -> str | None:
@@ -121,10 +141,11 @@ def _block_rows(c: int, itemsize: int) -> int:
 # --- the loops (plain Python; compiled on first use, serial and parallel) --------------------------
 
 
-def _rows_moments(rows: Any, block: int, mean: Any, m2: Any) -> None:  # pragma: no cover - numba
+def _rows_moments(
+    rows: Any, block: int, shifts: Any, mean: Any, m2: Any
+) -> None:  # pragma: no cover - numba
     nrows, length = rows.shape
     zero = _np.zeros(1, rows.dtype)[0]
-    one = _np.empty(1, rows.dtype)
     for r in _prange(nrows):
         count = 0.0
         total_mean = 0.0
@@ -136,8 +157,8 @@ def _rows_moments(rows: Any, block: int, mean: Any, m2: Any) -> None:  # pragma:
             s = zero
             for i in range(n):
                 s += xs[i]
-            one[0] = float(s) / n  # the block mean in the data's dtype
-            guess = one[0]
+            shifts[r] = float(s) / n  # the block mean in the data's dtype (row r's own slot)
+            guess = shifts[r]
             corr = zero
             sq = zero
             for i in range(n):
@@ -260,7 +281,7 @@ def _rows_input_grad(
                 os[i] = ar * gs[i] + br * _np.sign(xs[i] - mu) + kr
         else:
             for i in range(xs.shape[0]):
-                os[i] = ar * gs[i] + br * xs[i] + kr
+                os[i] = ar * gs[i] + br * (xs[i] - mu) + kr
 
 
 def _cl_input_grad(
@@ -276,7 +297,7 @@ def _cl_input_grad(
                 om[j] = a[j] * gm[j] + b[j] * _np.sign(xm[j] - center[j]) + k[j]
         else:
             for j in range(c):
-                om[j] = a[j] * gm[j] + b[j] * xm[j] + k[j]
+                om[j] = a[j] * gm[j] + b[j] * (xm[j] - center[j]) + k[j]
 
 
 def _rows_abs_dev(x: Any, center: Any, block: int, out: Any) -> None:  # pragma: no cover - numba
@@ -314,12 +335,18 @@ _prange: Callable[..., Any] = range
 
 @functools.cache
 def _compiled(name: str, parallel: bool) -> Any:
+    """The loop ``name`` compiled serial or parallel. Only the serial code is cached on disk:
+    numba's cache key (signature, bytecode, closure) ignores ``parallel``, so with both cached one
+    would load the other's machine code (a "serial" call starting numba's thread pool). Where no
+    cache directory is writable (a read-only install) the loops are compiled in every process."""
     global _prange
     numba = _numba()
     _prange = numba.prange
-    return numba.njit(
-        globals()[name], parallel=parallel, fastmath=_FASTMATH, cache=True, nogil=True
-    )
+    options = {"parallel": parallel, "fastmath": _FASTMATH, "nogil": True}
+    try:
+        return numba.njit(globals()[name], cache=not parallel, **options)
+    except RuntimeError:  # numba: "cannot cache function ...: no locator available"
+        return numba.njit(globals()[name], cache=False, **options)
 
 
 def _call(name: str, *args: Any) -> None:
@@ -348,7 +375,8 @@ def moments(x: Tensor) -> tuple[Tensor, Tensor]:
     if _layout(x) == "rows":
         mean = torch.empty(n * c, dtype=torch.float64)
         m2 = torch.empty_like(mean)
-        _call("_rows_moments", rows, _BLOCK, mean.numpy(), m2.numpy())
+        shifts = torch.empty(n * c, dtype=x.dtype).numpy()
+        _call("_rows_moments", rows, _BLOCK, shifts, mean.numpy(), m2.numpy())
         length = rows.shape[1]
         return pool_moments(mean.view(n, c), m2.view(n, c) / length, 0)
     block = _block_rows(c, x.element_size())
@@ -381,20 +409,21 @@ def grad_sums(grad_out: Tensor, x: Tensor, mean: Tensor, signs: bool = False) ->
 def input_grad(
     grad_out: Tensor,
     x: Tensor,
+    mean: Tensor,
     a: Tensor,
     b: Tensor,
     k: Tensor,
     out: Tensor | None = None,
-    sign_of: Tensor | None = None,
+    signs: bool = False,
 ) -> Tensor:
-    """``a * dy + b * x + k`` with per-channel ``a``, ``b``, ``k`` -- or, given ``sign_of`` (the
-    per-channel mean), ``a * dy + b * sign(x - mean) + k`` -- written in one pass into ``out`` (a
-    new tensor of ``x``'s layout by default; requires :func:`usable`)."""
+    """``a * dy + b * (x - mean) + k`` with per-channel ``mean``, ``a``, ``b``, ``k`` (centred:
+    nothing cancels however far off-centre ``x`` is) -- or with ``signs``
+    ``a * dy + b * sign(x - mean) + k`` -- written in one pass into ``out`` (a new tensor of
+    ``x``'s layout by default; ``x``, ``grad_out`` and ``out`` must pass :func:`usable` together)."""
     out = torch.empty_like(x) if out is None else out
-    center = _channel_vector(a if sign_of is None else sign_of, x)
-    vectors = [_channel_vector(t, x) for t in (a, b, k)]
+    vectors = [_channel_vector(t, x) for t in (mean, a, b, k)]
     name = "_rows_input_grad" if _layout(x) == "rows" else "_cl_input_grad"
-    _call(name, _rows(grad_out), _rows(x), center, sign_of is not None, *vectors, _rows(out))
+    _call(name, _rows(grad_out), _rows(x), vectors[0], signs, *vectors[1:], _rows(out))
     return out
 
 

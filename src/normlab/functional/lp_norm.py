@@ -211,7 +211,7 @@ class L1BatchNormTrain(torch.autograd.Function):
             beta = -ctx.constant * gamma * sum_dy_z / (count * denom.square())
             if total_sign is not None:  # the fast extra: one pass
                 shift = -(alpha * sum_dy + beta * total_sign) / count
-                grad_x = kernels.input_grad(grad, x, alpha, beta, shift, sign_of=mean)
+                grad_x = kernels.input_grad(grad, x, mean, alpha, beta, shift, signs=True)
             else:  # whole-tensor passes over one buffer (chunk by chunk, five broadcast ops per
                 # chunk measured 1.05-1.14x slower)
                 sign = channel_affine(x, None, -mean).sign_()
