@@ -54,6 +54,25 @@ def test_a_non_finite_batch_leaves_running_statistics_and_warns(name: str, bad: 
     assert any(not torch.equal(layer.state_dict()[k], v) for k, v in before.items())
 
 
+@pytest.mark.parametrize("name", ["BatchNorm1d", "BatchNorm2d"])
+def test_put_back_statistics_leave_the_backward_intact(name: str) -> None:
+    """torch's kernel updates the buffers in place (and autograd keeps them); putting the old
+    values back after a non-finite batch must not break that batch's backward ("modified by an
+    inplace operation") nor the next good step."""
+    layer = LAYERS[name]().train()
+    before = {k: v.clone() for k, v in layer.state_dict().items() if "running" in k}
+    x = _input(name).requires_grad_()
+    with torch.no_grad():
+        x.view(-1)[5] = float("nan")
+    with pytest.warns(NonFiniteStatisticsWarning):
+        y = layer(x)
+    y.sum().backward()  # raises if a saved tensor's version moved
+    assert x.grad is not None
+    for key, value in before.items():
+        assert torch.equal(layer.state_dict()[key], value), key
+    layer(_input(name)).sum().backward()
+
+
 @pytest.mark.parametrize("name", ["BatchNorm2d", "InstanceNorm2d"])
 def test_the_fast_nchw_path_follows_the_policy(name: str) -> None:
     layer = LAYERS[name]().train()

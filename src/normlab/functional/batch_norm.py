@@ -17,6 +17,7 @@ from normlab._checks import (
 from normlab.functional._core import (
     channels_last_format,
     compiling,
+    finite_statistics,
     relayout,
     stats_dtype,
     store_running_stats_,
@@ -161,11 +162,22 @@ def batch_norm_unchecked(
             var, mean = torch.var_mean(input.to(stats_dtype(input.dtype)), dims, correction=0)
         update_running_stats_(running_mean, running_var, mean, var, count, momentum, owner)
         return y
-    # torch's kernel updates the running statistics in place and keeps them for its backward:
-    # give it copies, and store the result only if it is finite
-    new_mean, new_var = running_mean.clone(), running_var.clone()
-    y = _native_batch_norm(input, weight, bias, new_mean, new_var, True, momentum, eps)
-    store_running_stats_(running_mean, running_var, new_mean, new_var, owner)
+    if compiling() or running_mean.dtype != running_var.dtype:
+        # torch's kernel updates the running statistics in place and keeps them for its
+        # backward: give it copies, and store the result only if it is finite
+        new_mean, new_var = running_mean.clone(), running_var.clone()
+        y = _native_batch_norm(input, weight, bias, new_mean, new_var, True, momentum, eps)
+        store_running_stats_(running_mean, running_var, new_mean, new_var, owner)
+        return y
+    # Eager: the kernel updates the buffers themselves (as torch.nn's does); their old values,
+    # kept in one tensor, go back if this batch's statistics are not finite -- through .data, so
+    # that the version counters of the tensors autograd saved do not move. (~5 us less per call
+    # than copies in and out: BatchNorm1d on 128x128 takes ~16 us of which ~11 us are torch's.)
+    kept = torch.cat((running_mean, running_var))
+    y = _native_batch_norm(input, weight, bias, running_mean, running_var, True, momentum, eps)
+    if not finite_statistics(running_var, owner=owner):
+        running_mean.data.copy_(kept[:c])
+        running_var.data.copy_(kept[c:])
     return y
 
 
