@@ -358,3 +358,29 @@ def test_gradcheck_through_the_loops(monkeypatch: pytest.MonkeyPatch) -> None:
             fn, (x.detach().contiguous(memory_format=torch.channels_last).requires_grad_(), w, b)
         )
     assert {"moments", "grad_sums", "input_grad"} <= set(spy.calls)
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+def test_ghost_batch_norm_through_the_loops(
+    monkeypatch: pytest.MonkeyPatch, fmt: torch.memory_format
+) -> None:
+    """Ghost batch norm's per-virtual-batch backward writes each input gradient into its slice
+    with the loops, on both layouts: float64 gradcheck with thresholds lowered."""
+    from normlab.functional.batch_variants import ghost_batch_norm_unchecked
+
+    monkeypatch.setattr(kernels, "_MIN_NUMEL", 0)
+    monkeypatch.setattr(_fast, "_MIN_NUMEL", 1)
+    monkeypatch.setattr(_fast, "_MIN_ROW", 1)
+    spy = _Spy(monkeypatch, "input_grad")
+    g = torch.Generator().manual_seed(4)
+    x = (torch.randn(5, 3, 2, 3, generator=g, dtype=torch.float64) + 2).contiguous(
+        memory_format=fmt
+    )
+    w = (torch.rand(3, generator=g, dtype=torch.float64) + 0.5).requires_grad_()
+    b = torch.randn(3, generator=g, dtype=torch.float64).requires_grad_()
+
+    def ghost(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return ghost_batch_norm_unchecked(x, None, None, w, b, True, 0.1, 1e-5, 2, "test")
+
+    assert torch.autograd.gradcheck(ghost, (x.requires_grad_(), w, b))
+    assert spy.calls
