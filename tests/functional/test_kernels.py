@@ -146,6 +146,14 @@ def test_usable_only_for_layouts_the_loops_read(monkeypatch: pytest.MonkeyPatch)
     x, dy = _data("nchw", 0.0)
     assert kernels.usable(x, dy, None)
     assert not kernels.usable(x, dy.contiguous(memory_format=torch.channels_last))
+    # the loops read raw memory: a caller that skips usable() gets an error, not a wrong read
+    mean = torch.zeros(x.shape[1])
+    with pytest.raises(ValueError, match=r"_kernels: the tensors must be .* Fix: check kernels"):
+        kernels.grad_sums(dy.contiguous(memory_format=torch.channels_last), x, mean)
+    with pytest.raises(ValueError, match="strides"):
+        kernels.input_grad(dy, x, mean, mean, mean, mean, out=torch.empty_like(x)[:, :, ::2])
+    with pytest.raises(ValueError, match="float16"):
+        kernels.moments(x.half())
     assert not kernels.usable(x, dy.double())
     assert not kernels.usable(x.half())
     assert not kernels.usable(x[:, :, ::2])  # strided

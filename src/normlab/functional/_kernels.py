@@ -37,6 +37,7 @@ import torch
 import torch.autograd.forward_ad as forward_ad
 from torch import Tensor
 
+from normlab._checks import fail
 from normlab.functional._core import channels_last_format, pool_moments
 
 __all__ = [
@@ -115,6 +116,24 @@ def _batched(t: Tensor) -> bool:
     functorch = torch._C._functorch
     legacy = getattr(functorch, "is_legacy_batchedtensor", None)
     return bool(functorch.is_functorch_wrapped_tensor(t) or (legacy is not None and legacy(t)))
+
+
+def _require(x: Tensor, *like: Tensor | None) -> None:
+    """The loops read raw memory: refuse (instead of reading out of bounds) tensors that
+    :func:`usable` would not pass."""
+    if not usable(x, *like):
+        shapes = ", ".join(
+            f"{tuple(t.shape)} {t.dtype} strides {t.stride()}" for t in (x, *like) if t is not None
+        )
+        fail(
+            ValueError,
+            "normlab.functional._kernels",
+            "the tensors",
+            "CPU float32/float64 of one shape, dtype and layout (channels-first contiguous, "
+            f"channels-last or (N, C)), at least {_MIN_NUMEL} values, numba available",
+            shapes,
+            "check kernels.usable(x, *others) first and use the torch route when it is False",
+        )
 
 
 def _layout(x: Tensor) -> str | None:
@@ -370,6 +389,7 @@ def _channel_vector(t: Tensor, x: Tensor) -> Any:
 def moments(x: Tensor) -> tuple[Tensor, Tensor]:
     """Per-channel batch mean and biased variance of ``x`` (all dims but 1), float64, from one
     read of memory (requires :func:`usable`)."""
+    _require(x)
     rows = _rows(x)
     n, c = x.shape[0], x.shape[1]
     if _layout(x) == "rows":
@@ -393,6 +413,7 @@ def grad_sums(grad_out: Tensor, x: Tensor, mean: Tensor, signs: bool = False) ->
     """``(sum(dy * (x - mean)), sum(dy))`` per channel, float64, exactly centred, in one read of
     ``dy`` and ``x`` (both of ``x``'s layout; requires :func:`usable`); with ``signs`` also
     ``sum sign(x - mean)`` (L1 batch norm's backward) in the same read."""
+    _require(x, grad_out)
     dy, rows = _rows(grad_out), _rows(x)
     center = _channel_vector(mean, x)
     if _layout(x) == "rows":
@@ -420,6 +441,7 @@ def input_grad(
     nothing cancels however far off-centre ``x`` is) -- or with ``signs``
     ``a * dy + b * sign(x - mean) + k`` -- written in one pass into ``out`` (a new tensor of
     ``x``'s layout by default; ``x``, ``grad_out`` and ``out`` must pass :func:`usable` together)."""
+    _require(x, grad_out, out)
     out = torch.empty_like(x) if out is None else out
     vectors = [_channel_vector(t, x) for t in (mean, a, b, k)]
     name = "_rows_input_grad" if _layout(x) == "rows" else "_cl_input_grad"
@@ -429,6 +451,7 @@ def input_grad(
 
 def abs_deviation_sums(x: Tensor, mean: Tensor) -> Tensor:
     """``sum |x - mean|`` per channel, float64, one read (requires :func:`usable`)."""
+    _require(x)
     rows = _rows(x)
     center = _channel_vector(mean, x)
     c = x.shape[1]
