@@ -392,3 +392,25 @@ def test_ghost_batch_norm_through_the_loops(
 
     assert torch.autograd.gradcheck(ghost, (x.requires_grad_(), w, b))
     assert spy.calls
+
+
+def test_concurrent_callers_share_the_parallel_loops_safely() -> None:
+    """Two Python threads calling the parallel loops at once (numba's thread pool is not
+    reentrant on every threading layer: the calls are serialised by a lock) get the serial
+    results."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    x, dy = _data("nchw", 0.5)
+    mean = x.double().mean(_dims(x))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        want = kernels.grad_sums(dy, x, mean)
+        torch.set_num_threads(2)
+        with ThreadPoolExecutor(2) as pool:
+            results = list(pool.map(lambda _: kernels.grad_sums(dy, x, mean), range(16)))
+    finally:
+        torch.set_num_threads(before)
+    for got in results:
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
