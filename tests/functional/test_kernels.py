@@ -414,3 +414,18 @@ def test_concurrent_callers_share_the_parallel_loops_safely() -> None:
     for got in results:
         for a, b in zip(got, want, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_a_numba_failure_names_the_way_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    """If numba cannot build a loop on some platform, the error says how to run without it."""
+    import numba
+
+    def broken(*_: object) -> None:
+        raise numba.core.errors.TypingError("no implementation for this platform")
+
+    monkeypatch.setattr(kernels, "_compiled", lambda *_: broken)
+    x, _ = _data("nchw", 0.0)
+    with pytest.raises(
+        RuntimeError, match=r"_rows_moments must be successful, got TypingError.*NORMLAB_NUMBA=0"
+    ):
+        kernels.moments(x)

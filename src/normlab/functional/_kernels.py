@@ -371,12 +371,23 @@ def _compiled(name: str, parallel: bool) -> Any:
 def _call(name: str, *args: Any) -> None:
     numba = _numba()
     threads = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
-    if threads <= 1:
-        _compiled(name, False)(*args)
-        return
-    with _LOCK:
-        numba.set_num_threads(threads)
-        _compiled(name, True)(*args)
+    try:
+        if threads <= 1:
+            _compiled(name, False)(*args)
+            return
+        with _LOCK:
+            numba.set_num_threads(threads)
+            _compiled(name, True)(*args)
+    except numba.core.errors.NumbaError as err:  # e.g. an LLVM or numba/numpy version mismatch
+        fail(
+            RuntimeError,
+            "normlab.functional._kernels",
+            f"numba's build of the loop {name}",
+            "successful",
+            f"{type(err).__name__}: {str(err).splitlines()[0][:200]}",
+            "set NORMLAB_NUMBA=0 in the environment to run every layer on torch's kernels (and "
+            "report numba's and numpy's versions)",
+        )
 
 
 def _channel_vector(t: Tensor, x: Tensor) -> Any:
