@@ -49,6 +49,7 @@ __all__ = [
     "pool_moments",
     "relayout",
     "stats_dtype",
+    "storage_layout",
     "store_running_stats_",
     "update_running_stats_",
 ]
@@ -59,6 +60,20 @@ _LOW_PRECISION = (torch.float16, torch.bfloat16)
 def stats_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype statistics are accumulated in: float32 for float16/bfloat16, else ``dtype``."""
     return torch.float32 if dtype in _LOW_PRECISION else dtype
+
+
+def storage_layout(x: Tensor) -> str | None:
+    """How ``x``'s storage runs, for code that reads it directly: ``"first"`` (contiguous
+    ``(N, C, *)`` with positions: rows of positions per sample and channel), ``"last"`` (channels
+    innermost: channels-last, or a contiguous ``(N, C)`` matrix: rows of ``C`` values), or
+    ``None`` (other strides).
+
+    >>> storage_layout(torch.ones(2, 3, 4)), storage_layout(torch.ones(2, 3)), storage_layout(torch.ones(2, 3, 4)[..., ::2])
+    ('first', 'last', None)
+    """
+    if channels_last_format(x) is not None or (x.dim() == 2 and x.is_contiguous()):
+        return "last"
+    return "first" if x.is_contiguous() and x.dim() > 2 else None
 
 
 def channels_last_format(x: Tensor) -> torch.memory_format | None:

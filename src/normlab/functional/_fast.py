@@ -363,12 +363,10 @@ def centred_grad_sums(
     """``(sum(dy * (x - mean)), sum(dy))`` per channel of ``(N, C, *)`` tensors of one layout,
     read once: by the group-norm backward kernel (:func:`channel_grad_sums`) for centred
     channels-first data (``centred``: ``|mean| / std`` at most ~``_MAX_OFFSET``), else by torch's
-    batch-norm backward kernel, which centres exactly (and is fast on channels-last tensors)."""
-    if _loops(x, grad_out):
-        dz, d = kernels.grad_sums(grad_out, x, mean)
-        return dz.to(x.dtype), d.to(x.dtype)
+    batch-norm backward kernel, which centres exactly (and is fast on channels-last tensors); with
+    the fast extra by its exactly centred loop, however far off-centre."""
     ones = torch.ones_like(mean)
-    if centred and x.dim() > 2 and x.is_contiguous():
+    if _loops(x, grad_out) or (centred and x.dim() > 2 and x.is_contiguous()):
         dz, d = channel_grad_sums(grad_out, x, mean, ones)
         return dz, d
     _, dz, d = torch.ops.aten.native_batch_norm_backward(

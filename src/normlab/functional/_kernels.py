@@ -6,12 +6,13 @@ gradient; broadcast ops chunk by chunk for ``sum |x - mean|`` on channels-last t
 here do each job in one pass over memory, and each is numerically as careful as torch's cascades:
 
 * moments by the corrected two-pass algorithm (Chan, Golub & LeVeque 1983) on cache-sized blocks
-  (a row block of ``_BLOCK`` values, or ``_BLOCK_BYTES`` of channels-last rows): the second pass
+  (a row block of ``_BLOCK`` values, or up to ``_CL_ROWS`` channels-last rows): the second pass
   reads the block from L1/L2, so memory sees one read; block sums accumulate in the data's dtype
   (vectorised), blocks are combined in float64 (Chan's rule);
 * gradient sums ``sum(dy)``, ``sum(dy * (x - mean))`` exactly centred (no cancellation however far
   off-centre the data are), block partial sums in float64;
-* the input gradient ``a * dy + b * x + k`` per channel in one pass (read ``dy`` and ``x``, write);
+* the input gradient ``a * dy + b * (x - mean) + k`` (or ``b * sign(x - mean)``) per channel in
+  one pass (read ``dy`` and ``x``, write);
 * ``sum |x - mean|`` per channel in one read.
 
 Two layouts: channels-first rows ``(N * C, L)`` (row ``r`` is channel ``r % C``) and
@@ -38,7 +39,7 @@ import torch.autograd.forward_ad as forward_ad
 from torch import Tensor
 
 from normlab._checks import fail
-from normlab.functional._core import channels_last_format, pool_moments
+from normlab.functional._core import pool_moments, storage_layout
 
 __all__ = [
     "abs_deviation_sums",
@@ -89,7 +90,7 @@ def usable(x: Tensor, *like: Tensor | None) -> bool:
     under ``torch.compile``, ``torch.func`` transforms (e.g. a vmap'd backward) or forward AD."""
     if x.device.type != "cpu" or x.dtype not in _DTYPES or x.numel() < _MIN_NUMEL:
         return False
-    if _layout(x) is None or not available():
+    if storage_layout(x) is None or not available():
         return False
     if (
         torch.compiler.is_compiling()
@@ -136,18 +137,10 @@ def _require(x: Tensor, *like: Tensor | None) -> None:
         )
 
 
-def _layout(x: Tensor) -> str | None:
-    if x.dim() >= 3 and x.is_contiguous():
-        return "rows"
-    if (x.dim() == 2 and x.is_contiguous()) or channels_last_format(x) is not None:
-        return "cl"
-    return None
-
-
 def _rows(x: Tensor) -> Any:
     """The numpy view the kernels read: ``(N * C, L)`` channels-first, ``(M, C)`` channels-last."""
     x = x.detach()
-    if _layout(x) == "rows":
+    if storage_layout(x) == "first":
         return x.view(x.shape[0] * x.shape[1], -1).numpy()
     c = x.shape[1]
     return x.movedim(1, -1).reshape(-1, c).numpy()  # a view: channels are the contiguous dim
@@ -403,7 +396,7 @@ def moments(x: Tensor) -> tuple[Tensor, Tensor]:
     _require(x)
     rows = _rows(x)
     n, c = x.shape[0], x.shape[1]
-    if _layout(x) == "rows":
+    if storage_layout(x) == "first":
         mean = torch.empty(n * c, dtype=torch.float64)
         m2 = torch.empty_like(mean)
         shifts = torch.empty(n * c, dtype=x.dtype).numpy()
@@ -427,7 +420,7 @@ def grad_sums(grad_out: Tensor, x: Tensor, mean: Tensor, signs: bool = False) ->
     _require(x, grad_out)
     dy, rows = _rows(grad_out), _rows(x)
     center = _channel_vector(mean, x)
-    if _layout(x) == "rows":
+    if storage_layout(x) == "first":
         sums = torch.zeros(3, rows.shape[0], dtype=torch.float64)
         _call("_rows_grad_sums", dy, rows, center, _BLOCK, signs, sums.numpy())
     else:
@@ -455,7 +448,7 @@ def input_grad(
     _require(x, grad_out, out)
     out = torch.empty_like(x) if out is None else out
     vectors = [_channel_vector(t, x) for t in (mean, a, b, k)]
-    name = "_rows_input_grad" if _layout(x) == "rows" else "_cl_input_grad"
+    name = "_rows_input_grad" if storage_layout(x) == "first" else "_cl_input_grad"
     _call(name, _rows(grad_out), _rows(x), vectors[0], signs, *vectors[1:], _rows(out))
     return out
 
@@ -466,7 +459,7 @@ def abs_deviation_sums(x: Tensor, mean: Tensor) -> Tensor:
     rows = _rows(x)
     center = _channel_vector(mean, x)
     c = x.shape[1]
-    if _layout(x) == "rows":
+    if storage_layout(x) == "first":
         out = torch.empty(rows.shape[0], dtype=torch.float64)
         _call("_rows_abs_dev", rows, center, _BLOCK, out.numpy())
     else:

@@ -23,6 +23,7 @@ from normlab.functional._core import (
     compiling,
     finite_statistics,
     stats_dtype,
+    storage_layout,
 )
 from normlab.functional._fast import centred_grad_sums, channel_sums
 
@@ -119,7 +120,12 @@ def lp_batch_norm_unchecked(
         if p == "1" and center and _fused(input, weight, bias):
             constant = L1_CONSTANT if gaussian_constant else 1.0
             fused, mean, scale = L1BatchNormTrain.apply(input, weight, bias, eps, constant)  # type: ignore[no-untyped-call]
-        elif p == "inf" and center and _fused(input, weight, bias) and _layout(input) is not None:
+        elif (
+            p == "inf"
+            and center
+            and _fused(input, weight, bias)
+            and storage_layout(input) is not None
+        ):
             n = input.numel() // c
             constant = linf_constant(n) if gaussian_constant else 1.0
             fused, mean, scale = LinfBatchNormTrain.apply(  # type: ignore[no-untyped-call]
@@ -209,13 +215,15 @@ class L1BatchNormTrain(torch.autograd.Function):
             gamma = torch.ones_like(denom) if weight is None else weight
             alpha = gamma / denom
             beta = -ctx.constant * gamma * sum_dy_z / (count * denom.square())
-            if total_sign is not None:  # the fast extra: one pass
-                shift = -(alpha * sum_dy + beta * total_sign) / count
+            sign = None  # without the fast extra: sign(x - mu) in the buffer that becomes dx
+            if total_sign is None:
+                sign = channel_affine(x, None, -mean).sign_()
+                total_sign = channel_sums(sign)
+            shift = -(alpha * sum_dy + beta * total_sign) / count
+            if sign is None:  # the fast extra: one pass
                 grad_x = kernels.input_grad(grad, x, mean, alpha, beta, shift, signs=True)
             else:  # whole-tensor passes over one buffer (chunk by chunk, five broadcast ops per
                 # chunk measured 1.05-1.14x slower)
-                sign = channel_affine(x, None, -mean).sign_()
-                shift = -(alpha * sum_dy + beta * channel_sums(sign)) / count
                 grad_x = channel_affine(sign, beta, shift, out=sign)
                 grad_x.addcmul_(grad, alpha.view(channel_view_shape(x.dim(), x.shape[1])))
         return (
@@ -240,9 +248,10 @@ def _channel_chunks(x: Tensor) -> tuple[tuple[Tensor, ...], list[int], list[int]
     positions)`` views), channels-last and ``(N, C)`` ones along their rows of ``C`` values
     (``(rows, C)`` views); other layouts come whole."""
     c = x.shape[1]
-    if x.dim() > 2 and x.is_contiguous():
+    layout = storage_layout(x)
+    if layout == "first":
         rows, dims, view = x.view(x.shape[0], c, -1), [0, 2], [1, c, 1]
-    elif (x.dim() == 2 and x.is_contiguous()) or channels_last_format(x) is not None:
+    elif layout == "last":
         rows, dims, view = x.movedim(1, -1).view(-1, c), [0], [c]
     else:
         return (x,), [0, *range(2, x.dim())], channel_view_shape(x.dim(), c)
@@ -352,15 +361,6 @@ def _block(length: int, low: int, high: int) -> int:
     return next((b for b in range(high, low - 1, -1) if length % b == 0), length)
 
 
-def _layout(x: Tensor) -> str | None:
-    """How :func:`_top_deviations` reads ``x``'s storage: ``"first"`` (contiguous ``(N, C, *)``
-    with positions), ``"last"`` (channels innermost: channels-last, or contiguous ``(N, C)``), or
-    ``None`` (other strides: the composite ops serve)."""
-    if channels_last_format(x) is not None or (x.dim() == 2 and x.is_contiguous()):
-        return "last"
-    return "first" if x.is_contiguous() and x.dim() > 2 else None
-
-
 def _top_deviations(x: Tensor, mean: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
     """The ``k`` largest ``|x - mean|`` per channel without sorting the data: ``(values, offsets,
     signs)``, each ``(C, k)``, with the storage offsets of those values in ``x`` and the signs of
@@ -377,7 +377,7 @@ def _top_deviations(x: Tensor, mean: Tensor, k: int) -> tuple[Tensor, Tensor, Te
     centre = mean.to(x.dtype).view(c, 1)
     channel = torch.arange(c, device=x.device).view(c, 1)
     flat = torch.as_strided(x, (x.numel(),), (1,))  # the storage, in order
-    if _layout(x) == "first":  # storage (N, C, positions): blocks along the positions
+    if storage_layout(x) == "first":  # storage (N, C, positions): blocks along the positions
         # long blocks: the reductions over them run at bandwidth, and each chosen block is a
         # contiguous run, copied whole
         n = x.shape[0]
