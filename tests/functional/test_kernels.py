@@ -124,6 +124,58 @@ def test_gradient_sums_and_input_gradient_against_float64(layout: str, offset: f
     assert ((dev - want).abs() / want).max() <= F32_REL
 
 
+def test_moments_of_samples_far_from_the_shift() -> None:
+    """Channels-first moments sum ``x - shift`` and its square in one read, the shift being the
+    mean of the channel's first block in sample 0; a row whose mean lies more than one std from
+    it is summed again by the corrected two-pass. Samples 10^4 std (and 5 std, and a constant
+    row 3 std) away from sample 0 keep float32-rounding accuracy: a one-pass sum there would
+    lose 10^8 * 1e-7 -- every digit of the variance."""
+    x64 = torch.randn(6, 4, 1000, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    x64[1] += 1e4
+    x64[2] -= 5.0
+    x64[3] = 3.0  # a constant row off the shift
+    x64[4] = x64[4] * 1e-3 + 0.5  # a narrow row half a std... of the channel, 500 of its own
+    x = x64.float()
+    ref = x.double()
+    mean, var = kernels.moments(x)
+    ref_var = ref.var(_dims(x), unbiased=False)
+    torch.testing.assert_close(mean, ref.mean(_dims(x)), rtol=1e-7, atol=0)
+    assert (var / ref_var - 1).abs().max().item() <= F32_REL
+
+
+def test_batch_norm_forward_against_float64() -> None:
+    """The fused forward (moments, then ``(x - mean) * scale + bias``): statistics as
+    :func:`moments`, the output within a few float32 ulps of its float64 value (centred: no
+    rounding at ``|mean| * scale``, far off-centre either), a constant channel exactly ``bias``."""
+    for layout, offset in (("nchw", 0.0), ("nchw", 1e4), ("long-rows", 3.0)):
+        x, _ = _data(layout, offset)
+        x[:, 1] = 7.0
+        c = x.shape[1]
+        g = torch.Generator().manual_seed(4)
+        w, b = torch.rand(c, generator=g) + 0.5, torch.randn(c, generator=g)
+        for weight, bias in ((w, b), (None, None)):
+            out = torch.empty_like(x)
+            finite, mean, var, save_mean, save_invstd = kernels.batch_norm_forward(
+                x, weight, bias, 1e-5, out
+            )
+            assert finite
+            m, v = kernels.moments(x)
+            torch.testing.assert_close(mean, m, rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(var, v, rtol=1e-12, atol=1e-12)
+            assert save_mean.dtype == save_invstd.dtype == x.dtype
+            assert save_mean.equal(mean.float())
+            assert save_invstd.equal(torch.rsqrt(var + 1e-5).float())
+            w64 = torch.ones(c, dtype=torch.float64) if weight is None else weight.double()
+            b64 = torch.zeros(c, dtype=torch.float64) if bias is None else bias.double()
+            want = F.batch_norm(x.double(), mean, var, w64, b64, False, 0.0, 1e-5)
+            err = (out.double() - want).abs().max().item()
+            assert err <= 4 * 2**-24 * (want.abs().max().item() + 1), (layout, err)
+            assert out[:, 1].equal(torch.full_like(out[:, 1], float(b64[1])))
+    x, _ = _data("nhwc", 0.0)
+    with pytest.raises(ValueError, match=r"batch_norm_forward: x must be a channels-first"):
+        kernels.batch_norm_forward(x, None, None, 1e-5, torch.empty_like(x))
+
+
 def test_two_threads_match_one() -> None:
     """The parallel loops (prange over rows / row blocks) give the serial results: each row or
     block is summed the same way on either."""
@@ -289,7 +341,7 @@ def test_batch_norm_through_the_loops(
     (channels-first through the loops; channels-last on torch's kernels with given moments)."""
     monkeypatch.setattr(_fast, "_MIN_NUMEL", 1 << 15)
     monkeypatch.setattr(_fast, "_MIN_ROW", 16)
-    spy = _Spy(monkeypatch, "moments", "grad_sums", "input_grad")
+    spy = _Spy(monkeypatch, "moments", "batch_norm_forward", "grad_sums", "input_grad")
     x32, dy32 = _data(layout, offset)
     w32 = torch.rand(x32.shape[1]) + 0.5
 
@@ -306,7 +358,9 @@ def test_batch_norm_through_the_loops(
 
     ours = run(batch_norm, torch.float32)
     # channels-last: torch's kernels, as fast as the loops there (see _fast._loops)
-    assert spy.calls == ([] if layout == "nhwc" else ["moments", "grad_sums", "input_grad"])
+    assert spy.calls == (
+        [] if layout == "nhwc" else ["batch_norm_forward", "grad_sums", "input_grad"]
+    )
     theirs = run(lambda x, w, b: F.batch_norm(x, None, None, w, b, True), torch.float32)
     oracle = run(lambda x, w, b: F.batch_norm(x, None, None, w, b, True), torch.float64)
     assert ours[0].stride() == x32.stride()
@@ -348,7 +402,7 @@ def test_gradcheck_through_the_loops(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(kernels, "_MIN_NUMEL", 0)
     monkeypatch.setattr(_fast, "_MIN_NUMEL", 0)
     monkeypatch.setattr(_fast, "_MIN_ROW", 2)
-    spy = _Spy(monkeypatch, "moments", "grad_sums", "input_grad")
+    spy = _Spy(monkeypatch, "batch_norm_forward", "grad_sums", "input_grad")
     g = torch.Generator().manual_seed(2)
     x = torch.randn(4, 3, 5, 2, generator=g, dtype=torch.float64).requires_grad_()
     w = (torch.rand(3, generator=g, dtype=torch.float64) + 0.5).requires_grad_()
@@ -365,7 +419,7 @@ def test_gradcheck_through_the_loops(monkeypatch: pytest.MonkeyPatch) -> None:
         assert torch.autograd.gradcheck(
             fn, (x.detach().contiguous(memory_format=torch.channels_last).requires_grad_(), w, b)
         )
-    assert {"moments", "grad_sums", "input_grad"} <= set(spy.calls)
+    assert {"batch_norm_forward", "grad_sums", "input_grad"} <= set(spy.calls)
 
 
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])

@@ -239,18 +239,23 @@ class BatchNormTrain(torch.autograd.Function):
         mean: Tensor | None = None,
         var: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        if mean is None or var is None:
+        out = torch.empty_like(x)
+        finite = False
+        if (mean is None or var is None) and _loops(x, out):
+            # moments, output and the saved statistics in one go (the fast extra)
+            finite, mean, var, save_mean, save_invstd = kernels.batch_norm_forward(
+                x, weight, bias, eps, out
+            )
+            if not finite:  # NaN/Inf in x: torch's kernel decides the statistics
+                mean, var = _native_moments(x)
+        elif mean is None or var is None:
             mean, var = _batch_moments(x)
-        out = normalize_given(x, weight, bias, mean, var, eps, torch.empty_like(x))
-        save_mean = mean.to(x.dtype)
-        save_invstd = torch.rsqrt(var + eps).to(x.dtype)
+        if not finite:
+            normalize_given(x, weight, bias, mean, var, eps, out)
+            save_mean = mean.to(x.dtype)
+            save_invstd = torch.rsqrt(var + eps).to(x.dtype)
         ctx.save_for_backward(x, weight, save_mean, save_invstd)
         ctx.eps = eps
-        # The fast backward serves centred channels-first data (on channels-last tensors torch's
-        # backward kernel is already fast), and with the fast extra any channels-first data.
-        ctx.fast = x.is_contiguous() and bool(
-            (mean.abs() * save_invstd.double()).max() <= _MAX_OFFSET
-        )
         ctx.mark_non_differentiable(mean, var)
         return out, mean, var
 
@@ -263,7 +268,9 @@ class BatchNormTrain(torch.autograd.Function):
         grad_out = grad_out.contiguous(
             memory_format=channels_last_format(x) or torch.contiguous_format
         )
-        if torch.is_grad_enabled() or not (ctx.fast or _loops(x, grad_out)):
+        if torch.is_grad_enabled() or not (
+            _loops(x, grad_out) or _centred_first(x, save_mean, save_invstd)
+        ):
             # Double backward (create_graph=True) needs torch's differentiable formula; far
             # off-centre data needs its exactly centred reductions (see _fast_backward).
             grad_x, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
@@ -290,6 +297,13 @@ class BatchNormTrain(torch.autograd.Function):
             None,
             None,
         )
+
+
+def _centred_first(x: Tensor, mean: Tensor, invstd: Tensor) -> bool:
+    """Whether :func:`_fast_backward` serves ``x`` without the fast extra: channels-first
+    contiguous (on channels-last tensors torch's backward kernel is already fast), every
+    channel's mean within ``_MAX_OFFSET`` standard deviations of zero."""
+    return x.is_contiguous() and bool((mean.double().abs() * invstd.double()).max() <= _MAX_OFFSET)
 
 
 def normalize_given(

@@ -5,10 +5,15 @@ and a row norm; a group-norm backward for the two gradient sums and two more pas
 gradient; broadcast ops chunk by chunk for ``sum |x - mean|`` on channels-last tensors). The loops
 here do each job in one pass over memory, and each is numerically as careful as torch's cascades:
 
-* moments by the corrected two-pass algorithm (Chan, Golub & LeVeque 1983) on cache-sized blocks
-  (a row block of ``_BLOCK`` values, or up to ``_CL_ROWS`` channels-last rows): the second pass
-  reads the block from L1/L2, so memory sees one read; block sums accumulate in the data's dtype
-  (vectorised), blocks are combined in float64 (Chan's rule);
+* moments in one read: on channels-first rows, sums of ``x - shift`` and its square (the shift
+  being the mean of the channel's first block in sample 0), exact to float rounding when the row's
+  mean lies within one std of the shift -- else (and channels-last) by the corrected two-pass
+  algorithm (Chan, Golub & LeVeque 1983) on cache-sized blocks (a row block of ``_BLOCK``
+  values, or up to ``_CL_ROWS`` channels-last rows) whose second pass reads the block from L1/L2;
+  block sums accumulate in the data's dtype (vectorised), blocks are combined in float64 (Chan's
+  rule);
+* batch norm's training forward on channels-first tensors: those moments, then the output
+  ``(x - mean) * scale + bias`` in one more pass, without a torch op in between;
 * gradient sums ``sum(dy)``, ``sum(dy * (x - mean))`` exactly centred (no cancellation however far
   off-centre the data are), block partial sums in float64;
 * the input gradient ``a * dy + b * (x - mean) + k`` (or ``b * sign(x - mean)``) per channel in
@@ -44,6 +49,7 @@ from normlab.functional._core import pool_moments, storage_layout
 __all__ = [
     "abs_deviation_sums",
     "available",
+    "batch_norm_forward",
     "grad_sums",
     "input_grad",
     "moments",
@@ -62,8 +68,9 @@ _MIN_NUMEL = 1 << 14
 _DTYPES = (torch.float32, torch.float64)
 _LOCK = threading.Lock()
 # reassociation lets LLVM vectorise the sums; no-NaN/Inf assumptions are left out, so a NaN in
-# the data still reaches the statistics (and the callers' finiteness checks)
-_FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
+# the data still reaches the statistics (and the callers' finiteness checks); no approximate
+# reciprocals either: Chan's rule then keeps the mean of constant data exact
+_FASTMATH = {"reassoc", "contract", "nsz"}
 
 
 @functools.cache
@@ -154,11 +161,38 @@ def _block_rows(c: int, itemsize: int) -> int:
 
 
 def _rows_moments(
-    rows: Any, block: int, shifts: Any, mean: Any, m2: Any
+    rows: Any, c: int, block: int, shifts: Any, guesses: Any, mean: Any, m2: Any
 ) -> None:  # pragma: no cover - numba
     nrows, length = rows.shape
     zero = _np.zeros(1, rows.dtype)[0]
+    head = min(block, length)
+    for j in _prange(c):  # channel j's shift: the mean of its first block in sample 0
+        xs = rows[j, :head]
+        s = zero
+        for i in range(head):
+            s += xs[i]
+        shifts[j] = float(s) / head
     for r in _prange(nrows):
+        k = shifts[r % c]
+        t1 = 0.0
+        t2 = 0.0
+        for start in range(0, length, block):
+            xs = rows[r, start : min(start + block, length)]
+            s1 = zero
+            s2 = zero
+            for i in range(xs.shape[0]):
+                d = xs[i] - k
+                s1 += d
+                s2 += d * d
+            t1 += float(s1)
+            t2 += float(s2)
+        mz = t1 / length
+        m2z = t2 - t1 * mz
+        if mz * mz * length <= m2z:  # the shift within one std of the row's mean (False for NaN)
+            mean[r] = float(k) + mz
+            m2[r] = m2z
+            continue
+        # far from the shift: the corrected two-pass on blocks (the block re-read from L1)
         count = 0.0
         total_mean = 0.0
         total_m2 = 0.0
@@ -169,8 +203,8 @@ def _rows_moments(
             s = zero
             for i in range(n):
                 s += xs[i]
-            shifts[r] = float(s) / n  # the block mean in the data's dtype (row r's own slot)
-            guess = shifts[r]
+            guesses[r] = float(s) / n  # the block mean in the data's dtype (row r's own slot)
+            guess = guesses[r]
             corr = zero
             sq = zero
             for i in range(n):
@@ -186,6 +220,55 @@ def _rows_moments(
             count = new
         mean[r] = total_mean
         m2[r] = total_m2
+
+
+def _rows_normalize(
+    row_mean: Any,
+    row_m2: Any,
+    eps: float,
+    weight: Any,
+    bias: Any,
+    rows: Any,
+    stats: Any,
+    saved: Any,
+    out: Any,
+) -> None:  # pragma: no cover - numba
+    c = stats.shape[1]
+    samples = row_mean.shape[0] // c
+    length = rows.shape[1]
+    scale = _np.empty(c, rows.dtype)
+    offset = _np.empty(c, rows.dtype)
+    for j in _prange(c):  # Chan's rule over the samples' rows of channel j
+        count = 0.0
+        total_mean = 0.0
+        total_m2 = 0.0
+        for s in range(samples):
+            new = count + length
+            delta = row_mean[s * c + j] - total_mean
+            total_mean += delta * length / new
+            total_m2 += row_m2[s * c + j] + delta * delta * count * length / new
+            count = new
+        v = total_m2 / count
+        invstd = 1.0 / _np.sqrt(v + eps)
+        stats[0, j] = total_mean
+        stats[1, j] = v
+        saved[0, j] = total_mean
+        saved[1, j] = invstd
+        a = weight[j] * invstd
+        scale[j] = a
+        # the mean in two parts: x - mean_hi (data's dtype) is exact near the mean, the rest
+        # of the mean moves into the offset (so a constant channel gives bias exactly)
+        offset[j] = bias[j] - (total_mean - float(saved[0, j])) * a
+    for r in _prange(rows.shape[0]):
+        # centred: far off-centre data keep their digits (x * scale + shift would round at
+        # |mean| * scale, x - float32(mean) at |mean| * 6e-8)
+        m = saved[0, r % c]
+        a = scale[r % c]
+        b = offset[r % c]
+        xs = rows[r]
+        os = out[r]
+        for i in range(xs.shape[0]):
+            os[i] = (xs[i] - m) * a + b
 
 
 def _cl_moments(rows: Any, block: int, mean: Any, m2: Any) -> None:  # pragma: no cover - numba
@@ -387,6 +470,12 @@ def _channel_vector(t: Tensor, x: Tensor) -> Any:
     return t.detach().to(x.dtype).contiguous().numpy()
 
 
+def _scratch(n: int, c: int, dtype: Any) -> tuple[Any, Any]:
+    """``_rows_moments``'s shifts (one per channel) and two-pass guesses (one per row), in the
+    data's dtype."""
+    return _np.empty(c, dtype), _np.empty(n * c, dtype)
+
+
 # --- what the layers call -------------------------------------------------------------------------
 
 
@@ -399,8 +488,9 @@ def moments(x: Tensor) -> tuple[Tensor, Tensor]:
     if storage_layout(x) == "first":
         mean = torch.empty(n * c, dtype=torch.float64)
         m2 = torch.empty_like(mean)
-        shifts = torch.empty(n * c, dtype=x.dtype).numpy()
-        _call("_rows_moments", rows, _BLOCK, shifts, mean.numpy(), m2.numpy())
+        _call(
+            "_rows_moments", rows, c, _BLOCK, *_scratch(n, c, rows.dtype), mean.numpy(), m2.numpy()
+        )
         length = rows.shape[1]
         return pool_moments(mean.view(n, c), m2.view(n, c) / length, 0)
     block = _block_rows(c, x.element_size())
@@ -411,6 +501,54 @@ def moments(x: Tensor) -> tuple[Tensor, Tensor]:
     counts = torch.full((nblocks, 1), float(block), dtype=torch.float64)
     counts[-1] = rows.shape[0] - block * (nblocks - 1)
     return pool_moments(mean, m2 / counts, 0, counts)
+
+
+def batch_norm_forward(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, out: Tensor
+) -> tuple[bool, Tensor, Tensor, Tensor, Tensor]:
+    """Training-mode batch norm of a channels-first contiguous ``x`` into ``out`` (of ``x``'s
+    layout) in two loops and no torch op in between (each small op costs several times its
+    isolated ~2 us right after a pass over a large tensor): the per-row moments of
+    :func:`moments`, then -- pooled per channel by Chan's rule in float64 -- ``x * scale + shift``
+    in one more pass.
+
+    Returns ``(finite, mean, var, save_mean, save_invstd)``: ``mean`` and the biased ``var`` in
+    float64, ``mean`` and ``1 / sqrt(var + eps)`` in ``x``'s dtype (what the backward keeps);
+    ``finite`` is ``False`` if NaN/Inf in ``x`` made the statistics (and ``out``) non-finite."""
+    _require(x, out)
+    if storage_layout(x) != "first":
+        fail(
+            ValueError,
+            "normlab.functional._kernels.batch_norm_forward",
+            "x",
+            "a channels-first contiguous tensor",
+            f"strides {x.stride()} for shape {tuple(x.shape)}",
+            "use moments() and the eval-mode kernel for other layouts",
+        )
+    n, c = x.shape[0], x.shape[1]
+    rows = _rows(x)
+    row_mean = _np.empty(n * c)
+    row_m2 = _np.empty(n * c)
+    _call("_rows_moments", rows, c, _BLOCK, *_scratch(n, c, rows.dtype), row_mean, row_m2)
+    stats = torch.empty(2, c, dtype=torch.float64)
+    saved = torch.empty(2, c, dtype=x.dtype)
+    params = [
+        _np.full(c, fill) if t is None else t.detach().double().numpy()
+        for t, fill in ((weight, 1.0), (bias, 0.0))
+    ]
+    _call(
+        "_rows_normalize",
+        row_mean,
+        row_m2,
+        eps,
+        *params,
+        rows,
+        stats.numpy(),
+        saved.numpy(),
+        _rows(out),
+    )
+    finite = bool(_np.isfinite(stats.numpy()).all())
+    return finite, stats[0], stats[1], saved[0], saved[1]
 
 
 def grad_sums(grad_out: Tensor, x: Tensor, mean: Tensor, signs: bool = False) -> tuple[Tensor, ...]:
