@@ -18,6 +18,11 @@ bandwidth. This module composes the two:
    backward (``create_graph=True``) and for data far off-centre it calls torch's
    ``native_batch_norm_backward`` with the same statistics instead, which is differentiable again.
 
+With the fast extra (numba) the forward is two fused loops instead
+(:func:`normlab.functional._kernels.batch_norm_forward`: one-read moments, then the output), and
+the backward's sums and input gradient are one pass each (:func:`channel_grad_sums`,
+:func:`input_grad`).
+
 Saved for backward: ``x``, ``weight``, per-channel mean and inverse std -- the same as torch.
 """
 
