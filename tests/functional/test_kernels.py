@@ -182,14 +182,24 @@ def test_two_threads_match_one() -> None:
     before = torch.get_num_threads()
     for layout in ("nchw", "nhwc"):
         x, dy = _data(layout, 0.5)
+        if layout == "nchw":  # samples 1 and 2 far from the shift: the two-pass rows too
+            x[1] += 100.0
+            x[2] -= 1e4
         mean = x.double().mean(_dims(x))
+        outs = [torch.empty_like(x) for _ in range(2)]
+        results = []
         try:
-            torch.set_num_threads(1)
-            one = (*kernels.moments(x), *kernels.grad_sums(dy, x, mean, signs=True))
-            torch.set_num_threads(2)
-            two = (*kernels.moments(x), *kernels.grad_sums(dy, x, mean, signs=True))
+            for threads, out in zip((1, 2), outs, strict=True):
+                torch.set_num_threads(threads)
+                result = [*kernels.moments(x), *kernels.grad_sums(dy, x, mean, signs=True)]
+                if layout == "nchw":
+                    result += kernels.batch_norm_forward(x, None, None, 1e-5, out)[1:]
+                results.append(result)
         finally:
             torch.set_num_threads(before)
+        one, two = results
+        if layout == "nchw":
+            torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
         for a, b in zip(one, two, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
