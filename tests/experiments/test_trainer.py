@@ -122,6 +122,30 @@ def test_an_interrupted_run_resumes_to_the_identical_record(
     assert not checkpoint.exists()
 
 
+def test_an_interrupt_before_the_first_step_leaves_no_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C while a run has not finished one step (a busy machine, a worker just started):
+    no step-0 checkpoint (it would hold nothing), and the rerun trains from the start."""
+    from normlab.experiments import trainer
+
+    cfg = _cfg()
+    real = trainer.batch_indices
+
+    def interrupt_first(*args: object) -> object:
+        monkeypatch.setattr(trainer, "batch_indices", real)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "batch_indices", interrupt_first)
+    with pytest.raises(KeyboardInterrupt):
+        train_run(cfg, tmp_path, dataset=DIGITS)
+    assert not (tmp_path / "checkpoints" / f"{cfg.run_id}.pt").exists()
+    steps_run: list[int] = []
+    record = train_run(cfg, tmp_path, dataset=DIGITS, progress=lambda s, n: steps_run.append(s))
+    assert steps_run[0] == 1
+    assert record["steps_done"] == cfg.steps
+
+
 def test_a_finished_run_is_not_retrained_and_a_bad_checkpoint_restarts(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -273,8 +273,9 @@ def _train(
                 save()
                 last_save = time.perf_counter()
     except KeyboardInterrupt:
-        record["steps_done"] = step
-        save()
+        if step > 0:  # before the first step there is nothing to keep: a rerun starts afresh
+            record["steps_done"] = step
+            save()
         raise
     record["steps_done"] = step
     if record["status"] == "running":
