@@ -143,6 +143,41 @@ def test_moments_of_samples_far_from_the_shift() -> None:
     assert (var / ref_var - 1).abs().max().item() <= F32_REL
 
 
+def test_which_rows_take_the_two_pass() -> None:
+    """The one-pass sums serve rows whose mean lies within one std of the shift; the others are
+    summed again by the two-pass (which writes its block mean into the row's ``guesses`` slot,
+    NaN beforehand). Rows 0.5 std off: one pass; 1.5 and 20 std: the two-pass -- accuracy checks
+    alone cannot tell (a 3-std threshold loses ~10x 1e-8, inside float32's tolerance)."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(4, 2, 3000, generator=g, dtype=torch.float64)
+    x[1] += 0.5
+    x[2] += 1.5
+    x[3] += 20.0
+    rows = kernels._rows(x.float())
+    shifts, guesses = kernels._scratch(4, 2, rows.dtype)
+    guesses[:] = float("nan")
+    mean, m2 = (torch.empty(8, dtype=torch.float64).numpy() for _ in range(2))
+    kernels._call("_rows_moments", rows, 2, kernels._BLOCK, shifts, guesses, mean, m2)
+    two_pass = ~torch.from_numpy(guesses).isnan().view(4, 2)
+    assert two_pass.all(1).tolist() == [False, False, True, True]
+
+
+def test_overflowing_squares_take_the_two_pass() -> None:
+    """Sample 0 (which sets the shift) 5e17 from the others: their float32 squares about the
+    shift overflow to inf, which must not pass the one-std test (torch's kernel overflows there
+    too, so an inf would cost the layer its output)."""
+    x = torch.randn(8, 2, 64, 64, generator=torch.Generator().manual_seed(6))
+    x[0] += 5e17
+    ref = x.double().var(_dims(x), unbiased=False)
+    var = kernels.moments(x)[1]
+    assert var.isfinite().all()
+    assert (var / ref - 1).abs().max().item() <= F32_REL
+    out = torch.empty_like(x)
+    finite, _, fused_var, *_ = kernels.batch_norm_forward(x, None, None, 1e-5, out)
+    assert finite
+    torch.testing.assert_close(fused_var, var, rtol=1e-12, atol=0)
+
+
 def test_batch_norm_forward_against_float64() -> None:
     """The fused forward (moments, then ``(x - mean) * scale + bias``): statistics as
     :func:`moments`, the output within a few float32 ulps of its float64 value (centred: no
@@ -171,6 +206,10 @@ def test_batch_norm_forward_against_float64() -> None:
             err = (out.double() - want).abs().max().item()
             assert err <= 4 * 2**-24 * (want.abs().max().item() + 1), (layout, err)
             assert out[:, 1].equal(torch.full_like(out[:, 1], float(b64[1])))
+    with pytest.raises(
+        ValueError, match=r"weight must be None or a \(3,\) tensor .* got shape \(1,\)"
+    ):
+        kernels.batch_norm_forward(x, torch.ones(1), None, 1e-5, torch.empty_like(x))
     x, _ = _data("nhwc", 0.0)
     with pytest.raises(ValueError, match=r"batch_norm_forward: x must be a channels-first"):
         kernels.batch_norm_forward(x, None, None, 1e-5, torch.empty_like(x))
@@ -180,8 +219,12 @@ def test_two_threads_match_one() -> None:
     """The parallel loops (prange over rows / row blocks) give the serial results: each row or
     block is summed the same way on either."""
     before = torch.get_num_threads()
-    for layout in ("nchw", "nhwc"):
-        x, dy = _data(layout, 0.5)
+    for layout, dtype in (
+        ("nchw", torch.float32),
+        ("nchw", torch.float64),
+        ("nhwc", torch.float32),
+    ):
+        x, dy = (t.to(dtype) for t in _data(layout, 0.5))
         if layout == "nchw":  # samples 1 and 2 far from the shift: the two-pass rows too
             x[1] += 100.0
             x[2] -= 1e4

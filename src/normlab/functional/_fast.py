@@ -228,8 +228,10 @@ class BatchNormTrain(torch.autograd.Function):
 
     ``apply(x, weight, bias, eps, mean=None, var=None)`` returns ``(y, mean, var)``; ``mean`` and
     the biased ``var`` are float64 per-channel batch statistics (not differentiable), for the
-    running-statistics update. They are computed here (:func:`_batch_moments`, channels-first
-    input that passes :func:`use_fast_batch_stats`) unless given -- from :func:`batch_moments` of
+    running-statistics update. They are computed here (channels-first input that passes
+    :func:`use_fast_batch_stats`: the fast extra's fused forward,
+    :func:`normlab.functional._kernels.batch_norm_forward`, else :func:`_batch_moments`) unless
+    given -- from :func:`batch_moments` of
     the same ``x``, by a caller that needs them first (input passing :func:`use_given_stats`);
     the gradient flows through them as through batch norm's own. The output keeps ``x``'s layout.
     """
