@@ -7,6 +7,7 @@ import torch
 
 import normlab.functional as NF
 import normlab.nn as nl
+from normlab.functional import NonFiniteStatisticsWarning
 from normlab.functional._core import (
     channel_affine,
     channel_view_shape,
@@ -90,6 +91,33 @@ def test_update_running_stats_follows_torch_rule() -> None:
     NF.update_running_stats_(rm, rv, mean, var, 4, 0.25)
     torch.testing.assert_close(rm, 0.25 * mean)
     torch.testing.assert_close(rv, 0.75 + 0.25 * var * 4 / 3)
+
+
+@pytest.mark.parametrize("route", ["numpy", "torch"])
+def test_update_running_stats_routes_agree_and_move_version_counters(route: str) -> None:
+    """The eager CPU route computes the rule in float64 numpy and stores it with ``copy_``; the
+    torch route (statistics that require grad, ``torch.compile``, other dtypes) in the buffers'
+    dtype: the same values to float32 rounding, and both bump the buffers' version counters (so
+    autograd notices them). Non-finite statistics are not applied, with a warning."""
+    g = torch.Generator().manual_seed(7)
+    rm, rv = torch.randn(5, generator=g), torch.rand(5, generator=g) + 0.5
+    mean = torch.randn(5, generator=g, dtype=torch.float64)
+    var = torch.rand(5, generator=g, dtype=torch.float64)
+    want_m = 0.9 * rm.double() + 0.1 * mean
+    want_v = 0.9 * rv.double() + 0.1 * var * 9 / 8
+    if route == "torch":
+        mean.requires_grad_()  # keeps it off the numpy route
+    versions = rm._version, rv._version
+    NF.update_running_stats_(rm, rv, mean, var, 9, 0.1)
+    torch.testing.assert_close(rm.double(), want_m, rtol=2e-7, atol=1e-7)
+    torch.testing.assert_close(rv.double(), want_v, rtol=2e-7, atol=1e-7)
+    assert rm._version > versions[0]
+    assert rv._version > versions[1]
+    before = rm.clone(), rv.clone()
+    with pytest.warns(NonFiniteStatisticsWarning):
+        NF.update_running_stats_(rm, rv, mean.detach(), var * float("nan"), 9, 0.1)
+    assert rm.equal(before[0])
+    assert rv.equal(before[1])
 
 
 def test_channel_view_shape() -> None:
