@@ -365,23 +365,26 @@ def _update_in_numpy_(
     64x64x32x32) and stored by one ``copy_`` per buffer (version counters move as torch's would).
     Returns ``False`` -- nothing done -- elsewhere (autograd, other dtypes or devices,
     ``torch.compile``) and for non-finite results (the torch route then warns)."""
-    tensors = (running_mean, running_var, mean, var)
-    if compiling() or any(
-        t.device.type != "cpu" or t.dtype not in (torch.float32, torch.float64) or t.requires_grad
-        for t in tensors
-    ):
+    if compiling():
         return False
-    old_mean, old_var, new_mean, new_var = (
-        np.asarray(t.detach().numpy(), dtype=np.float64).reshape(-1) for t in tensors
-    )
-    updated_mean = (1.0 - momentum) * old_mean + momentum * new_mean
-    updated_var = (1.0 - momentum) * old_var + momentum * (new_var * bessel)
-    if not (np.isfinite(updated_mean).all() and np.isfinite(updated_var).all()):
+    arrays = []
+    for t in (running_mean, running_var, mean, var):
+        if t.device.type != "cpu" or t.dtype not in _NUMPY_FLOATS or t.requires_grad:
+            return False
+        arrays.append(t.numpy().reshape(-1).astype(np.float64, copy=False))
+    old_mean, old_var, new_mean, new_var = arrays
+    keep = 1.0 - momentum
+    updated_mean = keep * old_mean + momentum * new_mean
+    updated_var = keep * old_var + (momentum * bessel) * new_var
+    if not np.isfinite(updated_var.sum() + updated_mean.sum()):
         return False
     with torch.no_grad():
         running_mean.copy_(torch.from_numpy(updated_mean).view(running_mean.shape))
         running_var.copy_(torch.from_numpy(updated_var).view(running_var.shape))
     return True
+
+
+_NUMPY_FLOATS = (torch.float32, torch.float64)
 
 
 def store_running_stats_(

@@ -475,7 +475,11 @@ def _call(name: str, *args: Any) -> None:
 
 
 def _channel_vector(t: Tensor, x: Tensor) -> Any:
-    return t.detach().to(x.dtype).contiguous().numpy()
+    """``t`` as a numpy vector of ``x``'s dtype (no copy when it is one already)."""
+    t = t.detach()
+    if t.dtype != x.dtype or not t.is_contiguous():
+        t = t.to(x.dtype).contiguous()
+    return t.numpy()
 
 
 def _scratch(n: int, c: int, dtype: Any) -> tuple[Any, Any]:
@@ -552,7 +556,7 @@ def batch_norm_forward(
     stats = torch.empty(2, c, dtype=torch.float64)
     saved = torch.empty(2, c, dtype=x.dtype)
     params = [
-        _np.full(c, fill) if t is None else t.detach().double().numpy()
+        _np.full(c, fill, rows.dtype) if t is None else _channel_vector(t, x)
         for t, fill in ((weight, 1.0), (bias, 0.0))
     ]
     _call(
