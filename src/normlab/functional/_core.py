@@ -376,11 +376,11 @@ def _update_in_numpy_(
     keep = 1.0 - momentum
     updated_mean = keep * old_mean + momentum * new_mean
     updated_var = keep * old_var + (momentum * bessel) * new_var
-    if not np.isfinite(updated_var.sum() + updated_mean.sum()):
+    if not math.isfinite(float(updated_var.sum() + updated_mean.sum())):
         return False
-    with torch.no_grad():
-        running_mean.copy_(torch.from_numpy(updated_mean).view(running_mean.shape))
-        running_var.copy_(torch.from_numpy(updated_var).view(running_var.shape))
+    # no autograd here (nothing requires grad): copy_ broadcasts the flat result into the buffer
+    running_mean.copy_(torch.from_numpy(updated_mean.reshape(running_mean.shape)))
+    running_var.copy_(torch.from_numpy(updated_var.reshape(running_var.shape)))
     return True
 
 
