@@ -194,6 +194,15 @@ def bench_shape(
             t_ours, t_theirs = compare(_fwd_bwd(ours, x, gy), _fwd_bwd(theirs, x, gy), min_time)
             lines.append(_row(f"{spec.name} fwd+bwd", t_ours, t_theirs, 5 * size))
         print(lines[-1], file=sys.stderr, flush=True)
+    # issue #9's bandwidth target, read against a copy timed alternately with the forward (the
+    # copy above is timed once, before the table: the host's drift in between moves the GB/s)
+    bn = nl.BatchNorm2d(c).train()
+    t_bn, t_copy = compare(_fwd(bn, x), lambda: out.copy_(x), min_time)
+    lines.append(
+        f"\nBatchNorm2d train forward, timed alternately with `y.copy_(x)`: "
+        f"{t_bn.median * 1e3:.3f} ms against {t_copy.median * 1e3:.3f} ms, "
+        f"{100 * t_copy.median / t_bn.median:.0f} % of the copy's bandwidth (issue #9's target 50 %)"
+    )
     return lines
 
 

@@ -43,6 +43,7 @@ def test_layers_benchmark_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[st
         "LayerNorm([C,H,W]) fwd",
         "ChannelLayerNorm fwd+bwd",
         "channels_last",
+        "% of the copy's bandwidth",
     ):
         assert name in table
     assert "ratio" in capsys.readouterr().out
