@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "FULL_PRECISION",
     "Moments",
     "NonFiniteStatisticsWarning",
     "apply_affine",
@@ -56,6 +57,8 @@ __all__ = [
 ]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
+# The dtypes the CPU fast routes read as raw memory (numpy, numba): no low-precision type there.
+FULL_PRECISION = (torch.float32, torch.float64)
 
 
 def stats_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -369,7 +372,7 @@ def _update_in_numpy_(
         return False
     arrays = []
     for t in (running_mean, running_var, mean, var):
-        if t.device.type != "cpu" or t.dtype not in _NUMPY_FLOATS or t.requires_grad:
+        if t.device.type != "cpu" or t.dtype not in FULL_PRECISION or t.requires_grad:
             return False
         arrays.append(t.numpy().reshape(-1).astype(np.float64, copy=False))
     old_mean, old_var, new_mean, new_var = arrays
@@ -382,9 +385,6 @@ def _update_in_numpy_(
     running_mean.copy_(torch.from_numpy(updated_mean.reshape(running_mean.shape)))
     running_var.copy_(torch.from_numpy(updated_var.reshape(running_var.shape)))
     return True
-
-
-_NUMPY_FLOATS = (torch.float32, torch.float64)
 
 
 def store_running_stats_(

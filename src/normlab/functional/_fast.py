@@ -36,7 +36,12 @@ import torch.autograd.forward_ad as forward_ad
 from torch import Tensor
 
 from normlab.functional import _kernels as kernels
-from normlab.functional._core import channel_affine, channels_last_format, pool_moments
+from normlab.functional._core import (
+    FULL_PRECISION,
+    channel_affine,
+    channels_last_format,
+    pool_moments,
+)
 
 __all__ = [
     "BatchNormTrain",
@@ -58,7 +63,6 @@ __all__ = [
 # _MIN_ROW make the per-row kernel inefficient; smaller tensors are dominated by call overhead.
 _MIN_ROW = 32
 _MIN_NUMEL = 1 << 19
-_FAST_DTYPES = (torch.float32, torch.float64)
 # Above this |mean| / std (in any channel) the fast backward's reductions lose accuracy; torch's
 # backward kernel is used instead (see _fast_backward).
 _MAX_OFFSET = 8.0
@@ -73,7 +77,7 @@ _NORM_PIECE = 4096
 def _eligible(x: Tensor, others: tuple[Tensor | None, ...]) -> bool:
     """Eager CPU float32/float64 ``(N, C, *spatial)`` input whose ``others`` share its dtype and
     device, outside ``torch.compile``, ``torch.func`` transforms and forward-mode AD."""
-    if x.device.type != "cpu" or x.dtype not in _FAST_DTYPES or x.dim() < 3:
+    if x.device.type != "cpu" or x.dtype not in FULL_PRECISION or x.dim() < 3:
         return False
     for p in others:
         if p is not None and (p.dtype != x.dtype or p.device != x.device):
@@ -209,7 +213,7 @@ def batch_moments(x: Tensor) -> tuple[Tensor, Tensor]:
         if use_fast_batch_stats(x):
             return _batch_moments(x)
         cpu = x.device.type == "cpu"  # the biased variance is checked on CPU (no GPU here)
-        if cpu and channels_last_format(x) is not None and x.dtype in _FAST_DTYPES:
+        if cpu and channels_last_format(x) is not None and x.dtype in FULL_PRECISION:
             mean, var = torch.batch_norm_update_stats(x.detach(), None, None, 0.0)
             return mean.double(), var.double()  # var: biased
         if x.dim() == 2 or x[0, 0].numel() == 1:
@@ -488,7 +492,7 @@ class PerGroupBatchNorm(torch.autograd.Function):
             grad_b = grad_out.sum([0, *range(2, x.dim())]) if need_b else None
             return grad_x, grad_w, grad_b, None, None
         if (
-            x.dtype in _FAST_DTYPES
+            x.dtype in FULL_PRECISION
             and channels_last_format(x) is not None
             and all(size == 1 for size in ctx.sizes)
         ):
@@ -617,7 +621,7 @@ def _per_group_backward(
     grad_x = torch.empty_like(x)
     grad_w = None if weight is None else torch.zeros_like(mean[0])
     grad_b = torch.zeros_like(mean[0]) if bias_dtype is not None else None
-    fast = x.dtype in _FAST_DTYPES
+    fast = x.dtype in FULL_PRECISION
     centred = (mean.abs() * invstd <= _MAX_OFFSET).all(1).tolist() if fast else []
     for k, (gs, xs, gx) in enumerate(
         zip(

@@ -46,7 +46,7 @@ import torch.autograd.forward_ad as forward_ad
 from torch import Tensor
 
 from normlab._checks import fail
-from normlab.functional._core import pool_moments, storage_layout
+from normlab.functional._core import FULL_PRECISION, pool_moments, storage_layout
 
 __all__ = [
     "abs_deviation_sums",
@@ -67,7 +67,6 @@ _CL_ROWS = 256
 _BLOCK_BYTES = 1 << 18
 # Below this many values the numba call's fixed cost (~5-10 us) is not worth it.
 _MIN_NUMEL = 1 << 14
-_DTYPES = (torch.float32, torch.float64)
 _LOCK = threading.Lock()
 # Loops without sums to vectorise, compiled without reassociation: the serial and the parallel
 # build then evaluate their float64 pooling identically (with it they differed by an ulp).
@@ -100,7 +99,7 @@ def usable(x: Tensor, *like: Tensor | None) -> bool:
     or as a contiguous ``(N, C)`` matrix; every tensor in ``like`` (``None`` skipped: a gradient,
     an output buffer) has ``x``'s dtype, shape and strides (the kernels read them as ``x``); not
     under ``torch.compile``, ``torch.func`` transforms (e.g. a vmap'd backward) or forward AD."""
-    if x.device.type != "cpu" or x.dtype not in _DTYPES or x.numel() < _MIN_NUMEL:
+    if x.device.type != "cpu" or x.dtype not in FULL_PRECISION or x.numel() < _MIN_NUMEL:
         return False
     if storage_layout(x) is None or not available():
         return False
