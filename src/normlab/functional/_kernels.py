@@ -487,6 +487,17 @@ def _scratch(n: int, c: int, dtype: Any) -> tuple[Any, Any]:
     return _np.empty(c, dtype), _np.empty(n * c, dtype)
 
 
+def _row_moments(x: Tensor) -> tuple[Any, Any, Any]:
+    """``(rows, mean, m2)``: the ``(N * C, L)`` numpy rows of a channels-first ``x`` and each
+    row's float64 mean and sum of squared deviations (``_rows_moments``)."""
+    rows = _rows(x)
+    mean = _np.empty(rows.shape[0])
+    m2 = _np.empty(rows.shape[0])
+    n, c = x.shape[0], x.shape[1]
+    _call("_rows_moments", rows, c, _BLOCK, *_scratch(n, c, rows.dtype), mean, m2)
+    return rows, mean, m2
+
+
 # --- what the layers call -------------------------------------------------------------------------
 
 
@@ -494,16 +505,12 @@ def moments(x: Tensor) -> tuple[Tensor, Tensor]:
     """Per-channel batch mean and biased variance of ``x`` (all dims but 1), float64, from one
     read of memory (requires :func:`usable`)."""
     _require(x)
-    rows = _rows(x)
     n, c = x.shape[0], x.shape[1]
     if storage_layout(x) == "first":
-        mean = torch.empty(n * c, dtype=torch.float64)
-        m2 = torch.empty_like(mean)
-        _call(
-            "_rows_moments", rows, c, _BLOCK, *_scratch(n, c, rows.dtype), mean.numpy(), m2.numpy()
-        )
-        length = rows.shape[1]
-        return pool_moments(mean.view(n, c), m2.view(n, c) / length, 0)
+        rows, row_mean, row_m2 = _row_moments(x)
+        mean, m2 = (torch.from_numpy(a).view(n, c) for a in (row_mean, row_m2))
+        return pool_moments(mean, m2 / rows.shape[1], 0)
+    rows = _rows(x)
     block = _block_rows(c, x.element_size())
     nblocks = -(-rows.shape[0] // block)
     mean = torch.empty(nblocks, c, dtype=torch.float64)
@@ -537,7 +544,7 @@ def batch_norm_forward(
             f"strides {x.stride()} for shape {tuple(x.shape)}",
             "use moments() and the eval-mode kernel for other layouts",
         )
-    n, c = x.shape[0], x.shape[1]
+    c = x.shape[1]
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None and tuple(t.shape) != (c,):  # the loop reads c values without checks
             fail(
@@ -548,10 +555,7 @@ def batch_norm_forward(
                 f"shape {tuple(t.shape)}",
                 f"pass one {name} value per channel of x",
             )
-    rows = _rows(x)
-    row_mean = _np.empty(n * c)
-    row_m2 = _np.empty(n * c)
-    _call("_rows_moments", rows, c, _BLOCK, *_scratch(n, c, rows.dtype), row_mean, row_m2)
+    rows, row_mean, row_m2 = _row_moments(x)
     stats = torch.empty(2, c, dtype=torch.float64)
     saved = torch.empty(2, c, dtype=x.dtype)
     params = [
