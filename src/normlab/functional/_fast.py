@@ -47,6 +47,7 @@ __all__ = [
     "BatchNormTrain",
     "PerGroupBatchNorm",
     "batch_moments",
+    "centred_first",
     "centred_grad_sums",
     "channel_grad_sums",
     "channel_sums",
@@ -280,7 +281,7 @@ class BatchNormTrain(torch.autograd.Function):
             memory_format=channels_last_format(x) or torch.contiguous_format
         )
         if torch.is_grad_enabled() or not (
-            _loops(x, grad_out) or _centred_first(x, save_mean, save_invstd)
+            _loops(x, grad_out) or centred_first(x, save_mean, save_invstd)
         ):
             # Double backward (create_graph=True) needs torch's differentiable formula; far
             # off-centre data needs its exactly centred reductions (see _fast_backward).
@@ -310,10 +311,11 @@ class BatchNormTrain(torch.autograd.Function):
         )
 
 
-def _centred_first(x: Tensor, mean: Tensor, invstd: Tensor) -> bool:
-    """Whether :func:`_fast_backward` serves ``x`` without the fast extra: channels-first
-    contiguous (on channels-last tensors torch's backward kernel is already fast), every
-    channel's mean within ``_MAX_OFFSET`` standard deviations of zero."""
+def centred_first(x: Tensor, mean: Tensor, invstd: Tensor) -> bool:
+    """Whether the group-norm backward kernel's sums (:func:`channel_grad_sums`) are accurate
+    for ``x`` without the fast extra -- batch norm's and sync batch norm's fast backward:
+    channels-first contiguous (on channels-last tensors torch's backward kernel is already fast),
+    every channel's mean within ``_MAX_OFFSET`` standard deviations of zero."""
     return x.is_contiguous() and bool((mean.double().abs() * invstd.double()).max() <= _MAX_OFFSET)
 
 

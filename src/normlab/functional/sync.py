@@ -21,8 +21,8 @@ from torch import Tensor
 from normlab._checks import check_values_per_channel
 from normlab.functional._core import Moments, channel_view_shape, update_running_stats_
 from normlab.functional._fast import (
-    _MAX_OFFSET,
     batch_moments,
+    centred_first,
     channel_grad_sums,
     input_grad,
     normalize_given,
@@ -100,12 +100,7 @@ class _SyncBatchNorm(torch.autograd.Function):
         ctx.save_for_backward(x, weight, mean, invstd, count)
         ctx.group = group
         ctx.owner = owner
-        ctx.fast = (
-            x.dim() >= 3
-            and x.is_contiguous()
-            and x.shape[0] > 0
-            and bool((mean.abs() * invstd).max() <= _MAX_OFFSET)
-        )
+        ctx.fast = x.dim() >= 3 and x.shape[0] > 0 and centred_first(x, mean, invstd)
         ctx.mark_non_differentiable(mean, var, count)
         return y, mean, var, count
 
