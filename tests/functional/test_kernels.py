@@ -215,6 +215,87 @@ def test_batch_norm_forward_against_float64() -> None:
         kernels.batch_norm_forward(x, None, None, 1e-5, torch.empty_like(x))
 
 
+def _block_oracle(rows: torch.Tensor, block: int) -> tuple[torch.Tensor, ...]:
+    """Per-channel float64 sums and each ``block`` rows' maximum and minimum of ``(M, C)``
+    rows, by torch's reductions one block at a time (the last block may be partial)."""
+    blocks = rows.split(block)
+    hi = torch.stack([b.amax(0) for b in blocks])
+    lo = torch.stack([b.amin(0) for b in blocks])
+    return rows.double().sum(0), hi, lo
+
+
+@pytest.mark.parametrize("layout", ["nhwc", "ndhwc", "nc"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("block", [16, 21, 64])  # whole groups of 16 rows, a remainder, 4 groups
+def test_block_extremes_against_torch(layout: str, dtype: torch.dtype, block: int) -> None:
+    """L-infinity batch norm's one-read pass: every block's maximum and minimum exactly (the
+    number of rows is no multiple of the block for "nc"), the sums to float rounding."""
+    x = _data(layout, 0.3)[0].to(dtype)
+    x[0, 1].view(-1)[0] = 50.0  # a lone extreme in the first row of a block
+    rows = kernels._rows(x)
+    sums, hi, lo = kernels.block_extremes(x, block)
+    want_sums, want_hi, want_lo = _block_oracle(torch.from_numpy(rows), block)
+    assert hi.dtype == lo.dtype == dtype
+    assert sums.dtype == torch.float64
+    assert torch.equal(hi, want_hi)
+    assert torch.equal(lo, want_lo)
+    bound = F32_REL * x.double().abs().sum(_dims(x)) if dtype == torch.float32 else 1e-12
+    assert ((sums - want_sums).abs() <= bound).all()
+
+
+@pytest.mark.parametrize("layout", ["nhwc", "ndhwc", "nc"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(("k", "offset"), [(1, 0.0), (10, 0.0), (40, 1e3)])
+def test_top_deviations_against_a_full_sort(
+    layout: str, dtype: torch.dtype, k: int, offset: float
+) -> None:
+    """The k largest |x - center| per channel (sorted), their storage offsets and signs: equal
+    to a top-k over every value of the channel, with blocks that leave a partial last one."""
+    x = _data(layout, offset)[0].to(dtype)
+    rows = torch.from_numpy(kernels._rows(x))
+    center = rows.double().mean(0).to(dtype)
+    block = 19
+    _, hi, lo = kernels.block_extremes(x, block)
+    values, offsets, signs = kernels.top_deviations(x, center, hi, lo, block, k)
+    dev = rows - center
+    want = dev.abs().topk(k, dim=0)
+    assert torch.equal(values, want.values.t())
+    c = x.shape[1]
+    assert torch.equal(offsets % c, torch.arange(c).view(c, 1).expand(c, k))
+    picked = dev.flatten()[offsets]  # rows are x's storage in order
+    assert torch.equal(picked.abs(), values)
+    assert torch.equal(picked.sign(), signs)
+
+
+def test_top_deviations_of_a_constant_channel() -> None:
+    """Ties: a constant channel gives k zero deviations at k distinct rows, sign 0."""
+    x = _data("nhwc", 0.0)[0]
+    x[:, 2] = 1.5
+    rows = torch.from_numpy(kernels._rows(x))
+    center = rows.double().mean(0).float()
+    _, hi, lo = kernels.block_extremes(x, 16)
+    values, offsets, signs = kernels.top_deviations(x, center, hi, lo, 16, 5)
+    assert torch.equal(values[2], torch.zeros(5))
+    assert torch.equal(signs[2], torch.zeros(5))
+    assert len(set(offsets[2].tolist())) == 5
+    assert (offsets[2] % x.shape[1] == 2).all()
+
+
+def test_block_extremes_and_top_deviations_refuse_what_they_cannot_read() -> None:
+    nchw = _data("nchw", 0.0)[0]
+    with pytest.raises(ValueError, match=r"block_extremes: x and block must be a channels-last"):
+        kernels.block_extremes(nchw, 16)
+    x = _data("nhwc", 0.0)[0]
+    with pytest.raises(ValueError, match="block 0"):
+        kernels.block_extremes(x, 0)
+    _, hi, lo = kernels.block_extremes(x, 16)
+    center = torch.zeros(x.shape[1])
+    with pytest.raises(ValueError, match=r"k 0\. Fix: use the torch route"):
+        kernels.top_deviations(x, center, hi, lo, 16, 0)
+    with pytest.raises(ValueError, match=r"hi and lo must be .*\(block_extremes\(x, 32\)\)"):
+        kernels.top_deviations(x, center, hi, lo, 32, 3)
+
+
 def test_two_threads_match_one() -> None:
     """The parallel loops (prange over rows / row blocks) give the serial results: each row or
     block is summed the same way on either."""
@@ -237,6 +318,9 @@ def test_two_threads_match_one() -> None:
                 result = [*kernels.moments(x), *kernels.grad_sums(dy, x, mean, signs=True)]
                 if layout == "nchw":
                     result += kernels.batch_norm_forward(x, None, None, 1e-5, out)[1:]
+                elif dtype == torch.float32:
+                    extremes = kernels.block_extremes(x, 16)
+                    result += [*extremes, *kernels.top_deviations(x, mean, *extremes[1:], 16, 9)]
                 results.append(result)
         finally:
             torch.set_num_threads(before)
@@ -445,6 +529,36 @@ def test_l1_batch_norm_through_the_loops(monkeypatch: pytest.MonkeyPatch, layout
 
     ours = run(fused, torch.float32)
     assert spy.calls == ["abs_deviation_sums", "grad_sums", "input_grad"]
+    oracle = run(composite, torch.float64)
+    for o, r in zip(ours, oracle, strict=True):
+        assert ((o.double() - r).norm() / r.norm()).item() <= 1e-5
+
+
+@pytest.mark.parametrize("layout", ["nhwc", "nc"])
+def test_linf_batch_norm_through_the_loops(monkeypatch: pytest.MonkeyPatch, layout: str) -> None:
+    """The fused L-infinity function on channels-last storage with the loops (sums and block
+    extremes in one read, the top-k search in one loop) against autograd through the composite
+    formula (a sort of every channel) in float64."""
+    spy = _Spy(monkeypatch, "block_extremes", "top_deviations")
+    x32, dy32 = _data(layout, 0.3)
+    w32 = torch.rand(x32.shape[1]) + 0.5
+    n = x32.numel() // x32.shape[1]
+
+    def composite(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        mu = x.mean(_dims(x))
+        scale = lp_norm.lp_dispersion(x, mu, "inf", k=10)
+        return (x - _view(x, mu)) / _view(x, scale + 1e-5) * _view(x, w) + _view(x, b)
+
+    def fused(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        constant = lp_norm.linf_constant(n)
+        return lp_norm.LinfBatchNormTrain.apply(x, w, b, 1e-5, constant, 10)[0]  # type: ignore[no-untyped-call]
+
+    def run(fn: Callable[..., torch.Tensor], dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        return _outputs_and_grads(fn, dtype, x32, w32, dy32)
+
+    ours = run(fused, torch.float32)
+    assert spy.calls == ["block_extremes", "top_deviations"]
+    assert ours[0].stride() == x32.stride()
     oracle = run(composite, torch.float64)
     for o, r in zip(ours, oracle, strict=True):
         assert ((o.double() - r).norm() / r.norm()).item() <= 1e-5

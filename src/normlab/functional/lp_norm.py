@@ -361,17 +361,35 @@ def _block(length: int, low: int, high: int) -> int:
     return next((b for b in range(high, low - 1, -1) if length % b == 0), length)
 
 
-def _top_deviations(x: Tensor, mean: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+def _row_block(x: Tensor) -> int:
+    """Rows per block of the top-k search on channels-last (or ``(N, C)``) storage."""
+    return _block(x.numel() // x.shape[1], 16, 64)
+
+
+def _mean_and_extremes(x: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+    """The per-channel mean (``x``'s dtype) and, on channels-last storage with the fast extra,
+    each row block's maximum and minimum from the same read (:func:`kernels.block_extremes`)."""
+    count = x.numel() // x.shape[1]
+    if storage_layout(x) == "first" or not kernels.usable(x):
+        return channel_sums(x) / count, None
+    sums, hi, lo = kernels.block_extremes(x, _row_block(x))
+    return (sums / count).to(x.dtype), (hi, lo)
+
+
+def _top_deviations(
+    x: Tensor, mean: Tensor, k: int, extremes: tuple[Tensor, Tensor] | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
     """The ``k`` largest ``|x - mean|`` per channel without sorting the data: ``(values, offsets,
     signs)``, each ``(C, k)``, with the storage offsets of those values in ``x`` and the signs of
     ``x - mean`` there.
 
     The values are cut into blocks (:func:`_block`; contiguous runs of positions on channels-first
     storage, runs of rows on channels-last storage); each block's largest deviation is
-    ``max(max(x) - mean, mean - min(x))`` (two fast reductions); the ``k`` largest values of a
-    channel all lie in its ``k`` blocks with the largest such maxima (any value outside them is
-    exceeded by at least one value in each of those ``k`` blocks), so top-k runs only on those
-    ``k`` blocks' values.
+    ``max(max(x) - mean, mean - min(x))`` (two fast reductions, or on channels-last storage
+    ``extremes``: the blocks' maxima and minima, ``(blocks, C)`` each, from
+    :func:`_mean_and_extremes`); the ``k`` largest values of a channel all lie in its ``k`` blocks
+    with the largest such maxima (any value outside them is exceeded by at least one value in
+    each of those ``k`` blocks), so top-k runs only on those ``k`` blocks' values.
     """
     c = x.shape[1]
     centre = mean.to(x.dtype).view(c, 1)
@@ -393,9 +411,10 @@ def _top_deviations(x: Tensor, mean: Tensor, k: int) -> tuple[Tensor, Tensor, Te
         values = flat.view(-1, b).index_select(0, (start // b).flatten()).view(c, -1)
         offsets = (start.unsqueeze(2) + torch.arange(b, device=x.device)).reshape(c, -1)
     else:  # storage (M, C): blocks of consecutive rows, one strided value per row gathered
-        m = x.numel() // c
-        b = _block(m, 16, 64)
-        view = torch.as_strided(x, (m // b, b, c), (b * c, c, 1))
+        b = _row_block(x)
+        if extremes is not None:  # the fast extra: block search and top-k in one loop
+            return kernels.top_deviations(x, centre.view(c), *extremes, b, k)
+        view = torch.as_strided(x, (x.numel() // c // b, b, c), (b * c, c, 1))
         worst = torch.maximum(view.amax(1) - centre.t(), centre.t() - view.amin(1)).t()
         chosen = worst.topk(min(k, worst.shape[1]), dim=1).indices
         start = chosen * (b * c) + channel
@@ -409,7 +428,8 @@ def _top_deviations(x: Tensor, mean: Tensor, k: int) -> tuple[Tensor, Tensor, Te
 class LinfBatchNormTrain(torch.autograd.Function):
     """Training-mode L-infinity (top-k) batch norm, ``y = weight * (x - mu) / D + bias`` with
     ``D = K * mean(top_k |x - mu|) + eps`` per channel, with its own backward: the top-k search
-    reads ``x`` twice (block maxima and minima, :func:`_top_deviations`) instead of sorting an
+    reads ``x`` twice (block maxima and minima, :func:`_top_deviations`; on channels-last storage
+    with the fast extra, once for them and the mean together) instead of sorting an
     activation-sized copy, and the gradient is one per-channel multiply-add over ``dy`` plus a
     sparse correction at the ``k`` selected values of each channel. Saves ``x`` and per-channel
     statistics (and the ``(C, k)`` selection).
@@ -430,8 +450,8 @@ class LinfBatchNormTrain(torch.autograd.Function):
         constant: float,
         k: int,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        mean = channel_sums(x) / (x.numel() // x.shape[1])
-        top, offsets, signs = _top_deviations(x, mean, k)
+        mean, extremes = _mean_and_extremes(x)
+        top, offsets, signs = _top_deviations(x, mean, k, extremes)
         scale = top.mean(1) * constant
         denom = scale + eps
         a = (1.0 / denom) if weight is None else weight / denom
