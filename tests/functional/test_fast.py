@@ -344,3 +344,30 @@ def test_channels_last_instance_norm_against_the_float64_reference(
         torch.testing.assert_close(got, want)
     assert torch.autograd.gradcheck(ours, (x, w, b))
     assert torch.autograd.gradgradcheck(ours, (x, w, b))
+
+
+@pytest.mark.torch_routes
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("into", [False, True], ids=["new", "out"])
+def test_channels_last_output_from_given_statistics(affine: bool, into: bool) -> None:
+    """Batch renorm's output pass on channels-last input (a multiply-add along the channels, not
+    the eval kernel): as accurate as the kernel against float64, off-centre too, layout kept,
+    into ``out`` or a new tensor; channels-first input keeps the kernel (identical result)."""
+    x64 = _x((6, 5, 9, 7), seed=3) + 20.0
+    g = torch.Generator().manual_seed(4)
+    w64 = torch.rand(5, generator=g, dtype=torch.float64) + 0.5 if affine else None
+    b64 = torch.randn(5, generator=g, dtype=torch.float64) if affine else None
+    mean, var = x64.mean((0, 2, 3)), x64.var((0, 2, 3), unbiased=False)
+    oracle = F.batch_norm(x64, mean, var, w64, b64, False, 0.0, 1e-5)
+    x = x64.float().contiguous(memory_format=torch.channels_last)
+    w, b = (None if t is None else t.float() for t in (w64, b64))
+    out = torch.empty_like(x) if into else None
+    y = _fast.normalize_given(x, w, b, mean, var, 1e-5, out)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert out is None or y is out
+    kernel = F.batch_norm(x, mean.float(), var.float(), w, b, False, 0.0, 1e-5)
+    assert _rel(y, oracle) <= 2 * _rel(kernel, oracle) + 1e-7
+    first = x.contiguous()
+    torch.testing.assert_close(
+        _fast.normalize_given(first, w, b, mean, var, 1e-5), kernel.contiguous(), rtol=0, atol=0
+    )
