@@ -296,6 +296,65 @@ def test_block_extremes_and_top_deviations_refuse_what_they_cannot_read() -> Non
         kernels.top_deviations(x, center, hi, lo, 32, 3)
 
 
+def _instance_oracle(
+    x: torch.Tensor, w: torch.Tensor | None, dy: torch.Tensor
+) -> tuple[torch.Tensor, ...]:
+    """float64 autograd through the plain instance-norm formula: ``(dx, dw, db)``."""
+    x = x.double().requires_grad_()
+    wd = None if w is None else w.double().requires_grad_()
+    spatial = list(range(2, x.dim()))
+    mean = x.mean(spatial, keepdim=True)
+    var = (x - mean).square().mean(spatial, keepdim=True)
+    y = (x - mean) / torch.sqrt(var + 1e-5)
+    if wd is not None:
+        y = y * _view(x, wd)
+    inputs = [x] if wd is None else [x, wd]
+    grads = torch.autograd.grad(y, inputs, dy.double())
+    return grads[0], (grads[1] if wd is not None else None), dy.double().sum((0, *spatial))
+
+
+@pytest.mark.parametrize("layout", ["nchw", "long-rows"])
+@pytest.mark.parametrize("offset", OFFSETS)
+@pytest.mark.parametrize("affine", [True, False])
+def test_instance_norm_backward_against_float64(layout: str, offset: float, affine: bool) -> None:
+    """Per (sample, channel) row: the two sums, then the input gradient while the row is in
+    cache -- as accurate as torch's float32 group-norm backward (factor 4) against float64, far
+    off-centre too; the parameter gradients in float64."""
+    x, dy = _data(layout, offset)
+    n, c = x.shape[0], x.shape[1]
+    w = torch.rand(c) + 0.5 if affine else None
+    positions = x.numel() // (n * c)
+    _, mean, rstd = torch.native_group_norm(x, w, None, n, c, positions, c, 1e-5)
+    ours = kernels.instance_norm_backward(dy, x, mean, rstd, w, True)
+    theirs = torch.ops.aten.native_group_norm_backward(
+        dy, x, mean, rstd, w, n, c, positions, c, [True, affine, affine]
+    )
+    oracle = _instance_oracle(x, w, dy)
+    assert ours[0] is not None
+    assert ours[0].stride() == x.stride()
+    for o, t, r in zip(ours, theirs, oracle, strict=True):
+        if r is None:  # no weight: no weight gradient to check
+            continue
+        err = (o.double() - r).norm() / r.norm()
+        # torch's kernel cannot give the bias gradient without a weight: float64 sums, ~1e-7
+        bound = 1e-6 if t is None else 4 * (t.double() - r).norm() / r.norm() + 1e-7
+        assert err <= bound, err
+    dx_free = kernels.instance_norm_backward(dy, x, mean, rstd, w, False)
+    assert dx_free[0] is None
+    torch.testing.assert_close(dx_free[1:], ours[1:], rtol=0, atol=0)
+
+
+def test_instance_norm_backward_refuses_other_layouts() -> None:
+    x, dy = _data("nhwc", 0.0)
+    n, c = x.shape[0], x.shape[1]
+    stats = torch.zeros(n, c)
+    with pytest.raises(ValueError, match=r"instance_norm_backward: x, mean and rstd must be a"):
+        kernels.instance_norm_backward(dy, x, stats, stats, None, True)
+    x, dy = _data("nchw", 0.0)
+    with pytest.raises(ValueError, match=r"statistics of 3 and 40 values"):
+        kernels.instance_norm_backward(dy, x, stats[:1, :3], torch.zeros(8, 5), None, True)
+
+
 def test_two_threads_match_one() -> None:
     """The parallel loops (prange over rows / row blocks) give the serial results: each row or
     block is summed the same way on either."""
@@ -318,6 +377,10 @@ def test_two_threads_match_one() -> None:
                 result = [*kernels.moments(x), *kernels.grad_sums(dy, x, mean, signs=True)]
                 if layout == "nchw":
                     result += kernels.batch_norm_forward(x, None, None, 1e-5, out)[1:]
+                if layout == "nchw":
+                    n, c = x.shape[0], x.shape[1]
+                    stats = torch.native_group_norm(x, None, None, n, c, x[0, 0].numel(), c, 1e-5)
+                    result += kernels.instance_norm_backward(dy, x, *stats[1:], None, True)
                 elif dtype == torch.float32:
                     extremes = kernels.block_extremes(x, 16)
                     result += [*extremes, *kernels.top_deviations(x, mean, *extremes[1:], 16, 9)]
@@ -562,6 +625,43 @@ def test_linf_batch_norm_through_the_loops(monkeypatch: pytest.MonkeyPatch, layo
     oracle = run(composite, torch.float64)
     for o, r in zip(ours, oracle, strict=True):
         assert ((o.double() - r).norm() / r.norm()).item() <= 1e-5
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_instance_norm_through_the_loops(monkeypatch: pytest.MonkeyPatch, affine: bool) -> None:
+    """InstanceNorm2d on a channels-first tensor: the group-norm kernel forward and the fused
+    per-row backward (only when a gradient is needed), against float64 autograd through the
+    plain formula; gradcheck and gradgradcheck (double backward: torch's kernel) in float64."""
+    import normlab.nn as nl
+
+    spy = _Spy(monkeypatch, "instance_norm_backward")
+    x32, dy32 = _data("nchw", 0.5)
+    layer = nl.InstanceNorm2d(x32.shape[1], affine=affine).train()
+    if affine:
+        with torch.no_grad():
+            layer.weight.uniform_(0.5, 1.5)
+            layer.bias.uniform_(-0.5, 0.5)
+    x = x32.clone().requires_grad_()
+    y = layer(x)
+    params = list(layer.parameters())
+    grads = torch.autograd.grad(y, [x, *params], dy32)
+    assert spy.calls == ["instance_norm_backward"]
+    oracle = _instance_oracle(x32, layer.weight if affine else None, dy32)
+    for o, r in zip(grads, [oracle[0], *oracle[1:]] if affine else oracle[:1], strict=True):
+        assert ((o.double() - r).norm() / r.norm()).item() <= 1e-5
+    with torch.no_grad():  # no gradient needed: torch's kernel alone
+        torch.testing.assert_close(layer(x32), y.detach(), rtol=0, atol=0)
+    monkeypatch.setattr(kernels, "_MIN_NUMEL", 0)
+    g = torch.Generator().manual_seed(5)
+    small = torch.randn(2, 3, 4, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(3, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.rand(3, generator=g, dtype=torch.float64, requires_grad=True)
+
+    def fused(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return _fast.InstanceNormTrain.apply(x, w, b, 1e-5)[0]  # type: ignore[no-untyped-call]
+
+    assert torch.autograd.gradcheck(fused, (small, w, b))
+    assert torch.autograd.gradgradcheck(fused, (small, w, b))
 
 
 def test_gradcheck_through_the_loops(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -45,6 +45,7 @@ from normlab.functional._core import (
 
 __all__ = [
     "BatchNormTrain",
+    "InstanceNormTrain",
     "PerGroupBatchNorm",
     "batch_moments",
     "centred_first",
@@ -470,6 +471,76 @@ def kernel_param(t: Tensor | None, x: Tensor) -> Tensor | None:
     if t is None or x.dtype == torch.float64 or t.dtype == torch.float32:
         return t
     return t.float()
+
+
+class InstanceNormTrain(torch.autograd.Function):
+    """Instance norm with instance statistics on a channels-first contiguous ``(N, C, *)`` tensor:
+    torch's group-norm kernel (one group per channel) forward, and with the fast extra a backward
+    that writes each (sample, channel) row's input gradient right after its two sums, while the
+    row is in cache (:func:`normlab.functional._kernels.instance_norm_backward`; torch's
+    backward kernel makes the sums over the whole tensor first, then a second pass). Without
+    the fast extra and for inputs the loops do not read: torch's backward kernel; in double
+    backward: autograd through the kernel's forward again. ``apply(x, weight, bias, eps)``
+    returns the kernel's ``(y, mean, rstd)``; saves what torch's autograd saves for it (``x``, ``weight``, ``mean``, ``rstd``)."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        n, c = x.shape[0], x.shape[1]
+        y, mean, rstd = torch.native_group_norm(x, weight, bias, n, c, x.numel() // (n * c), c, eps)
+        ctx.save_for_backward(x, weight, mean, rstd)
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.eps = eps
+        ctx.mark_non_differentiable(mean, rstd)
+        return y, mean, rstd
+
+    @staticmethod
+    def backward(
+        ctx: Any, grad_out: Tensor, *_grad_stats: Tensor | None
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:
+        x, weight, mean, rstd = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_out = grad_out.contiguous()
+        n, c = x.shape[0], x.shape[1]
+        positions = x.numel() // (n * c)
+        has_bias = ctx.bias_dtype is not None
+        if torch.is_grad_enabled():  # double backward: differentiate the kernel's forward again
+            wanted = [t for t, need in ((x, need_x), (weight, need_w)) if t is not None and need]
+            with torch.enable_grad():
+                y = torch.native_group_norm(x, weight, None, n, c, positions, c, ctx.eps)[0]
+            got = iter(torch.autograd.grad(y, wanted, grad_out, create_graph=True))
+            grad_x = next(got) if need_x else None
+            grad_w = next(got) if need_w and weight is not None else None
+            grad_b = grad_out.sum([0, *range(2, x.dim())]) if need_b and has_bias else None
+        elif kernels.usable(x, grad_out):
+            grad_x, grad_w64, grad_b64 = kernels.instance_norm_backward(
+                grad_out, x, mean, rstd, weight, need_x
+            )
+            grad_w = None if weight is None else grad_w64.to(weight.dtype)
+            grad_b = grad_b64.to(ctx.bias_dtype or x.dtype)
+        else:  # torch's kernel; it cannot give the bias gradient without a weight
+            kernel_b = need_b and has_bias and weight is not None
+            grad_x, grad_w, grad_b = torch.ops.aten.native_group_norm_backward(
+                grad_out,
+                x,
+                mean,
+                rstd,
+                weight,
+                n,
+                c,
+                positions,
+                c,
+                [need_x, need_w and weight is not None, kernel_b],
+            )
+            if need_b and has_bias and weight is None:
+                grad_b = grad_out.sum([0, *range(2, x.dim())])
+        return (
+            grad_x if need_x else None,
+            grad_w if need_w and weight is not None else None,
+            grad_b if need_b and ctx.bias_dtype is not None else None,
+            None,
+        )
 
 
 class PerGroupBatchNorm(torch.autograd.Function):

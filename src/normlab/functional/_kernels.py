@@ -57,6 +57,7 @@ __all__ = [
     "block_extremes",
     "grad_sums",
     "input_grad",
+    "instance_norm_backward",
     "moments",
     "top_deviations",
     "usable",
@@ -516,6 +517,56 @@ def _cl_top_deviations(
                     filled = min(filled + 1, k)
 
 
+def _rows_instance_grad(
+    dy: Any,
+    x: Any,
+    mean: Any,
+    rstd: Any,
+    weight: Any,
+    block: int,
+    need_x: bool,
+    out: Any,
+    sums: Any,
+) -> None:  # pragma: no cover - numba
+    # one (sample, channel) row at a time: its two sums from memory, then (the row still in
+    # L1/L2) its input gradient -- three passes' traffic instead of torch's group-norm backward's
+    # five (the sums over the whole tensor, then the gradient)
+    nrows, length = x.shape
+    c = weight.shape[0]
+    zero = _np.zeros(1, x.dtype)[0]
+    for r in _prange(nrows):
+        mu = mean[r]
+        total_dy = 0.0
+        total_dyz = 0.0
+        for start in range(0, length, block):
+            stop = min(start + block, length)
+            gs = dy[r, start:stop]
+            xs = x[r, start:stop]
+            s = zero
+            q = zero
+            for i in range(gs.shape[0]):
+                g = gs[i]
+                s += g
+                q += g * (xs[i] - mu)
+            total_dy += float(s)
+            total_dyz += float(q)
+        sums[0, r] = total_dy
+        sums[1, r] = total_dyz
+        if need_x:
+            rs = float(rstd[r])
+            a = float(weight[r % c]) * rs
+            coef = _np.empty(3, x.dtype)  # in x's dtype: the loop below vectorises
+            coef[0] = a
+            coef[1] = -a * rs * rs * total_dyz / length
+            coef[2] = -a * total_dy / length
+            ar, br, kr = coef[0], coef[1], coef[2]
+            gs = dy[r]
+            xs = x[r]
+            os = out[r]
+            for i in range(length):
+                os[i] = ar * gs[i] + br * (xs[i] - mu) + kr
+
+
 # numba.prange once numba is imported (a name the loops resolve at compile time)
 _prange: Callable[..., Any] = range
 
@@ -789,3 +840,50 @@ def top_deviations(
         signs.numpy(),
     )
     return values, offsets, signs
+
+
+def instance_norm_backward(
+    grad_out: Tensor,
+    x: Tensor,
+    mean: Tensor,
+    rstd: Tensor,
+    weight: Tensor | None,
+    need_x: bool,
+) -> tuple[Tensor | None, Tensor, Tensor]:
+    """Instance norm's gradients on a channels-first contiguous ``x``, from the per-(sample,
+    channel) ``mean`` and ``rstd`` (``(N, C)``, ``x``'s dtype: the group-norm kernel's): per row
+    ``S1 = sum(dy)`` and ``S2 = sum(dy * (x - mean))`` (float64), then the row's input gradient
+    ``a * dy - a * rstd^2 * S2 / L * (x - mean) - a * S1 / L`` (``a = weight * rstd``) while the
+    row is still in cache. Returns ``(grad_x or None, grad_weight, grad_bias)``, the parameter
+    gradients ``sum_n rstd * S2`` and ``sum_n S1`` per channel in float64 (requires
+    :func:`usable`)."""
+    _require(x, grad_out)
+    n, c = x.shape[0], x.shape[1]
+    if storage_layout(x) != "first" or mean.numel() != n * c or rstd.numel() != n * c:
+        fail(
+            ValueError,
+            "normlab.functional._kernels.instance_norm_backward",
+            "x, mean and rstd",
+            f"a channels-first contiguous x and ({n}, {c}) statistics",
+            f"strides {x.stride()} for shape {tuple(x.shape)}, statistics of "
+            f"{mean.numel()} and {rstd.numel()} values",
+            "pass the mean and rstd native_group_norm returned for x",
+        )
+    rows = _rows(x)
+    w = _np.ones(c, rows.dtype) if weight is None else _channel_vector(weight, x)
+    out = torch.empty_like(x) if need_x else None
+    sums = torch.empty(2, n * c, dtype=torch.float64)
+    _call(
+        "_rows_instance_grad",
+        _rows(grad_out),
+        rows,
+        _channel_vector(mean.reshape(-1), x),
+        _channel_vector(rstd.reshape(-1), x),
+        w,
+        _BLOCK,
+        need_x,
+        rows if out is None else _rows(out),  # not written without need_x
+        sums.numpy(),
+    )
+    s1, s2 = sums.view(2, n, c)
+    return out, (s2 * rstd.double()).sum(0), s1.sum(0)

@@ -14,6 +14,7 @@ from normlab._checks import (
     check_values_per_channel,
     fail,
 )
+from normlab.functional import _kernels as kernels
 from normlab.functional._core import (
     channels_last_format,
     compiling,
@@ -25,6 +26,7 @@ from normlab.functional._core import (
 )
 from normlab.functional._fast import (
     BatchNormTrain,
+    InstanceNormTrain,
     PerGroupBatchNorm,
     use_fast_batch_stats,
 )
@@ -285,8 +287,8 @@ def instance_norm(
     )
 
 
-# Channels-last instance norm runs torch's batch-norm kernel once per sample from this many values
-# per sample on (fewer: the per-call overhead outweighs the layout conversions it saves).
+# Channels-last instance norm runs per sample (PerGroupBatchNorm) from this many values per
+# sample on (fewer: the per-call overhead outweighs the layout conversions it saves).
 _MIN_SAMPLE_CL = 1 << 12
 
 
@@ -319,19 +321,22 @@ def instance_norm_unchecked(
     )
     if fmt is not None and positions * c >= _MIN_SAMPLE_CL and not compiling():
         # Channels-last: one sample is a channels-last (1, C, *) tensor whose batch statistics
-        # are its instance statistics, so torch's channels-last batch-norm kernel (fast there)
-        # runs per sample into one channels-last output; the input gradient stays channels-last
-        # too (PerGroupBatchNorm, a group per sample).
+        # are its instance statistics: torch's read-only statistics kernel per sample, then one
+        # multiply-add into a channels-last output; the input gradient stays channels-last too
+        # (PerGroupBatchNorm, a group per sample).
         y, mean, rstd, _ = PerGroupBatchNorm.apply(input, weight, bias, eps, [1] * input.shape[0])  # type: ignore[no-untyped-call]
     else:
-        # Channels-first contiguous: torch's group-norm kernel is accurate and fast there; on
+        # Channels-first contiguous: torch's group-norm kernel is accurate and fast there (with
+        # the fast extra and a gradient to come, InstanceNormTrain's fused backward); on
         # channels-last input it is slower than a copy plus the channels-first kernel, and its
         # float32 weight gradient is ~40x less accurate (tests/nn/test_parity.py); small
         # channels-last samples take that route too, converted back (torch's instance norm
         # returns channels-first).
-        y, mean, rstd = torch.native_group_norm(
-            relayout(input, torch.contiguous_format), weight, bias, n, c, positions, c, eps
-        )
+        first = relayout(input, torch.contiguous_format)
+        if _fused_instance_backward(first, weight, bias):
+            y, mean, rstd = InstanceNormTrain.apply(first, weight, bias, eps)  # type: ignore[no-untyped-call]
+        else:
+            y, mean, rstd = torch.native_group_norm(first, weight, bias, n, c, positions, c, eps)
         if fmt is not None:
             y = y.contiguous(memory_format=fmt)
     if training and running_mean is not None and running_var is not None:
@@ -347,3 +352,15 @@ def instance_norm_unchecked(
                 owner,
             )
     return y
+
+
+def _fused_instance_backward(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> bool:
+    """Whether instance norm of the channels-first ``x`` runs as :class:`InstanceNormTrain`: a
+    gradient will be needed and the fast extra's loops read ``x`` (its backward's fused
+    per-row pass); parameters of another dtype stay with torch's kernel (which refuses them)."""
+    return (
+        torch.is_grad_enabled()
+        and any(t is not None and t.requires_grad for t in (x, weight, bias))
+        and all(t is None or t.dtype == x.dtype for t in (weight, bias))
+        and kernels.usable(x)
+    )
