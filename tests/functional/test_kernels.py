@@ -267,6 +267,23 @@ def test_top_deviations_against_a_full_sort(
     assert torch.equal(picked.sign(), signs)
 
 
+def test_linf_mean_of_many_rows_in_one_block_stays_exact() -> None:
+    """Block sums accumulate in float64 whatever the block's length (one block of 65537 rows,
+    values ~1000: float32 accumulation would miss the mean by ~1e-2), and L-infinity batch norm's
+    fast route uses blocks of a fixed length, so a row count without a divisor in [16, 64] (a
+    prime) keeps the mean exact and the pass parallel."""
+    g = torch.Generator().manual_seed(6)
+    x = torch.rand(65537, 2, generator=g) + torch.tensor([0.0, 1000.0])
+    want = x.double().sum(0)
+    sums = kernels.block_extremes(x, x.shape[0])[0]
+    # 16-row float32 partial sums: ~1e-9 relative here (a float32 accumulator: ~1e-5)
+    assert ((sums - want).abs() / want.abs()).max() <= 1e-8
+    mean, extremes = lp_norm._mean_and_extremes(x)
+    assert extremes is not None
+    assert extremes[0].shape == (-(-x.shape[0] // lp_norm._KERNEL_ROWS), 2)
+    torch.testing.assert_close(mean.double(), want / x.shape[0], rtol=1e-7, atol=0)
+
+
 def test_top_deviations_of_a_constant_channel() -> None:
     """Ties: a constant channel gives k zero deviations at k distinct rows, sign 0."""
     x = _data("nhwc", 0.0)[0]
@@ -294,6 +311,8 @@ def test_block_extremes_and_top_deviations_refuse_what_they_cannot_read() -> Non
         kernels.top_deviations(x, center, hi, lo, 16, 0)
     with pytest.raises(ValueError, match=r"hi and lo must be .*\(block_extremes\(x, 32\)\)"):
         kernels.top_deviations(x, center, hi, lo, 32, 3)
+    with pytest.raises(ValueError, match=r"center must be one value per channel \(5\), got 1"):
+        kernels.top_deviations(x, center[:1], hi, lo, 16, 3)
 
 
 def _instance_oracle(
@@ -353,6 +372,9 @@ def test_instance_norm_backward_refuses_other_layouts() -> None:
     x, dy = _data("nchw", 0.0)
     with pytest.raises(ValueError, match=r"statistics of 3 and 40 values"):
         kernels.instance_norm_backward(dy, x, stats[:1, :3], torch.zeros(8, 5), None, True)
+    good = torch.zeros(8, 5)
+    with pytest.raises(ValueError, match=r"weight must be None or one value per channel \(5\)"):
+        kernels.instance_norm_backward(dy, x, good, good, torch.ones(3), True)
 
 
 def test_two_threads_match_one() -> None:
@@ -662,6 +684,15 @@ def test_instance_norm_through_the_loops(monkeypatch: pytest.MonkeyPatch, affine
 
     assert torch.autograd.gradcheck(fused, (small, w, b))
     assert torch.autograd.gradgradcheck(fused, (small, w, b))
+    # a gradient for the bias alone, also in double backward (a gradient penalty behind a frozen
+    # input and weight), with and without a weight
+    for weight in (w.detach(), None):
+        frozen = small.detach()
+        y = _fast.InstanceNormTrain.apply(frozen, weight, b, 1e-5)[0]  # type: ignore[no-untyped-call]
+        (grad_b,) = torch.autograd.grad(y.square().sum(), b, create_graph=True)
+        want = (2 * y).sum((0, 2, 3))
+        torch.testing.assert_close(grad_b, want)
+        assert grad_b.requires_grad
 
 
 def test_gradcheck_through_the_loops(monkeypatch: pytest.MonkeyPatch) -> None:

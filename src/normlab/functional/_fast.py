@@ -507,9 +507,12 @@ class InstanceNormTrain(torch.autograd.Function):
         has_bias = ctx.bias_dtype is not None
         if torch.is_grad_enabled():  # double backward: differentiate the kernel's forward again
             wanted = [t for t, need in ((x, need_x), (weight, need_w)) if t is not None and need]
-            with torch.enable_grad():
-                y = torch.native_group_norm(x, weight, None, n, c, positions, c, ctx.eps)[0]
-            got = iter(torch.autograd.grad(y, wanted, grad_out, create_graph=True))
+            grads: tuple[Tensor, ...] = ()
+            if wanted:  # (a gradient for the bias alone needs no second pass through the kernel)
+                with torch.enable_grad():
+                    y = torch.native_group_norm(x, weight, None, n, c, positions, c, ctx.eps)[0]
+                grads = torch.autograd.grad(y, wanted, grad_out, create_graph=True)
+            got = iter(grads)
             grad_x = next(got) if need_x else None
             grad_w = next(got) if need_w and weight is not None else None
             grad_b = grad_out.sum([0, *range(2, x.dim())]) if need_b and has_bias else None

@@ -22,7 +22,10 @@ here do each job in one pass over memory, and each is numerically as careful as 
   one pass (read ``dy`` and ``x``, write);
 * ``sum |x - mean|`` per channel in one read;
 * on channels-last rows, per-channel sums with the maximum and minimum of each block of rows in
-  one read (L-infinity batch norm's top-k search).
+  one read, and the k largest ``|x - mean|`` per channel from the blocks those extremes single out
+  (L-infinity batch norm's top-k search);
+* instance norm's backward on channels-first rows: each row's two gradient sums, then its input
+  gradient while the row is still in cache.
 
 Two layouts: channels-first rows ``(N * C, L)`` (row ``r`` is channel ``r % C``) and
 channels-last rows ``(M, C)`` (channels contiguous; also plain ``(N, C)`` input). Loops run on
@@ -444,7 +447,7 @@ def _cl_extremes(
     nrows, c = x.shape
     for b in _prange(hi.shape[0]):
         xs = x[b * block : min(b * block + block, nrows)]
-        h, lo_b, s = hi[b], lo[b], sums[b]
+        h, lo_b, s = hi[b], lo[b], sums[b]  # s: float64, whatever the block's length
         n = xs.shape[0]
         for j in range(c):
             h[j] = xs[0, j]
@@ -458,13 +461,13 @@ def _cl_extremes(
                     total += v
                     top = v if v > top else top
                     bottom = v if v < bottom else bottom
-                s[j] += total
+                s[j] += float(total)
                 h[j] = h[j] if h[j] >= top else top
                 lo_b[j] = lo_b[j] if lo_b[j] <= bottom else bottom
         for m in range(n - n % 16, n):
             for j in range(c):
                 v = xs[m, j]
-                s[j] += v
+                s[j] += float(v)
                 h[j] = h[j] if h[j] >= v else v
                 lo_b[j] = lo_b[j] if lo_b[j] <= v else v
 
@@ -773,7 +776,7 @@ def abs_deviation_sums(x: Tensor, mean: Tensor) -> Tensor:
 
 def block_extremes(x: Tensor, block: int) -> tuple[Tensor, Tensor, Tensor]:
     """``(sums, hi, lo)`` of a channels-last (or ``(N, C)``) ``x`` in one read: the per-channel
-    sum (float64; float32 partial sums over ``block`` rows, pooled in float64) and the maximum and
+    sum (float64; float32 partial sums over 16 rows, accumulated in float64) and the maximum and
     minimum of each block of ``block`` consecutive rows, ``(ceil(M / block), C)`` in ``x``'s dtype
     (L-infinity batch norm's top-k search; requires :func:`usable`). A NaN reaches the channel's
     sum (the extremes may skip it)."""
@@ -789,10 +792,10 @@ def block_extremes(x: Tensor, block: int) -> tuple[Tensor, Tensor, Tensor]:
         )
     rows = _rows(x)
     nblocks = -(-rows.shape[0] // block)
-    sums = _np.empty((nblocks, rows.shape[1]), rows.dtype)
+    sums = torch.empty(nblocks, rows.shape[1], dtype=torch.float64)
     hi, lo = torch.empty(2, nblocks, rows.shape[1], dtype=x.dtype)
-    _call("_cl_extremes", rows, block, sums, hi.numpy(), lo.numpy())
-    return torch.from_numpy(sums).sum(0, dtype=torch.float64), hi, lo
+    _call("_cl_extremes", rows, block, sums.numpy(), hi.numpy(), lo.numpy())
+    return sums.sum(0), hi, lo
 
 
 def top_deviations(
@@ -815,6 +818,15 @@ def top_deviations(
             "a channels-last or (N, C) tensor, a block of at least one row and 1 <= k <= rows",
             f"strides {x.stride()} for shape {tuple(x.shape)}, block {block}, k {k}",
             "use the torch route for channels-first tensors; pass k = min(k, values per channel)",
+        )
+    if center.numel() != rows.shape[1]:  # the loop reads one value per channel, unchecked
+        fail(
+            ValueError,
+            "normlab.functional._kernels.top_deviations",
+            "center",
+            f"one value per channel ({rows.shape[1]})",
+            f"{center.numel()} values",
+            "pass the per-channel mean of x",
         )
     extremes = [_channel_vector(t, x) for t in (hi, lo)]
     if any(e.shape != (nblocks, rows.shape[1]) for e in extremes):
@@ -859,6 +871,15 @@ def instance_norm_backward(
     :func:`usable`)."""
     _require(x, grad_out)
     n, c = x.shape[0], x.shape[1]
+    if weight is not None and weight.numel() != c:
+        fail(
+            ValueError,
+            "normlab.functional._kernels.instance_norm_backward",
+            "weight",
+            f"None or one value per channel ({c})",
+            f"{weight.numel()} values",
+            "pass the layer's (C,) weight",
+        )
     if storage_layout(x) != "first" or mean.numel() != n * c or rstd.numel() != n * c:
         fail(
             ValueError,

@@ -362,17 +362,24 @@ def _block(length: int, low: int, high: int) -> int:
 
 
 def _row_block(x: Tensor) -> int:
-    """Rows per block of the top-k search on channels-last (or ``(N, C)``) storage."""
+    """Rows per block of the torch route's top-k search on channels-last (or ``(N, C)``)
+    storage: a divisor of the row count."""
     return _block(x.numel() // x.shape[1], 16, 64)
+
+
+# Rows per block of the fast extra's top-k search on channels-last storage (any row count: the
+# loops take a partial last block); the torch route needs a divisor (_row_block)
+_KERNEL_ROWS = 64
 
 
 def _mean_and_extremes(x: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
     """The per-channel mean (``x``'s dtype) and, on channels-last storage with the fast extra,
-    each row block's maximum and minimum from the same read (:func:`kernels.block_extremes`)."""
+    each block of ``_KERNEL_ROWS`` rows' maximum and minimum from the same read
+    (:func:`kernels.block_extremes`)."""
     count = x.numel() // x.shape[1]
     if storage_layout(x) == "first" or not kernels.usable(x):
         return channel_sums(x) / count, None
-    sums, hi, lo = kernels.block_extremes(x, _row_block(x))
+    sums, hi, lo = kernels.block_extremes(x, _KERNEL_ROWS)
     return (sums / count).to(x.dtype), (hi, lo)
 
 
@@ -411,9 +418,9 @@ def _top_deviations(
         values = flat.view(-1, b).index_select(0, (start // b).flatten()).view(c, -1)
         offsets = (start.unsqueeze(2) + torch.arange(b, device=x.device)).reshape(c, -1)
     else:  # storage (M, C): blocks of consecutive rows, one strided value per row gathered
-        b = _row_block(x)
         if extremes is not None:  # the fast extra: block search and top-k in one loop
-            return kernels.top_deviations(x, centre.view(c), *extremes, b, k)
+            return kernels.top_deviations(x, centre.view(c), *extremes, _KERNEL_ROWS, k)
+        b = _row_block(x)
         view = torch.as_strided(x, (x.numel() // c // b, b, c), (b * c, c, 1))
         worst = torch.maximum(view.amax(1) - centre.t(), centre.t() - view.amin(1)).t()
         chosen = worst.topk(min(k, worst.shape[1]), dim=1).indices
