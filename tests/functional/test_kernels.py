@@ -245,16 +245,18 @@ def test_block_extremes_against_torch(layout: str, dtype: torch.dtype, block: in
 
 @pytest.mark.parametrize("layout", ["nhwc", "ndhwc", "nc"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize(("k", "offset"), [(1, 0.0), (10, 0.0), (40, 1e3)])
+@pytest.mark.parametrize(
+    ("k", "offset", "block"), [(1, 0.0, 19), (10, 0.0, 19), (40, 1e3, 19), (300, 0.0, 64)]
+)
 def test_top_deviations_against_a_full_sort(
-    layout: str, dtype: torch.dtype, k: int, offset: float
+    layout: str, dtype: torch.dtype, k: int, offset: float, block: int
 ) -> None:
     """The k largest |x - center| per channel (sorted), their storage offsets and signs: equal
-    to a top-k over every value of the channel, with blocks that leave a partial last one."""
+    to a top-k over every value of the channel, with blocks that leave a partial last one, and
+    with k above the number of blocks (every block chosen)."""
     x = _data(layout, offset)[0].to(dtype)
     rows = torch.from_numpy(kernels._rows(x))
     center = rows.double().mean(0).to(dtype)
-    block = 19
     _, hi, lo = kernels.block_extremes(x, block)
     values, offsets, signs = kernels.top_deviations(x, center, hi, lo, block, k)
     dev = rows - center
