@@ -313,7 +313,10 @@ def test_block_extremes_and_top_deviations_refuse_what_they_cannot_read() -> Non
         kernels.top_deviations(x, center, hi, lo, 16, 0)
     with pytest.raises(ValueError, match=r"hi and lo must be .*\(block_extremes\(x, 32\)\)"):
         kernels.top_deviations(x, center, hi, lo, 32, 3)
-    with pytest.raises(ValueError, match=r"center must be one value per channel \(5\), got 1"):
+    with pytest.raises(
+        ValueError,
+        match=r"center must be a \(5,\) tensor \(one value per channel\), got shape \(1,\)",
+    ):
         kernels.top_deviations(x, center[:1], hi, lo, 16, 3)
 
 
@@ -375,7 +378,10 @@ def test_instance_norm_backward_refuses_other_layouts() -> None:
     with pytest.raises(ValueError, match=r"statistics of 3 and 40 values"):
         kernels.instance_norm_backward(dy, x, stats[:1, :3], torch.zeros(8, 5), None, True)
     good = torch.zeros(8, 5)
-    with pytest.raises(ValueError, match=r"weight must be None or one value per channel \(5\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"weight must be None or a \(5,\) tensor \(one value per channel\), got shape \(3,\)",
+    ):
         kernels.instance_norm_backward(dy, x, good, good, torch.ones(3), True)
 
 

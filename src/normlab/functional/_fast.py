@@ -336,7 +336,7 @@ def normalize_given(
     dtype), a multiply-add broadcast along the contiguous channels (:func:`channel_affine`):
     0.79-0.80x the kernel's time there (64x64x32x32 float32, 1 thread)."""
     if _channels_last_cpu(x):
-        scale, shift = _folded(mean, var, weight, bias, eps)
+        scale, shift = _folded(mean, torch.rsqrt(var.double() + eps), weight, bias)
         return channel_affine(x, scale.to(x.dtype), shift.to(x.dtype), out=out)
     args = (x, weight, bias, mean.to(x.dtype), var.to(x.dtype), False, 0.0, eps)
     if out is None:
@@ -357,11 +357,12 @@ def _channels_last_cpu(x: Tensor) -> bool:
 
 
 def _folded(
-    mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+    mean: Tensor, invstd: Tensor, weight: Tensor | None, bias: Tensor | None
 ) -> tuple[Tensor, Tensor]:
-    """Batch norm as ``x * scale + shift``: ``scale = weight / sqrt(var + eps)`` and
-    ``shift = bias - mean * scale`` in float64 (statistics of shape ``(C,)`` or ``(groups, C)``)."""
-    scale = torch.rsqrt(var.double() + eps)
+    """Batch norm as ``x * scale + shift``: ``scale = weight * invstd`` and
+    ``shift = bias - mean * scale`` in float64, from the float64 ``invstd = 1 / sqrt(var + eps)``
+    (statistics of shape ``(C,)`` or ``(groups, C)``)."""
+    scale = invstd
     if weight is not None:
         scale = scale * weight.double()
     shift = -mean.double() * scale
@@ -541,7 +542,7 @@ class InstanceNormTrain(torch.autograd.Function):
         return (
             grad_x if need_x else None,
             grad_w if need_w and weight is not None else None,
-            grad_b if need_b and ctx.bias_dtype is not None else None,
+            grad_b if need_b and has_bias else None,
             None,
         )
 
@@ -718,13 +719,14 @@ def _per_group_channels_last(
     stats = [torch.batch_norm_update_stats(xs, None, None, 0.0) for xs in torch.split(x, sizes)]
     mean = torch.stack([m for m, _ in stats])  # (groups, C), x's dtype
     var = torch.stack([v for _, v in stats]).double()  # biased
-    scale, shift = _folded(mean, var, weight, bias, eps)
+    invstd = torch.rsqrt(var + eps)
+    scale, shift = _folded(mean, invstd, weight, bias)
     counts = torch.tensor(sizes)
     per_sample = [t.to(x.dtype).repeat_interleave(counts, 0) for t in (scale, shift)]  # (N, C)
     view = (x.shape[0], *([1] * (x.dim() - 2)), x.shape[1])
     rows = x.movedim(1, -1)  # (N, *spatial, C), contiguous
     out = torch.addcmul(per_sample[1].view(view), rows, per_sample[0].view(view)).movedim(-1, 1)
-    return out, mean, torch.rsqrt(var + eps).to(mean.dtype), var
+    return out, mean, invstd.to(mean.dtype), var
 
 
 def _per_group_backward(

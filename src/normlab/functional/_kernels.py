@@ -613,6 +613,21 @@ def _call(name: str, *args: Any) -> None:
         )
 
 
+def _check_per_channel(entry: str, c: int, optional: bool, **vectors: Tensor | None) -> None:
+    """Refuse per-channel vectors that are not ``(c,)`` (the loops read ``c`` values of each
+    without bounds checks); with ``optional``, ``None`` passes."""
+    for name, t in vectors.items():
+        if (t is None and not optional) or (t is not None and tuple(t.shape) != (c,)):
+            fail(
+                ValueError,
+                f"normlab.functional._kernels.{entry}",
+                name,
+                f"{'None or ' if optional else ''}a ({c},) tensor (one value per channel)",
+                "None" if t is None else f"shape {tuple(t.shape)}",
+                f"pass one {name} value per channel of x",
+            )
+
+
 def _channel_vector(t: Tensor, x: Tensor) -> Any:
     """``t`` (a per-channel vector, or block extremes) as a contiguous numpy array of ``x``'s dtype
     (no copy when it is one already)."""
@@ -686,16 +701,7 @@ def batch_norm_forward(
             "use moments() and the eval-mode kernel for other layouts",
         )
     c = x.shape[1]
-    for name, t in (("weight", weight), ("bias", bias)):
-        if t is not None and tuple(t.shape) != (c,):  # the loop reads c values without checks
-            fail(
-                ValueError,
-                "normlab.functional._kernels.batch_norm_forward",
-                name,
-                f"None or a ({c},) tensor (one value per channel)",
-                f"shape {tuple(t.shape)}",
-                f"pass one {name} value per channel of x",
-            )
+    _check_per_channel("batch_norm_forward", c, True, weight=weight, bias=bias)
     rows, row_mean, row_m2 = _row_moments(x)
     stats = torch.empty(2, c, dtype=torch.float64)
     saved = torch.empty(2, c, dtype=x.dtype)
@@ -819,15 +825,7 @@ def top_deviations(
             f"strides {x.stride()} for shape {tuple(x.shape)}, block {block}, k {k}",
             "use the torch route for channels-first tensors; pass k = min(k, values per channel)",
         )
-    if center.numel() != rows.shape[1]:  # the loop reads one value per channel, unchecked
-        fail(
-            ValueError,
-            "normlab.functional._kernels.top_deviations",
-            "center",
-            f"one value per channel ({rows.shape[1]})",
-            f"{center.numel()} values",
-            "pass the per-channel mean of x",
-        )
+    _check_per_channel("top_deviations", rows.shape[1], False, center=center)
     extremes = [_channel_vector(t, x) for t in (hi, lo)]
     if any(e.shape != (nblocks, rows.shape[1]) for e in extremes):
         fail(
@@ -871,15 +869,7 @@ def instance_norm_backward(
     :func:`usable`)."""
     _require(x, grad_out)
     n, c = x.shape[0], x.shape[1]
-    if weight is not None and weight.numel() != c:
-        fail(
-            ValueError,
-            "normlab.functional._kernels.instance_norm_backward",
-            "weight",
-            f"None or one value per channel ({c})",
-            f"{weight.numel()} values",
-            "pass the layer's (C,) weight",
-        )
+    _check_per_channel("instance_norm_backward", c, True, weight=weight)
     if storage_layout(x) != "first" or mean.numel() != n * c or rstd.numel() != n * c:
         fail(
             ValueError,

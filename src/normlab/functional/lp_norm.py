@@ -400,6 +400,8 @@ def _top_deviations(
     """
     c = x.shape[1]
     centre = mean.to(x.dtype).view(c, 1)
+    if extremes is not None:  # the fast extra (channels-last): block search and top-k in one loop
+        return kernels.top_deviations(x, centre.view(c), *extremes, _KERNEL_ROWS, k)
     channel = torch.arange(c, device=x.device).view(c, 1)
     flat = torch.as_strided(x, (x.numel(),), (1,))  # the storage, in order
     if storage_layout(x) == "first":  # storage (N, C, positions): blocks along the positions
@@ -418,8 +420,6 @@ def _top_deviations(
         values = flat.view(-1, b).index_select(0, (start // b).flatten()).view(c, -1)
         offsets = (start.unsqueeze(2) + torch.arange(b, device=x.device)).reshape(c, -1)
     else:  # storage (M, C): blocks of consecutive rows, one strided value per row gathered
-        if extremes is not None:  # the fast extra: block search and top-k in one loop
-            return kernels.top_deviations(x, centre.view(c), *extremes, _KERNEL_ROWS, k)
         b = _row_block(x)
         view = torch.as_strided(x, (x.numel() // c // b, b, c), (b * c, c, 1))
         worst = torch.maximum(view.amax(1) - centre.t(), centre.t() - view.amin(1)).t()
