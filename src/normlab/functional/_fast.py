@@ -56,6 +56,7 @@ __all__ = [
     "kernel_param",
     "normalize_given",
     "row_moments",
+    "sample_affine",
     "use_fast_batch_stats",
     "use_given_stats",
 ]
@@ -723,10 +724,16 @@ def _per_group_channels_last(
     scale, shift = _folded(mean, invstd, weight, bias)
     counts = torch.tensor(sizes)
     per_sample = [t.to(x.dtype).repeat_interleave(counts, 0) for t in (scale, shift)]  # (N, C)
+    return sample_affine(x, *per_sample), mean, invstd.to(mean.dtype), var
+
+
+def sample_affine(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    """``x * scale + shift`` with one row of ``(N, C)`` ``scale`` and ``shift`` per sample: one
+    multiply-add broadcast along the contiguous channels of a channels-last ``x``, whose layout
+    the result keeps."""
     view = (x.shape[0], *([1] * (x.dim() - 2)), x.shape[1])
     rows = x.movedim(1, -1)  # (N, *spatial, C), contiguous
-    out = torch.addcmul(per_sample[1].view(view), rows, per_sample[0].view(view)).movedim(-1, 1)
-    return out, mean, invstd.to(mean.dtype), var
+    return torch.addcmul(shift.view(view), rows, scale.view(view)).movedim(-1, 1)
 
 
 def _per_group_backward(

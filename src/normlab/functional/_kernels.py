@@ -49,6 +49,7 @@ import numpy as _np
 import torch
 import torch.autograd.forward_ad as forward_ad
 from torch import Tensor
+from torch.autograd.graph import increment_version
 
 from normlab._checks import fail
 from normlab.functional._core import FULL_PRECISION, pool_moments, storage_layout
@@ -58,6 +59,8 @@ __all__ = [
     "available",
     "batch_norm_forward",
     "block_extremes",
+    "ghost_backward",
+    "ghost_coefficients",
     "grad_sums",
     "input_grad",
     "instance_norm_backward",
@@ -79,6 +82,9 @@ _LOCK = threading.Lock()
 # Loops without sums to vectorise, compiled without reassociation: the serial and the parallel
 # build then evaluate their float64 pooling identically (with it they differed by an ulp).
 _IN_ORDER = frozenset({"_rows_normalize"})
+# Per-channel epilogues: no fast-math at all (no fused multiply-adds either), so they round as the
+# torch routes' float64 ops do.
+_EXACT = frozenset({"_ghost_epilogue", "_ghost_grad_epilogue"})
 # reassociation lets LLVM vectorise the sums; no-NaN/Inf assumptions are left out, so a NaN in
 # the data still reaches the statistics (and the callers' finiteness checks); no approximate
 # reciprocals either: Chan's rule then keeps the mean of constant data exact
@@ -373,15 +379,17 @@ def _cl_grad_sums(
 
 
 def _rows_input_grad(
-    dy: Any, x: Any, center: Any, signs: bool, a: Any, b: Any, k: Any, out: Any
+    dy: Any, x: Any, center: Any, signs: bool, a: Any, b: Any, k: Any, per: int, out: Any
 ) -> None:  # pragma: no cover - numba
     nrows = x.shape[0]
-    c = a.shape[0]
+    c = a.shape[1]
     for r in _prange(nrows):
-        mu = center[r % c]
-        ar = a[r % c]
-        br = b[r % c]
-        kr = k[r % c]
+        s = r // per  # the coefficients' row: 0, or the sample
+        j = r % c
+        mu = center[s, j]
+        ar = a[s, j]
+        br = b[s, j]
+        kr = k[s, j]
         gs = dy[r]
         xs = x[r]
         os = out[r]
@@ -394,19 +402,24 @@ def _rows_input_grad(
 
 
 def _cl_input_grad(
-    dy: Any, x: Any, center: Any, signs: bool, a: Any, b: Any, k: Any, out: Any
+    dy: Any, x: Any, center: Any, signs: bool, a: Any, b: Any, k: Any, per: int, out: Any
 ) -> None:  # pragma: no cover - numba
     nrows, c = x.shape
     for m in _prange(nrows):
+        s = m // per  # the coefficients' row: 0, or the sample
+        mu = center[s]
+        am = a[s]
+        bm = b[s]
+        km = k[s]
         gm = dy[m]
         xm = x[m]
         om = out[m]
         if signs:
             for j in range(c):
-                om[j] = a[j] * gm[j] + b[j] * _np.sign(xm[j] - center[j]) + k[j]
+                om[j] = am[j] * gm[j] + bm[j] * _np.sign(xm[j] - mu[j]) + km[j]
         else:
             for j in range(c):
-                om[j] = a[j] * gm[j] + b[j] * (xm[j] - center[j]) + k[j]
+                om[j] = am[j] * gm[j] + bm[j] * (xm[j] - mu[j]) + km[j]
 
 
 def _rows_abs_dev(x: Any, center: Any, block: int, out: Any) -> None:  # pragma: no cover - numba
@@ -570,6 +583,100 @@ def _rows_instance_grad(
                 os[i] = ar * gs[i] + br * (xs[i] - mu) + kr
 
 
+# --- per-channel epilogues (serial, compiled in order: they match the torch routes' float64 math) --
+
+
+def _ghost_epilogue(
+    stats: Any,
+    sizes: Any,
+    weight: Any,
+    bias: Any,
+    eps: float,
+    momentum: float,
+    bessel: float,
+    running_mean: Any,
+    running_var: Any,
+    out: Any,
+) -> bool:  # pragma: no cover - numba
+    # stats (G, 2, C): each virtual batch's mean and biased variance. First the running
+    # statistics from the pooled batch (Chan's rule), written only if all are finite; then out
+    # (2N, C): the samples' scale = weight / sqrt(var + eps) and shift = bias - mean * scale
+    # (float64 math, stored in the data's dtype), and each batch's 1 / sqrt(var + eps) in place
+    # of its variance (what the backward keeps).
+    groups, _, c = stats.shape
+    n = out.shape[0] // 2
+    total = 0
+    for g in range(groups):
+        total += sizes[g]
+    finite = True
+    if running_mean.shape[0] != 0:
+        new_mean = _np.empty(c)
+        new_var = _np.empty(c)
+        for j in range(c):
+            mu = 0.0
+            for g in range(groups):
+                mu += sizes[g] / total * float(stats[g, 0, j])
+            m2 = 0.0
+            for g in range(groups):
+                d = float(stats[g, 0, j]) - mu
+                m2 += sizes[g] / total * (float(stats[g, 1, j]) + d * d)
+            new_mean[j] = (1.0 - momentum) * float(running_mean[j]) + momentum * mu
+            new_var[j] = (1.0 - momentum) * float(running_var[j]) + momentum * bessel * m2
+            finite = finite and _np.isfinite(new_mean[j]) and _np.isfinite(new_var[j])
+        if finite:
+            for j in range(c):
+                running_mean[j] = new_mean[j]
+                running_var[j] = new_var[j]
+    row = 0
+    for g in range(groups):
+        for j in range(c):
+            inv = 1.0 / _np.sqrt(float(stats[g, 1, j]) + eps)
+            stats[g, 1, j] = inv
+            s = inv if weight.shape[0] == 0 else inv * float(weight[j])
+            t = -float(stats[g, 0, j]) * s
+            if bias.shape[0] != 0:
+                t += float(bias[j])
+            for i in range(row, row + sizes[g]):
+                out[i, j] = s
+                out[n + i, j] = t
+        row += sizes[g]
+    return finite
+
+
+def _ghost_grad_epilogue(
+    stats: Any, sums: Any, sizes: Any, positions: int, weight: Any, out: Any
+) -> None:  # pragma: no cover - numba
+    # per virtual batch g (stats (G, 2, C): mean, 1 / sqrt(var + eps)) over its
+    # sizes[g] * positions values (sums (G, 2, C): sum(dy * xhat),
+    # sum(dy)): a = weight * invstd, b = -a * invstd * mean(dy * xhat), k = -a * mean(dy), one
+    # row per sample in out[1:4] (out[0]: the batch's mean, the centre), and in out[4, :2] the
+    # weight's and the bias's gradients (float64 sums over the batches, stored in out's dtype)
+    groups, _, c = stats.shape
+    grad_w = _np.zeros(c)
+    grad_b = _np.zeros(c)
+    row = 0
+    for g in range(groups):
+        count = sizes[g] * positions
+        for j in range(c):
+            inv = float(stats[g, 1, j])
+            dz = float(sums[g, 0, j])
+            d = float(sums[g, 1, j])
+            grad_w[j] += dz
+            grad_b[j] += d
+            aj = inv if weight.shape[0] == 0 else float(weight[j]) * inv
+            bj = -aj * inv * (dz / count)
+            kj = -aj * (d / count)
+            for i in range(row, row + sizes[g]):
+                out[0, i, j] = stats[g, 0, j]
+                out[1, i, j] = aj
+                out[2, i, j] = bj
+                out[3, i, j] = kj
+        row += sizes[g]
+    for j in range(c):
+        out[4, 0, j] = grad_w[j]
+        out[4, 1, j] = grad_b[j]
+
+
 # numba.prange once numba is imported (a name the loops resolve at compile time)
 _prange: Callable[..., Any] = range
 
@@ -583,7 +690,9 @@ def _compiled(name: str, parallel: bool) -> Any:
     global _prange
     numba = _numba()
     _prange = numba.prange
-    fastmath = _FASTMATH - {"reassoc"} if name in _IN_ORDER else _FASTMATH
+    fastmath: Any = _FASTMATH - {"reassoc"} if name in _IN_ORDER else _FASTMATH
+    if name in _EXACT:
+        fastmath = False
     options = {"parallel": parallel, "fastmath": fastmath, "nogil": True}
     try:
         return numba.njit(globals()[name], cache=not parallel, **options)
@@ -591,38 +700,58 @@ def _compiled(name: str, parallel: bool) -> Any:
         return numba.njit(globals()[name], cache=False, **options)
 
 
-def _call(name: str, *args: Any) -> None:
+def _call(name: str, *args: Any) -> Any:
+    """Run the loop ``name`` on ``torch.get_num_threads()`` numba threads (serial code for one);
+    returns what it returns."""
     numba = _numba()
     threads = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
     try:
         if threads <= 1:
-            _compiled(name, False)(*args)
-            return
+            return _compiled(name, False)(*args)
         with _LOCK:
             numba.set_num_threads(threads)
-            _compiled(name, True)(*args)
-    except numba.core.errors.NumbaError as err:  # e.g. an LLVM or numba/numpy version mismatch
-        fail(
-            RuntimeError,
-            "normlab.functional._kernels",
-            f"numba's build of the loop {name}",
-            "successful",
-            f"{type(err).__name__}: {str(err).splitlines()[0][:200]}",
-            "set NORMLAB_NUMBA=0 in the environment to run every layer on torch's kernels (and "
-            "report numba's and numpy's versions)",
-        )
+            return _compiled(name, True)(*args)
+    except numba.core.errors.NumbaError as err:
+        _numba_failed(name, err)
 
 
-def _check_per_channel(entry: str, c: int, optional: bool, **vectors: Tensor | None) -> None:
-    """Refuse per-channel vectors that are not ``(c,)`` (the loops read ``c`` values of each
-    without bounds checks); with ``optional``, ``None`` passes."""
+def _epilogue(name: str, *args: Any) -> Any:
+    """Call the serial epilogue ``name`` (a loop over channels: no threads to set up)."""
+    try:
+        return _compiled(name, False)(*args)
+    except _numba().core.errors.NumbaError as err:
+        _numba_failed(name, err)
+
+
+def _numba_failed(name: str, err: Exception) -> None:
+    """numba could not build a loop (e.g. an LLVM or numba/numpy version mismatch)."""
+    fail(
+        RuntimeError,
+        "normlab.functional._kernels",
+        f"numba's build of the loop {name}",
+        "successful",
+        f"{type(err).__name__}: {str(err).splitlines()[0][:200]}",
+        "set NORMLAB_NUMBA=0 in the environment to run every layer on torch's kernels (and "
+        "report numba's and numpy's versions)",
+    )
+
+
+def _check_per_channel(
+    entry: str, c: int, optional: bool, samples: int = 0, **vectors: Tensor | None
+) -> None:
+    """Refuse per-channel vectors that are not ``(c,)`` -- or, with ``samples``, ``(samples, c)``
+    (one row per sample) -- (the loops read them without bounds checks); with ``optional``,
+    ``None`` passes."""
+    shapes = [(c,), (samples, c)] if samples else [(c,)]
     for name, t in vectors.items():
-        if (t is None and not optional) or (t is not None and tuple(t.shape) != (c,)):
+        if (t is None and not optional) or (t is not None and tuple(t.shape) not in shapes):
+            per_sample = f" or a ({samples}, {c}) tensor (one row per sample)" if samples else ""
             fail(
                 ValueError,
                 f"normlab.functional._kernels.{entry}",
                 name,
-                f"{'None or ' if optional else ''}a ({c},) tensor (one value per channel)",
+                f"{'None or ' if optional else ''}a ({c},) tensor (one value per channel)"
+                + per_sample,
                 "None" if t is None else f"shape {tuple(t.shape)}",
                 f"pass one {name} value per channel of x",
             )
@@ -755,12 +884,28 @@ def input_grad(
     """``a * dy + b * (x - mean) + k`` with per-channel ``mean``, ``a``, ``b``, ``k`` (centred:
     nothing cancels however far off-centre ``x`` is) -- or with ``signs``
     ``a * dy + b * sign(x - mean) + k`` -- written in one pass into ``out`` (a new tensor of
-    ``x``'s layout by default; ``x``, ``grad_out`` and ``out`` must pass :func:`usable` together)."""
+    ``x``'s layout by default; ``x``, ``grad_out`` and ``out`` must pass :func:`usable` together).
+    The four are ``(C,)``, or ``(N, C)`` with one row per sample (ghost batch norm's virtual
+    batches), all alike."""
     _require(x, grad_out, out)
+    n, c = x.shape[0], x.shape[1]
+    samples = n if mean.dim() == 2 else 0
+    _check_per_channel("input_grad", c, False, samples, mean=mean, a=a, b=b, k=k)
+    if any(t.dim() != mean.dim() for t in (a, b, k)):
+        fail(
+            ValueError,
+            "normlab.functional._kernels.input_grad",
+            "mean, a, b and k",
+            "all (C,) or all (N, C)",
+            f"shapes {[tuple(t.shape) for t in (mean, a, b, k)]}",
+            "expand the per-channel ones to one row per sample",
+        )
     out = torch.empty_like(x) if out is None else out
-    vectors = [_channel_vector(t, x) for t in (mean, a, b, k)]
+    coefficients = [_channel_vector(t, x).reshape(-1, c) for t in (mean, a, b, k)]
+    rows = _rows(x)
+    per = rows.shape[0] // n if samples else rows.shape[0]  # rows per coefficient row
     name = "_rows_input_grad" if storage_layout(x) == "first" else "_cl_input_grad"
-    _call(name, _rows(grad_out), _rows(x), vectors[0], signs, *vectors[1:], _rows(out))
+    _call(name, _rows(grad_out), rows, coefficients[0], signs, *coefficients[1:], per, _rows(out))
     return out
 
 
@@ -898,3 +1043,134 @@ def instance_norm_backward(
     )
     s1, s2 = sums.view(2, n, c)
     return out, (s2 * rstd.double()).sum(0), s1.sum(0)
+
+
+_EMPTY = _np.empty(0)
+
+
+def _bad_statistics(entry: str, what: str, expected: str, got: str) -> None:
+    fail(
+        ValueError,
+        f"normlab.functional._kernels.{entry}",
+        what,
+        expected,
+        got,
+        "pass one row of statistics and one sample count per virtual batch, one value per "
+        "channel in each parameter",
+    )
+
+
+def ghost_coefficients(
+    stats: Tensor,
+    sizes: list[int],
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    running: tuple[Tensor, Tensor, float, float] | None = None,
+) -> tuple[Tensor, Tensor, bool]:
+    """Ghost batch norm's per-channel forward epilogue in one serial loop (each small torch op
+    costs several us right after a pass over a large activation; this replaces ~25 of them).
+
+    From each virtual batch's mean and biased variance (``stats``, ``(G, 2, C)`` in the data's
+    dtype; ``sizes``: the G batches' sample counts) returns ``(scale, shift, updated)``: one row
+    per sample of ``scale = weight / sqrt(var + eps)`` and ``shift = bias - mean * scale``
+    (folded in float64, stored in ``stats``' dtype), and whether ``running = (running_mean,
+    running_var, momentum, bessel)`` was updated in place with the pooled batch's statistics
+    (torch's rule, the variance times ``bessel``; the version counters move). ``updated`` is
+    ``False`` -- nothing written -- when a result is not finite: the caller's torch route then
+    decides and warns. ``stats[:, 1]`` then holds ``1 / sqrt(var + eps)`` in place of the
+    variance (with the mean, what the backward keeps)."""
+    groups, _, c = stats.shape
+    buffers = () if running is None else running[:2]
+    if (
+        stats.shape[1] != 2
+        or len(sizes) != groups
+        or min(sizes, default=0) < 1
+        or any(t is not None and t.shape != (c,) for t in (weight, bias, *buffers))
+    ):
+        _bad_statistics(
+            "ghost_coefficients",
+            "stats, sizes and the per-channel tensors",
+            f"stats (G, 2, C), G positive sizes, weight, bias and running statistics ({c},)",
+            f"stats {tuple(stats.shape)}, sizes {sizes}, "
+            + ", ".join(
+                str(None if t is None else tuple(t.shape)) for t in (weight, bias, *buffers)
+            ),
+        )
+    n = sum(sizes)
+    out = torch.empty(2 * n, c, dtype=stats.dtype)
+    params = [_EMPTY if t is None else t.detach().numpy() for t in (weight, bias)]
+    momentum, bessel = (0.0, 1.0) if running is None else running[2:]
+    updated = _epilogue(
+        "_ghost_epilogue",
+        stats.numpy(),
+        _np.asarray(sizes, _np.int64),
+        *params,
+        eps,
+        momentum,
+        bessel,
+        *((_EMPTY, _EMPTY) if running is None else (t.numpy() for t in buffers)),
+        out.numpy(),
+    )
+    if running is not None and updated:
+        increment_version(buffers)
+    return out[:n], out[n:], bool(updated) and running is not None
+
+
+def ghost_backward(
+    grad_out: Tensor,
+    x: Tensor,
+    stats: Tensor,
+    sums: Tensor,
+    sizes: list[int],
+    weight: Tensor | None,
+    need_x: bool,
+) -> tuple[Tensor | None, Tensor, Tensor]:
+    """Ghost batch norm's backward after the sums: one serial epilogue turns each virtual
+    batch's ``stats`` (``(G, 2, C)``: mean and ``1 / sqrt(var + eps)``) and ``sums``
+    (``(G, 2, C)``: ``sum(dy * xhat)`` and ``sum(dy)``; ``sizes``: the batches' sample counts)
+    into :func:`input_grad`'s coefficients, one row per sample, then (``need_x``) the input
+    gradient is written in one pass. Returns ``(grad_x, grad_weight, grad_bias)``, the
+    parameters' gradients summed in float64 and stored in ``x``'s dtype. ``x`` and ``grad_out``
+    must pass :func:`usable` together."""
+    _require(x, grad_out)
+    groups, _, c = stats.shape
+    n = x.shape[0]
+    if (
+        stats.dtype != x.dtype
+        or sums.shape != stats.shape
+        or c != x.shape[1]
+        or len(sizes) != groups
+        or min(sizes, default=0) < 1
+        or sum(sizes) != n
+        or (weight is not None and weight.shape != (c,))
+    ):
+        _bad_statistics(
+            "ghost_backward",
+            "stats, sums, sizes and weight",
+            f"stats and sums (G, 2, {c}) of x's dtype, G positive sizes "
+            f"adding up to {n}, weight ({c},)",
+            f"stats {tuple(stats.shape)} {stats.dtype}, sums "
+            f"{tuple(sums.shape)}, sizes {sizes}, weight "
+            f"{None if weight is None else tuple(weight.shape)}",
+        )
+    coefficients = torch.empty(5, n, c, dtype=x.dtype)
+    arrays = coefficients.numpy()
+    rows = _rows(x)
+    _epilogue(
+        "_ghost_grad_epilogue",
+        stats.numpy(),
+        sums.numpy(),
+        _np.asarray(sizes, _np.int64),
+        rows.shape[0] // n,
+        _EMPTY if weight is None else weight.detach().numpy(),
+        arrays,
+    )
+    grad_x = None
+    if need_x:
+        grad_x = torch.empty_like(x)
+        name = "_rows_input_grad" if storage_layout(x) == "first" else "_cl_input_grad"
+        per = rows.shape[0] // n  # rows per sample
+        mean, a, b, k = arrays[:4]
+        _call(name, _rows(grad_out), rows, mean, False, a, b, k, per, _rows(grad_x))
+    return grad_x, coefficients[4, 0], coefficients[4, 1]

@@ -20,6 +20,7 @@ from normlab.functional._fast import (
     use_fast_batch_stats,
     use_given_stats,
 )
+from normlab.functional._lean import ghost_batch_norm_channels_last, ghost_usable
 from normlab.functional.batch_norm import batch_norm_unchecked
 
 __all__ = ["batch_renorm_unchecked", "ghost_batch_norm_unchecked", "renorm_correction"]
@@ -213,6 +214,10 @@ def ghost_batch_norm_unchecked(
     if rest == 1:  # a lone sample has no variance: it joins the last full virtual batch
         full, rest = full - 1, vbs + 1
     sizes = [vbs] * full + ([rest] if rest else [])
+    if training and ghost_usable(input, weight, bias, running_mean, running_var, momentum):
+        return ghost_batch_norm_channels_last(
+            input, weight, bias, eps, sizes, running_mean, running_var, float(momentum), owner
+        )
     y: Tensor
     stats: tuple[Tensor, Tensor] | None = None  # per virtual batch (mean, biased var)
     if not compiling() and (

@@ -1,0 +1,206 @@
+"""Lean training routes: few Python-level steps between the passes over memory.
+
+Right after a pass over a large activation every small torch op costs several times its warm
+~2-5 us (the interpreter's and the dispatcher's data left the caches), and a layer's routes
+through the functional and autograd layers run tens of them on per-channel vectors: ghost batch
+norm's channels-last forward took ~0.3 ms more than torch's ``BatchNorm2d`` beyond its passes
+over memory (64x64x32x32 float32, 1 thread), ~20 % of the layer's time. The routes here keep the
+passes (torch's kernels where they are fastest, the fast extra's loops elsewhere) and do all the
+per-channel arithmetic in between -- statistics into coefficients, running statistics, gradient
+sums into input-gradient coefficients -- in one serial numba loop per step
+(:func:`normlab.functional._kernels.ghost_coefficients` and friends).
+
+They serve eager CPU float32/float64 input with the fast extra (:func:`ghost_usable`); every
+other case keeps the general routes, which compute the same values (the tests compare them).
+Forward calls that need no gradient skip the autograd function.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from normlab.functional import _kernels as kernels
+from normlab.functional._core import (
+    FULL_PRECISION,
+    channels_last_format,
+    pool_moments,
+    update_running_stats_,
+)
+from normlab.functional._fast import _eligible, _per_group_grads, sample_affine
+
+__all__ = ["ghost_batch_norm_channels_last", "ghost_usable"]
+
+
+def _buffer_ok(t: Tensor | None) -> bool:
+    """A running-statistics buffer the epilogues may write through a numpy view."""
+    return t is None or (
+        t.device.type == "cpu"
+        and t.dtype in FULL_PRECISION
+        and t.dim() == 1
+        and not t.requires_grad
+    )
+
+
+def ghost_usable(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    momentum: float | Tensor,
+) -> bool:
+    """Whether :func:`ghost_batch_norm_channels_last` serves this training call: channels-last
+    input the fast extra's loops read (:func:`normlab.functional._kernels.usable`), parameters of
+    its dtype, CPU float32/float64 running statistics (or none) and a number for ``momentum``."""
+    return (
+        not isinstance(momentum, Tensor)
+        and channels_last_format(x) is not None
+        and _eligible(x, (weight, bias))
+        and kernels.usable(x)
+        and _buffer_ok(running_mean)
+        and _buffer_ok(running_var)
+        and (running_mean is None) == (running_var is None)
+    )
+
+
+def ghost_batch_norm_channels_last(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    sizes: list[int],
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    momentum: float,
+    owner: str,
+) -> Tensor:
+    """Ghost batch norm's training step on input passing :func:`ghost_usable`: each virtual batch
+    (``sizes``: their sample counts) normalized with its own statistics, the running statistics
+    (if given) updated with the whole batch's (pooled from the virtual batches'), as
+    :func:`normlab.functional.batch_variants.ghost_batch_norm_unchecked` does.
+
+    Forward: torch's read-only statistics kernel per virtual batch, one epilogue, one
+    multiply-add over the whole tensor (per-sample scale and shift). Backward: torch's backward
+    kernel for the two sums per virtual batch (fast on this layout), one epilogue, the input
+    gradient in one pass (:func:`normlab.functional._kernels.input_grad`, one row of coefficients
+    per sample). Saved for backward: ``x``, ``weight`` and the statistics, as torch."""
+    running = None
+    if running_mean is not None and running_var is not None:
+        count = x.numel() // x.shape[1]
+        running = (running_mean, running_var, momentum, count / (count - 1))
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, weight, bias)
+    )
+    if needs_grad:
+        y: Tensor = _GhostChannelsLast.apply(x, weight, bias, eps, sizes, running, owner)  # type: ignore[no-untyped-call]
+        return y
+    return _ghost_forward(x, weight, bias, eps, sizes, running, owner)[0]
+
+
+def _ghost_forward(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    sizes: list[int],
+    running: tuple[Tensor, Tensor, float, float] | None,
+    owner: str,
+) -> tuple[Tensor, Tensor]:
+    """``(y, stats)``: ``stats`` ``(G, 2, C)`` each virtual batch's mean and
+    ``1 / sqrt(var + eps)`` in ``x``'s dtype (what the backward keeps)."""
+    stats = _group_stats(x, sizes)
+    scale, shift, updated = kernels.ghost_coefficients(stats, sizes, weight, bias, eps, running)
+    if running is not None and not updated:  # non-finite: the general route warns, skips
+        moments = _group_stats(x, sizes).double()
+        counts = torch.tensor(sizes, dtype=torch.float64).unsqueeze(1)
+        mean, var = pool_moments(moments[:, 0], moments[:, 1], 0, counts)
+        update_running_stats_(*running[:2], mean, var, x.numel() // x.shape[1], running[2], owner)
+    return sample_affine(x, scale, shift), stats
+
+
+def _group_stats(x: Tensor, sizes: list[int]) -> Tensor:
+    """Each virtual batch's mean and biased variance, ``(G, 2, C)`` in ``x``'s dtype (torch's
+    read-only statistics kernel, fast on channels-last tensors)."""
+    pieces = [torch.batch_norm_update_stats(xs, None, None, 0.0) for xs in torch.split(x, sizes)]
+    return torch.stack([t for piece in pieces for t in piece]).view(len(sizes), 2, -1)
+
+
+class _GhostChannelsLast(torch.autograd.Function):
+    """:func:`ghost_batch_norm_channels_last` with a gradient; double backward differentiates
+    torch's batch norm per virtual batch again."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        eps: float,
+        sizes: list[int],
+        running: tuple[Tensor, Tensor, float, float] | None,
+        owner: str,
+    ) -> Tensor:
+        y, stats = _ghost_forward(x, weight, bias, eps, sizes, running, owner)
+        ctx.save_for_backward(x, weight, stats)
+        ctx.eps, ctx.sizes, ctx.has_bias = eps, sizes, bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight, stats = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        need_w = need_w and weight is not None
+        need_b = need_b and ctx.has_bias
+        # double backward, or a backward under vmap (is_grads_batched): torch's differentiable
+        # formula
+        if torch.is_grad_enabled() or kernels._batched(grad) or not kernels.usable(x):
+            return _torch_grads(ctx, x, weight, grad, need_x, need_w, need_b)
+        grad = grad.contiguous(memory_format=channels_last_format(x) or torch.contiguous_format)
+        if not kernels.usable(x, grad):  # strides of size-1 dims can differ: copy into x's
+            grad = torch.empty_like(x).copy_(grad)
+        sizes = ctx.sizes
+        groups = zip(
+            torch.split(grad, sizes),
+            torch.split(x, sizes),
+            stats[:, 0].unbind(),
+            stats[:, 1].unbind(),
+            strict=True,
+        )
+        sums = torch.stack(
+            [
+                t
+                for gs, xs, mean, inv in groups
+                for t in torch.ops.aten.native_batch_norm_backward(
+                    gs, xs, None, None, None, mean, inv, True, ctx.eps, [False, True, True]
+                )[1:]
+            ]
+        ).view(stats.shape)
+        grad_x, grad_w, grad_b = kernels.ghost_backward(grad, x, stats, sums, sizes, weight, need_x)
+        return (
+            grad_x,
+            grad_w if need_w else None,
+            grad_b if need_b else None,
+            None,
+            None,
+            None,
+            None,
+        )
+
+
+def _torch_grads(
+    ctx: Any,
+    x: Tensor,
+    weight: Tensor | None,
+    grad: Tensor,
+    need_x: bool,
+    need_w: bool,
+    need_b: bool,
+) -> tuple[Tensor | None, ...]:
+    """The gradients by autograd through torch's batch norm per virtual batch: double backward,
+    and gradients the loops do not read."""
+    grad_x, grad_w = _per_group_grads(x, weight, grad, ctx.eps, ctx.sizes, need_x, need_w)
+    grad_b = grad.sum([0, *range(2, x.dim())]) if need_b else None
+    return grad_x, grad_w, grad_b, None, None, None, None

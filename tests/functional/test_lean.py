@@ -1,0 +1,301 @@
+"""The lean training routes (functional/_lean.py): ghost batch norm on channels-last CPU input
+with the fast extra, against float64 oracles and against the general route it stands in for.
+Skipped without numba."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import normlab.nn as nl
+from normlab.functional import NonFiniteStatisticsWarning, batch_variants
+from normlab.functional import _kernels as kernels
+from normlab.functional import _lean as lean
+
+pytest.importorskip("numba")
+if not kernels.available():  # NORMLAB_NUMBA=0 in the environment
+    pytest.skip("numba switched off", allow_module_level=True)
+
+# (shape, virtual batch size): equal virtual batches, a ragged remainder (35 = 4 * 8 + 3), a
+# lone leftover sample joining the last batch (10 = 3 * 3 + 1), and a 5-D channels-last input
+CASES = [
+    ((64, 16, 8, 8), 16),
+    ((35, 8, 9, 7), 8),
+    ((10, 4, 20, 30), 3),
+    ((12, 6, 5, 6, 10), 4),
+]
+
+
+def _sizes(n: int, vbs: int) -> list[int]:
+    full, rest = divmod(n, vbs)
+    if rest == 1:
+        full, rest = full - 1, vbs + 1
+    return [vbs] * full + ([rest] if rest else [])
+
+
+def _input(shape: tuple[int, ...], dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    fmt = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
+    x = torch.randn(shape, generator=g, dtype=torch.float64) * 3 + 1
+    return x.to(dtype).contiguous(memory_format=fmt)
+
+
+def _layer(c: int, vbs: int, dtype: torch.dtype, **kwargs: object) -> nl.GhostBatchNorm:
+    layer = nl.GhostBatchNorm(c, vbs, dtype=dtype, **kwargs)  # type: ignore[arg-type]
+    if layer.affine:
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            layer.weight.copy_(torch.rand(c, generator=g) + 0.5)
+            layer.bias.copy_(torch.randn(c, generator=g))
+    return layer
+
+
+def _buffer(layer: torch.nn.Module, name: str) -> torch.Tensor:
+    t = getattr(layer, name)
+    assert isinstance(t, torch.Tensor)
+    return t
+
+
+class _Routes:
+    """Counts the lean route's calls; ``general()`` switches it off."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.monkeypatch = monkeypatch
+        self.lean = 0
+        original = lean.ghost_batch_norm_channels_last
+
+        def counted(*args: object) -> torch.Tensor:
+            self.lean += 1
+            return original(*args)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(batch_variants, "ghost_batch_norm_channels_last", counted)
+
+    def general(self) -> None:
+        self.monkeypatch.setattr(batch_variants, "ghost_usable", lambda *_: False)
+
+
+def _step(layer: nl.GhostBatchNorm, x: torch.Tensor, dy: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    xr = x.detach().clone().requires_grad_()
+    y = layer(xr)
+    params = [p for p in (layer.weight, layer.bias) if p is not None]
+    grads = torch.autograd.grad(y, [xr, *params], dy)
+    return (y.detach(), *grads)
+
+
+def _oracle(
+    x: torch.Tensor, w: torch.Tensor | None, b: torch.Tensor | None, dy: torch.Tensor, vbs: int
+) -> tuple[torch.Tensor, ...]:
+    """float64 autograd through torch's batch norm per virtual batch."""
+    xr = x.detach().double().requires_grad_()
+    params = [p.detach().double().requires_grad_() for p in (w, b) if p is not None]
+    wd, bd = [*params, None, None][:2] if w is not None else (None, None)
+    y = torch.cat(
+        [
+            F.batch_norm(s, None, None, wd, bd, True, 0.0, 1e-5)
+            for s in torch.split(xr, _sizes(len(x), vbs))
+        ]
+    )
+    return (y.detach(), *torch.autograd.grad(y, [xr, *params], dy.double()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(("shape", "vbs"), CASES)
+@pytest.mark.parametrize("affine", [True, False])
+def test_ghost_matches_float64_and_the_general_route(
+    monkeypatch: pytest.MonkeyPatch,
+    dtype: torch.dtype,
+    shape: tuple[int, ...],
+    vbs: int,
+    affine: bool,
+) -> None:
+    """Output, gradients and running statistics of two training steps: against autograd through
+    torch's batch norm per virtual batch in float64 (as close as the general route's float32
+    result, factor 2), and against the general route (running statistics to a few ulps; their
+    version counters move alike)."""
+    routes = _Routes(monkeypatch)
+    x, dy = _input(shape, dtype), _input(shape, dtype, seed=1)
+    results = []
+    for route in ("lean", "general"):
+        if route == "general":
+            routes.general()
+        layer = _layer(shape[1], vbs, dtype, affine=affine)
+        steps = [_step(layer, x, dy), _step(layer, x * 2 - 1, dy)]
+        buffers = [_buffer(layer, name) for name in ("running_mean", "running_var")]
+        results.append((steps, buffers, [t._version for t in buffers]))
+    assert routes.lean == 2
+    (ours, buffers, versions), (general, g_buffers, g_versions) = results
+    ulps = 4 * torch.finfo(dtype).eps  # the pooling sums in another order
+    for got, want in zip(buffers, g_buffers, strict=True):
+        torch.testing.assert_close(got, want, rtol=ulps, atol=0)
+    assert versions == g_versions
+    assert min(versions) >= 2
+    assert ours[0][0].stride() == x.stride()
+    assert ours[0][1].stride() == x.stride()
+    oracle = _oracle(x, *_params(shape[1], dtype, affine), dy, vbs)
+    for o, g, r in zip(ours[0], general[0], oracle, strict=True):
+        err = (o.double() - r).norm() / r.norm()
+        bound = 2 * (g.double() - r).norm() / r.norm()
+        assert err <= bound + (1e-6 if dtype == torch.float32 else 1e-13), err
+
+
+def _params(
+    c: int, dtype: torch.dtype, affine: bool
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    if not affine:
+        return None, None
+    layer = _layer(c, 2, dtype)
+    return layer.weight.detach(), layer.bias.detach()
+
+
+def test_ghost_running_statistics_follow_torch_on_the_whole_batch() -> None:
+    """The running statistics after a step are batch norm's with the whole batch (pooled from
+    the virtual batches'), torch's rule; ``momentum=None`` (a cumulative average) too."""
+    x = _input((35, 8, 9, 7), torch.float32)
+    for momentum in (0.1, None):
+        ours = _layer(8, 8, torch.float32, momentum=momentum).train()
+        ref = torch.nn.BatchNorm2d(8, momentum=momentum, dtype=torch.float64).train()
+        for step in range(2):
+            ours(x + step)
+            ref(x.double() + step)
+            for name in ("running_mean", "running_var"):
+                want = _buffer(ref, name).float()
+                torch.testing.assert_close(_buffer(ours, name), want, rtol=1e-6, atol=1e-7)
+
+
+def test_ghost_without_running_statistics_or_gradient() -> None:
+    """``track_running_stats=False``, and a call without gradient (no autograd node), give the
+    oracle's output."""
+    x = _input((64, 16, 8, 8), torch.float64)
+    layer = _layer(16, 16, torch.float64, track_running_stats=False)
+    with torch.no_grad():
+        y = layer(x)
+    assert y.grad_fn is None
+    w, b = layer.weight.detach(), layer.bias.detach()
+    torch.testing.assert_close(
+        y, _oracle(x, w, b, torch.ones_like(x), 16)[0], rtol=1e-12, atol=1e-12
+    )
+
+
+def test_ghost_double_backward_matches_the_general_route(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A gradient penalty (``create_graph=True``) differentiates torch's formula again."""
+    routes = _Routes(monkeypatch)
+    x = _input((16, 4, 16, 16), torch.float64)
+    results = []
+    for route in ("lean", "general"):
+        if route == "general":
+            routes.general()
+        layer = _layer(4, 4, torch.float64)
+        xr = x.clone().requires_grad_()
+        (gx,) = torch.autograd.grad(layer(xr).pow(3).sum(), xr, create_graph=True)
+        penalty = gx.square().sum()
+        results.append(torch.autograd.grad(penalty, [xr, layer.weight, layer.bias]))
+    assert routes.lean == 1
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+def test_ghost_batched_gradients_fall_back() -> None:
+    """``is_grads_batched`` runs the backward under vmap (tensors the loops cannot read): torch's
+    formula, the same as one backward per vector."""
+    x = _input((16, 4, 16, 16), torch.float32).requires_grad_()
+    layer = _layer(4, 4, torch.float32)
+    y = layer(x)
+    n, c, h, w = x.shape
+    vectors = torch.randn(2, n, h, w, c).permute(0, 1, 4, 2, 3)  # each one channels-last
+    batched = torch.autograd.grad(y, x, vectors, is_grads_batched=True, retain_graph=True)[0]
+    for i in range(2):
+        one = torch.autograd.grad(y, x, vectors[i], retain_graph=True)[0]
+        torch.testing.assert_close(batched[i], one, rtol=1e-4, atol=1e-5)
+
+
+def test_ghost_non_finite_batch_keeps_the_running_statistics() -> None:
+    layer = _layer(16, 16, torch.float32)
+    x = _input((64, 16, 8, 8), torch.float32)
+    layer(x)
+    before = (_buffer(layer, "running_mean").clone(), _buffer(layer, "running_var").clone())
+    bad = x.clone()
+    bad[3, 2, 1, 1] = float("nan")
+    with pytest.warns(NonFiniteStatisticsWarning, match=r"GhostBatchNorm: \d+ batch statistic"):
+        layer(bad)
+    assert torch.equal(_buffer(layer, "running_mean"), before[0])
+    assert torch.equal(_buffer(layer, "running_var"), before[1])
+
+
+def test_ghost_update_invalidates_graphs_that_saved_the_running_statistics() -> None:
+    """The epilogue writes the running statistics through numpy and moves their version
+    counters: an eval-mode graph that saved them refuses to backpropagate afterwards, as after
+    torch's own in-place update."""
+    layer = _layer(16, 16, torch.float32)
+    x = _input((64, 16, 8, 8), torch.float32)
+    layer.eval()
+    y = layer(x.clone().requires_grad_())
+    layer.train()
+    layer(x)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+
+def test_ghost_two_threads_match_one() -> None:
+    """The input gradient's parallel loop (one row of coefficients per sample) gives the serial
+    result."""
+    x, dy = _input((35, 8, 9, 7), torch.float32), _input((35, 8, 9, 7), torch.float32, 1)
+    sizes = _sizes(35, 8)
+    g = torch.Generator().manual_seed(3)
+    stats = torch.rand(len(sizes), 2, 8, generator=g)  # means and 1 / std
+    sums = torch.randn(stats.shape, generator=g)
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            results.append(kernels.ghost_backward(dy, x, stats, sums, sizes, None, True))
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_ghost_usable_only_where_the_route_serves() -> None:
+    x = _input((64, 16, 8, 8), torch.float32)
+    w, b, rm, rv = torch.ones(16), torch.zeros(16), torch.zeros(16), torch.ones(16)
+    assert lean.ghost_usable(x, w, b, rm, rv, 0.1)
+    assert lean.ghost_usable(x, None, None, None, None, 0.1)
+    refused: list[Callable[[], bool]] = [
+        lambda: lean.ghost_usable(x.contiguous(), w, b, rm, rv, 0.1),  # channels-first
+        lambda: lean.ghost_usable(x.double(), w, b, rm, rv, 0.1),  # parameters of another dtype
+        lambda: lean.ghost_usable(x, w, b, rm, rv, torch.tensor(0.1)),  # a tensor momentum
+        lambda: lean.ghost_usable(x, w, b, rm.half(), rv, 0.1),  # half running statistics
+        lambda: lean.ghost_usable(x, w, b, rm, None, 0.1),  # half of them
+        lambda: lean.ghost_usable(x[:2, :, :2], w, b, rm, rv, 0.1),  # too small for the loops
+    ]
+    assert not any(check() for check in refused)
+
+
+def test_epilogues_refuse_what_they_cannot_read() -> None:
+    stats = torch.zeros(2, 2, 3)
+    with pytest.raises(
+        ValueError,
+        match=r"ghost_coefficients: stats, sizes and the per-channel tensors must be stats "
+        r"\(G, 2, C\), G positive sizes.*got stats \(2, 2, 3\), sizes \[4\]",
+    ):
+        kernels.ghost_coefficients(stats, [4], None, None, 1e-5)
+    with pytest.raises(ValueError, match=r"got stats \(2, 2, 3\), sizes \[4, 4\], \(2,\)"):
+        kernels.ghost_coefficients(stats, [4, 4], torch.ones(2), None, 1e-5)
+    x = _input((8, 3, 32, 32), torch.float32)
+    with pytest.raises(
+        ValueError,
+        match=r"ghost_backward: stats, sums, sizes and weight must be .*adding up to 8.*got "
+        r"stats \(2, 2, 3\) torch.float32, sums \(2, 3\), sizes \[4, 3\]",
+    ):
+        kernels.ghost_backward(x, x, stats, torch.ones(2, 3), [4, 3], None, True)
+    with pytest.raises(ValueError, match=r"input_grad: mean, a, b and k must be all \(C,\) or all"):
+        kernels.input_grad(x, x, torch.zeros(8, 3), *torch.zeros(3, 3))
+    with pytest.raises(
+        ValueError,
+        match=r"input_grad: mean must be a \(3,\) tensor \(one value per channel\) or a \(8, 3\) "
+        r"tensor \(one row per sample\), got shape \(4, 3\)",
+    ):
+        kernels.input_grad(x, x, *torch.zeros(4, 4, 3))
