@@ -379,12 +379,21 @@ def _cl_grad_sums(
 
 
 def _rows_input_grad(
-    dy: Any, x: Any, center: Any, signs: bool, a: Any, b: Any, k: Any, per: int, out: Any
+    dy: Any,
+    x: Any,
+    center: Any,
+    signs: bool,
+    a: Any,
+    b: Any,
+    k: Any,
+    per: int,
+    rowmap: Any,
+    out: Any,
 ) -> None:  # pragma: no cover - numba
     nrows = x.shape[0]
     c = a.shape[1]
     for r in _prange(nrows):
-        s = r // per  # the coefficients' row: 0, or the sample
+        s = rowmap[r // per]  # the coefficients' row (per: rows per entry of rowmap)
         j = r % c
         mu = center[s, j]
         ar = a[s, j]
@@ -402,11 +411,20 @@ def _rows_input_grad(
 
 
 def _cl_input_grad(
-    dy: Any, x: Any, center: Any, signs: bool, a: Any, b: Any, k: Any, per: int, out: Any
+    dy: Any,
+    x: Any,
+    center: Any,
+    signs: bool,
+    a: Any,
+    b: Any,
+    k: Any,
+    per: int,
+    rowmap: Any,
+    out: Any,
 ) -> None:  # pragma: no cover - numba
     nrows, c = x.shape
     for m in _prange(nrows):
-        s = m // per  # the coefficients' row: 0, or the sample
+        s = rowmap[m // per]  # the coefficients' row (per: rows per entry of rowmap)
         mu = center[s]
         am = a[s]
         bm = b[s]
@@ -647,14 +665,13 @@ def _ghost_grad_epilogue(
     stats: Any, sums: Any, sizes: Any, positions: int, weight: Any, out: Any
 ) -> None:  # pragma: no cover - numba
     # per virtual batch g (stats (G, 2, C): mean, 1 / sqrt(var + eps)) over its
-    # sizes[g] * positions values (sums (G, 2, C): sum(dy * xhat),
-    # sum(dy)): a = weight * invstd, b = -a * invstd * mean(dy * xhat), k = -a * mean(dy), one
-    # row per sample in out[1:4] (out[0]: the batch's mean, the centre), and in out[4, :2] the
-    # weight's and the bias's gradients (float64 sums over the batches, stored in out's dtype)
+    # sizes[g] * positions values (sums (G, 2, C): sum(dy * xhat), sum(dy)): out[0:4, g] the
+    # centre (the mean), a = weight * invstd, b = -a * invstd * mean(dy * xhat) and
+    # k = -a * mean(dy); out[4, :2] the weight's and the bias's gradients (float64 sums over the
+    # batches, stored in out's dtype)
     groups, _, c = stats.shape
     grad_w = _np.zeros(c)
     grad_b = _np.zeros(c)
-    row = 0
     for g in range(groups):
         count = sizes[g] * positions
         for j in range(c):
@@ -664,14 +681,10 @@ def _ghost_grad_epilogue(
             grad_w[j] += dz
             grad_b[j] += d
             aj = inv if weight.shape[0] == 0 else float(weight[j]) * inv
-            bj = -aj * inv * (dz / count)
-            kj = -aj * (d / count)
-            for i in range(row, row + sizes[g]):
-                out[0, i, j] = stats[g, 0, j]
-                out[1, i, j] = aj
-                out[2, i, j] = bj
-                out[3, i, j] = kj
-        row += sizes[g]
+            out[0, g, j] = stats[g, 0, j]
+            out[1, g, j] = aj
+            out[2, g, j] = -aj * inv * (dz / count)
+            out[3, g, j] = -aj * (d / count)
     for j in range(c):
         out[4, 0, j] = grad_w[j]
         out[4, 1, j] = grad_b[j]
@@ -903,9 +916,20 @@ def input_grad(
     out = torch.empty_like(x) if out is None else out
     coefficients = [_channel_vector(t, x).reshape(-1, c) for t in (mean, a, b, k)]
     rows = _rows(x)
-    per = rows.shape[0] // n if samples else rows.shape[0]  # rows per coefficient row
+    rowmap = _np.arange(n) if samples else _ZERO  # a coefficient row per sample, or one
+    per = rows.shape[0] // n if samples else rows.shape[0]  # rows per entry of rowmap
     name = "_rows_input_grad" if storage_layout(x) == "first" else "_cl_input_grad"
-    _call(name, _rows(grad_out), rows, coefficients[0], signs, *coefficients[1:], per, _rows(out))
+    _call(
+        name,
+        _rows(grad_out),
+        rows,
+        coefficients[0],
+        signs,
+        *coefficients[1:],
+        per,
+        rowmap,
+        _rows(out),
+    )
     return out
 
 
@@ -1046,6 +1070,7 @@ def instance_norm_backward(
 
 
 _EMPTY = _np.empty(0)
+_ZERO = _np.zeros(1, _np.int64)
 
 
 def _bad_statistics(entry: str, what: str, expected: str, got: str) -> None:
@@ -1129,8 +1154,8 @@ def ghost_backward(
     """Ghost batch norm's backward after the sums: one serial epilogue turns each virtual
     batch's ``stats`` (``(G, 2, C)``: mean and ``1 / sqrt(var + eps)``) and ``sums``
     (``(G, 2, C)``: ``sum(dy * xhat)`` and ``sum(dy)``; ``sizes``: the batches' sample counts)
-    into :func:`input_grad`'s coefficients, one row per sample, then (``need_x``) the input
-    gradient is written in one pass. Returns ``(grad_x, grad_weight, grad_bias)``, the
+    into :func:`input_grad`'s coefficients, one row per virtual batch (each sample's rows read
+    their batch's), then (``need_x``) the input gradient is written in one pass. Returns ``(grad_x, grad_weight, grad_bias)``, the
     parameters' gradients summed in float64 and stored in ``x``'s dtype. ``x`` and ``grad_out``
     must pass :func:`usable` together."""
     _require(x, grad_out)
@@ -1154,7 +1179,7 @@ def ghost_backward(
             f"{tuple(sums.shape)}, sizes {sizes}, weight "
             f"{None if weight is None else tuple(weight.shape)}",
         )
-    coefficients = torch.empty(5, n, c, dtype=x.dtype)
+    coefficients = torch.empty(5, max(groups, 2), c, dtype=x.dtype)
     arrays = coefficients.numpy()
     rows = _rows(x)
     _epilogue(
@@ -1171,6 +1196,7 @@ def ghost_backward(
         grad_x = torch.empty_like(x)
         name = "_rows_input_grad" if storage_layout(x) == "first" else "_cl_input_grad"
         per = rows.shape[0] // n  # rows per sample
+        rowmap = _np.repeat(_np.arange(groups), sizes)  # each sample's virtual batch
         mean, a, b, k = arrays[:4]
-        _call(name, _rows(grad_out), rows, mean, False, a, b, k, per, _rows(grad_x))
+        _call(name, _rows(grad_out), rows, mean, False, a, b, k, per, rowmap, _rows(grad_x))
     return grad_x, coefficients[4, 0], coefficients[4, 1]
