@@ -77,11 +77,10 @@ class _Routes:
         self.monkeypatch.setattr(batch_variants, "ghost_usable", lambda *_: False)
 
 
-def _step(layer: nl.GhostBatchNorm, x: torch.Tensor, dy: torch.Tensor) -> tuple[torch.Tensor, ...]:
+def _step(layer: torch.nn.Module, x: torch.Tensor, dy: torch.Tensor) -> tuple[torch.Tensor, ...]:
     xr = x.detach().clone().requires_grad_()
     y = layer(xr)
-    params = [p for p in (layer.weight, layer.bias) if p is not None]
-    grads = torch.autograd.grad(y, [xr, *params], dy)
+    grads = torch.autograd.grad(y, [xr, *layer.parameters()], dy)
     return (y.detach(), *grads)
 
 
@@ -299,3 +298,54 @@ def test_epilogues_refuse_what_they_cannot_read() -> None:
         r"tensor \(one row per sample\), got shape \(4, 3\)",
     ):
         kernels.input_grad(x, x, *torch.zeros(4, 4, 3))
+
+
+@pytest.mark.parametrize("p", ["1", "inf"])
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("offset", [0.5, 60.0], ids=["centred", "off-centre"])
+def test_lp_epilogues_match_the_torch_arithmetic(
+    monkeypatch: pytest.MonkeyPatch, p: str, fmt: torch.memory_format, offset: float
+) -> None:
+    """L1 and L-infinity batch norm with their per-channel arithmetic and running-statistics
+    update in the epilogues against the same functions with torch's ops (float32, two training
+    steps): outputs and gradients to a few ulps of the larger values, running statistics to an
+    ulp, version counters moved alike. (L1's backward takes its epilogue on both sides wherever
+    the loops read the input: test_kernels.py checks it against float64.)"""
+    from normlab.functional import lp_norm
+
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(16, 8, 16, 10, generator=g) * 2 + offset).contiguous(memory_format=fmt)
+    dy = torch.randn(x.shape, generator=g).contiguous(memory_format=fmt)
+    results = []
+    for epilogues in (True, False):
+        monkeypatch.setattr(lp_norm, "_epilogues", lambda *_, on=epilogues: on)
+        layer = nl.L1BatchNorm(8) if p == "1" else nl.LinfBatchNorm(8, k=5)
+        with torch.no_grad():
+            layer.weight.copy_(torch.rand(8, generator=torch.Generator().manual_seed(6)) + 0.5)
+            layer.bias.normal_(generator=torch.Generator().manual_seed(7))
+        steps = [_step(layer, x, dy), _step(layer, x * 2 - 1, dy)]
+        buffers = [_buffer(layer, name) for name in ("running_mean", "running_scale")]
+        results.append((steps, buffers, [t._version for t in buffers]))
+    (ours, buffers, versions), (theirs, t_buffers, t_versions) = results
+    assert versions == t_versions
+    for got, want in zip(buffers, t_buffers, strict=True):
+        torch.testing.assert_close(got, want, rtol=2e-7, atol=0)
+    for step, t_step in zip(ours, theirs, strict=True):
+        for got, want in zip(step, t_step, strict=True):
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-6 * float(want.abs().max()))
+
+
+def test_lp_epilogues_refuse_what_they_cannot_read() -> None:
+    c3, c2 = torch.zeros(3), torch.zeros(2)
+    with pytest.raises(
+        ValueError,
+        match=r"lp_coefficients: mean, dispersion and the per-channel tensors must be all "
+        r"\(3,\), got \(3,\), \(2,\), None, None\. Fix: pass one value per channel",
+    ):
+        kernels.lp_coefficients(c3, c2, 4, 1.0, 1e-5, 8.0, None, None)
+    with pytest.raises(
+        ValueError,
+        match=r"lp_grad_coefficients: denom, sums and weight must be denom \(3,\), sums "
+        r"\(3, 3\), weight \(3,\), got \(3,\), \(2, 3\), None",
+    ):
+        kernels.lp_grad_coefficients(c3, None, torch.zeros(2, 3), 1.0, 4)

@@ -64,6 +64,8 @@ __all__ = [
     "grad_sums",
     "input_grad",
     "instance_norm_backward",
+    "lp_coefficients",
+    "lp_grad_coefficients",
     "moments",
     "top_deviations",
     "usable",
@@ -84,7 +86,7 @@ _LOCK = threading.Lock()
 _IN_ORDER = frozenset({"_rows_normalize"})
 # Per-channel epilogues: no fast-math at all (no fused multiply-adds either), so they round as the
 # torch routes' float64 ops do.
-_EXACT = frozenset({"_ghost_epilogue", "_ghost_grad_epilogue"})
+_EXACT = frozenset({"_ghost_epilogue", "_ghost_grad_epilogue", "_lp_epilogue", "_lp_grad_epilogue"})
 # reassociation lets LLVM vectorise the sums; no-NaN/Inf assumptions are left out, so a NaN in
 # the data still reaches the statistics (and the callers' finiteness checks); no approximate
 # reciprocals either: Chan's rule then keeps the mean of constant data exact
@@ -690,6 +692,77 @@ def _ghost_grad_epilogue(
         out[4, 1, j] = grad_b[j]
 
 
+def _lp_epilogue(
+    mean: Any,
+    dispersion: Any,
+    divide: Any,
+    consts: Any,
+    weight: Any,
+    bias: Any,
+    momentum: Any,
+    running_mean: Any,
+    running_scale: Any,
+    out: Any,
+) -> int:  # pragma: no cover - numba
+    # Lp batch norm per channel j, rounded as the torch route: scale = dispersion / count * K
+    # (divide = (count, K) in dispersion's dtype), then in out's dtype (consts = (eps, within,
+    # 1) there) denom = scale + eps, a = weight / denom, shift = bias - mean * a; out (4, C) =
+    # scale, denom, a, shift. Returns 1 if every |mean| <= within * denom (centred), plus 2 if
+    # the running statistics moved (torch's lerp in their dtype: momentum = (m, 1) there) --
+    # only when every statistic is finite.
+    c = mean.shape[0]
+    eps, within, one = consts[0], consts[1], consts[2]
+    flags = 1
+    finite = True
+    for j in range(c):
+        out[0, j] = dispersion[j] / divide[0] * divide[1]
+        d = out[0, j] + eps
+        out[1, j] = d
+        a = one / d if weight.shape[0] == 0 else weight[j] / d
+        out[2, j] = a
+        m = mean[j]
+        out[3, j] = -m * a if bias.shape[0] == 0 else bias[j] - m * a
+        if not abs(m) <= within * d:
+            flags = flags & ~1
+        finite = finite and _np.isfinite(m) and _np.isfinite(out[0, j])
+    if running_mean.shape[0] == 0 or not finite:
+        return flags
+    w = momentum[0]
+    new = _np.empty(2, running_mean.dtype)  # the statistics in the buffers' dtype
+    for j in range(c):
+        new[0] = mean[j]
+        new[1] = out[0, j]
+        for buffer, e in ((running_mean, new[0]), (running_scale, new[1])):
+            r = buffer[j]
+            if w < 0.5:
+                buffer[j] = r + w * (e - r)
+            else:
+                buffer[j] = e - (e - r) * (momentum[1] - w)
+    return flags | 2
+
+
+def _lp_grad_epilogue(
+    denom: Any, weight: Any, sums: Any, factor: float, count: int, out: Any
+) -> None:  # pragma: no cover - numba
+    # Lp batch norm's backward per channel, from sums (3, C) float64: S = sum(dy * (x - mu)),
+    # sum(dy), and the sum of the signs that carry the dispersion's gradient; out (5, C):
+    # alpha = weight / D, beta = -weight * S / D^2 * factor, shift = -(alpha * sum(dy) +
+    # beta * signs) / count (the input gradient alpha * dy + beta * sign(x - mu) + shift), and
+    # the weight's (S / D) and bias's (sum(dy)) gradients
+    c = denom.shape[0]
+    for j in range(c):
+        d = float(denom[j])
+        g = 1.0 if weight.shape[0] == 0 else float(weight[j])
+        dz = sums[0, j]
+        alpha = g / d
+        beta = -g * dz / (d * d) * factor
+        out[0, j] = alpha
+        out[1, j] = beta
+        out[2, j] = -(alpha * sums[1, j] + beta * sums[2, j]) / count
+        out[3, j] = dz / d
+        out[4, j] = sums[1, j]
+
+
 # numba.prange once numba is imported (a name the loops resolve at compile time)
 _prange: Callable[..., Any] = range
 
@@ -1200,3 +1273,101 @@ def ghost_backward(
         mean, a, b, k = arrays[:4]
         _call(name, _rows(grad_out), rows, mean, False, a, b, k, per, rowmap, _rows(grad_x))
     return grad_x, coefficients[4, 0], coefficients[4, 1]
+
+
+def lp_coefficients(
+    mean: Tensor,
+    dispersion: Tensor,
+    count: int,
+    constant: float,
+    eps: float,
+    within: float,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running: tuple[Tensor, Tensor, float] | None = None,
+) -> tuple[Tensor, bool, bool]:
+    """Lp batch norm's per-channel forward epilogue in one serial loop (it replaces ~25 small
+    torch ops, each costing several us right after a pass over a large activation).
+
+    From the per-channel ``mean`` (the data's dtype) and ``dispersion`` (L1: ``sum |x - mu|``
+    over ``count`` values, float64; L-infinity: the mean of the top-k deviations, the data's
+    dtype, ``count`` 1) returns ``(coefficients, centred, updated)``: ``(4, C)`` in ``mean``'s
+    dtype -- ``scale = dispersion / count * constant`` (computed in ``dispersion``'s dtype),
+    ``denom = scale + eps``, ``a = weight / denom``, ``shift = bias - mean * a`` (as the torch
+    route rounds them) --, whether every ``|mean| <= within * denom``, and whether
+    ``running = (running_mean, running_scale, momentum)`` moved towards ``(mean, scale)`` (torch's
+    ``lerp_`` in their dtype; version counters move). Nothing is written when a statistic is not
+    finite (``updated`` is ``False``: the caller warns)."""
+    c = mean.shape[0]
+    buffers = () if running is None else running[:2]
+    if mean.dim() != 1 or any(
+        t is not None and t.shape != (c,) for t in (dispersion, weight, bias, *buffers)
+    ):
+        fail(
+            ValueError,
+            "normlab.functional._kernels.lp_coefficients",
+            "mean, dispersion and the per-channel tensors",
+            f"all ({c},)",
+            ", ".join(
+                str(None if t is None else tuple(t.shape))
+                for t in (mean, dispersion, weight, bias, *buffers)
+            ),
+            "pass one value per channel",
+        )
+    out = torch.empty(4, c, dtype=mean.dtype)
+    disp = dispersion.detach().numpy()
+    divide = _np.array([count, constant], disp.dtype)
+    consts = _np.array([eps, within, 1.0], out.numpy().dtype)
+    if running is None:
+        momentum, rm, rs = _np.ones(2), _EMPTY, _EMPTY
+    else:
+        rm, rs = (t.numpy() for t in buffers)
+        momentum = _np.array([running[2], 1.0], rm.dtype)
+    flags = _epilogue(
+        "_lp_epilogue",
+        mean.detach().numpy(),
+        disp,
+        divide,
+        consts,
+        *(_EMPTY if t is None else t.detach().numpy() for t in (weight, bias)),
+        momentum,
+        rm,
+        rs,
+        out.numpy(),
+    )
+    if flags & 2:
+        increment_version(buffers)
+    return out, bool(flags & 1), bool(flags & 2)
+
+
+def lp_grad_coefficients(
+    denom: Tensor, weight: Tensor | None, sums: Tensor, factor: float, count: int
+) -> Tensor:
+    """Lp batch norm's per-channel backward epilogue in one serial loop: from ``denom``
+    (``D``), ``sums`` (``(3, C)`` float64: ``S = sum(dy * (x - mu))``, ``sum(dy)``, the sum of the
+    signs that carry the dispersion's gradient) returns ``(5, C)`` in ``denom``'s dtype:
+    ``alpha = weight / D``, ``beta = -weight * S / D^2 * factor`` (L1: ``K / count``; L-infinity
+    ``K / k``), ``shift = -(alpha * sum(dy) + beta * signs) / count``, and the weight's and the
+    bias's gradients ``S / D`` and ``sum(dy)`` (float64 math)."""
+    c = denom.shape[0]
+    if denom.dim() != 1 or sums.shape != (3, c) or (weight is not None and weight.shape != (c,)):
+        fail(
+            ValueError,
+            "normlab.functional._kernels.lp_grad_coefficients",
+            "denom, sums and weight",
+            f"denom ({c},), sums (3, {c}), weight ({c},)",
+            f"{tuple(denom.shape)}, {tuple(sums.shape)}, "
+            f"{None if weight is None else tuple(weight.shape)}",
+            "pass one value per channel",
+        )
+    out = torch.empty(5, c, dtype=denom.dtype)
+    _epilogue(
+        "_lp_grad_epilogue",
+        denom.detach().numpy(),
+        _EMPTY if weight is None else weight.detach().numpy(),
+        sums.detach().double().numpy(),
+        float(factor),
+        count,
+        out.numpy(),
+    )
+    return out

@@ -117,9 +117,14 @@ def lp_batch_norm_unchecked(
             input, input.numel() // c if c else 0, owner=owner, what="values per channel"
         )
         fused: Tensor | None = None  # the output, from a fused function
+        running: _Running = None  # the fused functions update the running statistics
+        if training and running_mean is not None and running_scale is not None:
+            running = (running_mean, running_scale, momentum)
         if p == "1" and center and _fused(input, weight, bias):
             constant = L1_CONSTANT if gaussian_constant else 1.0
-            fused, mean, scale = L1BatchNormTrain.apply(input, weight, bias, eps, constant)  # type: ignore[no-untyped-call]
+            fused, mean, scale = L1BatchNormTrain.apply(  # type: ignore[no-untyped-call]
+                input, weight, bias, eps, constant, running, owner
+            )
         elif (
             p == "inf"
             and center
@@ -129,7 +134,7 @@ def lp_batch_norm_unchecked(
             n = input.numel() // c
             constant = linf_constant(n) if gaussian_constant else 1.0
             fused, mean, scale = LinfBatchNormTrain.apply(  # type: ignore[no-untyped-call]
-                input, weight, bias, eps, constant, min(k, n)
+                input, weight, bias, eps, constant, min(k, n), running, owner
             )
         else:
             dims = [0, *range(2, input.dim())]
@@ -137,17 +142,9 @@ def lp_batch_norm_unchecked(
             scale = lp_dispersion(
                 input, mean, p, k=k, center=center, gaussian_constant=gaussian_constant
             )
-        if (
-            training
-            and running_mean is not None
-            and running_scale is not None
-            and finite_statistics(mean, scale, owner=owner)
-        ):
-            with torch.no_grad():
-                running_mean.lerp_(mean.detach().to(running_mean.dtype), momentum)
-                running_scale.lerp_(scale.detach().to(running_scale.dtype), momentum)
         if fused is not None:
             return fused
+        _update_running(running, mean, scale, owner)
     xs = input.to(stats_dtype(input.dtype))
     y = (xs - mean.view(shape)) / (scale.view(shape) + eps)
     if weight is not None:
@@ -155,6 +152,78 @@ def lp_batch_norm_unchecked(
     if bias is not None:
         y = y + bias.view(shape)
     return y.to(input.dtype)
+
+
+# (running mean, running dispersion, momentum) to update in a training step, or None
+_Running = tuple[Tensor, Tensor, float] | None
+
+
+def _update_running(running: _Running, mean: Tensor, scale: Tensor, owner: str) -> None:
+    """Move the running statistics towards the batch's (torch's momentum rule, ``lerp_`` in the
+    buffers' dtype) -- unless a statistic is not finite (then warn, change nothing)."""
+    if running is None or not finite_statistics(mean, scale, owner=owner):
+        return
+    running_mean, running_scale, momentum = running
+    with torch.no_grad():
+        running_mean.lerp_(mean.detach().to(running_mean.dtype), momentum)
+        running_scale.lerp_(scale.detach().to(running_scale.dtype), momentum)
+
+
+def _epilogues(x: Tensor, running: _Running) -> bool:
+    """Whether the fused functions' per-channel arithmetic (and the running statistics' update)
+    runs in the fast extra's serial loops (:func:`kernels.lp_coefficients`): CPU input with
+    numba, running statistics (if any) CPU float32/float64 buffers of one dtype."""
+    if x.device.type != "cpu" or not kernels.available():
+        return False
+    if running is None:
+        return True
+    running_mean, running_scale, _ = running
+    return (
+        running_mean.dtype == running_scale.dtype
+        and running_mean.dtype in (torch.float32, torch.float64)
+        and all(
+            t.device.type == "cpu" and t.dim() == 1 and not t.requires_grad
+            for t in (running_mean, running_scale)
+        )
+    )
+
+
+def _epilogue_forward(
+    ctx: Any,
+    saved: tuple[Tensor | None, ...],
+    dispersion: Tensor,
+    count: int,
+    constants: tuple[float, float, int, float],
+    bias: Tensor | None,
+    running: _Running,
+    owner: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The fused functions' forward after their statistics, with the fast extra: one epilogue
+    (:func:`kernels.lp_coefficients`) for the coefficients, the centring test and the running
+    statistics, then the output. ``saved`` is ``(x, weight, mean, *extra)``; ``constants``
+    ``(eps, K, k, within)``; ``dispersion`` the L1 sum or the L-inf top-k mean, over
+    ``count``."""
+    x, weight, mean, *extra = saved
+    assert x is not None
+    assert mean is not None
+    eps, constant, k, within = constants
+    coefficients, centred, updated = kernels.lp_coefficients(
+        mean,
+        dispersion,
+        count,
+        constant,
+        eps,
+        within,
+        weight,
+        bias,
+        None if running is None else running,
+    )
+    scale, denom, a, shift = coefficients
+    _keep(ctx, (x, weight, mean, denom, *extra), eps, constant, k, bias, scale, centred)
+    if running is not None and not updated:  # not finite: warn, as the torch route does
+        finite_statistics(mean, scale, owner=owner)
+    y = channel_affine(x, a, shift) if centred else _scaled_output(x, mean, a, bias, False)
+    return y, mean, scale
 
 
 def _fused(x: Tensor, *params: Tensor | None) -> bool:
@@ -189,15 +258,29 @@ class L1BatchNormTrain(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx: Any, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, constant: float
+        ctx: Any,
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        eps: float,
+        constant: float,
+        running: _Running = None,
+        owner: str = "L1 batch norm",
     ) -> tuple[Tensor, Tensor, Tensor]:
         count = x.numel() // x.shape[1]
         mean = channel_sums(x) / count
-        scale = (_abs_deviation_sums(x, mean) / count * constant).to(x.dtype)
+        sums = _abs_deviation_sums(x, mean)
+        # the L1 divisor is ~1 std (0.8 without the Gaussian constant): centred within 8 of them
+        if _epilogues(x, running):
+            constants = (eps, constant, 1, 8.0)
+            return _epilogue_forward(
+                ctx, (x, weight, mean), sums, count, constants, bias, running, owner
+            )
+        scale = (sums / count * constant).to(x.dtype)
         denom = scale + eps
         a = (1.0 / denom) if weight is None else weight / denom
-        # the L1 divisor is ~1 std (0.8 without the Gaussian constant)
         _remember(ctx, (x, weight, mean, denom), eps, constant, 1, bias, scale, 8.0)
+        _update_running(running, mean, scale, owner)
         return _scaled_output(x, mean, a, bias, ctx.centred), mean, scale
 
     @staticmethod
@@ -207,29 +290,43 @@ class L1BatchNormTrain(torch.autograd.Function):
         x, weight, mean, denom = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         if torch.is_grad_enabled():  # double backward: differentiate the composite formula
-            return (*_composite_grads(ctx, x, weight, grad, "1"), None, None)
+            return (*_composite_grads(ctx, x, weight, grad, "1"), None, None, None, None)
         grad, count, sum_dy_z, sum_dy, total_sign = _grad_sums(ctx, grad, x, mean, signs=True)
+        if total_sign is not None:  # the fast extra: one epilogue, the input gradient in one pass
+            sums = torch.stack((sum_dy_z, sum_dy, total_sign))
+            factor = ctx.constant / count
+            alpha, beta, shift, grad_w, grad_b = kernels.lp_grad_coefficients(
+                denom, weight, sums, factor, count
+            )
+            return (
+                kernels.input_grad(grad, x, mean, alpha, beta, shift, signs=True)
+                if need_x
+                else None,
+                grad_w if need_w and weight is not None else None,
+                grad_b if need_b and ctx.has_bias else None,
+                None,
+                None,
+                None,
+                None,
+            )
         grad_x = None
         if need_x:
             # a * dy + b * sign(x - mu) + c
             gamma = torch.ones_like(denom) if weight is None else weight
             alpha = gamma / denom
             beta = -ctx.constant * gamma * sum_dy_z / (count * denom.square())
-            sign = None  # without the fast extra: sign(x - mu) in the buffer that becomes dx
-            if total_sign is None:
-                sign = channel_affine(x, None, -mean).sign_()
-                total_sign = channel_sums(sign)
-            shift = -(alpha * sum_dy + beta * total_sign) / count
-            if sign is None:  # the fast extra: one pass
-                grad_x = kernels.input_grad(grad, x, mean, alpha, beta, shift, signs=True)
-            else:  # whole-tensor passes over one buffer (chunk by chunk, five broadcast ops per
-                # chunk measured 1.05-1.14x slower)
-                grad_x = channel_affine(sign, beta, shift, out=sign)
-                grad_x.addcmul_(grad, alpha.view(channel_view_shape(x.dim(), x.shape[1])))
+            # sign(x - mu) in the buffer that becomes dx, then whole-tensor passes over it
+            # (chunk by chunk, five broadcast ops per chunk measured 1.05-1.14x slower)
+            sign = channel_affine(x, None, -mean).sign_()
+            shift = -(alpha * sum_dy + beta * channel_sums(sign)) / count
+            grad_x = channel_affine(sign, beta, shift, out=sign)
+            grad_x.addcmul_(grad, alpha.view(channel_view_shape(x.dim(), x.shape[1])))
         return (
             grad_x,
             sum_dy_z / denom if need_w and weight is not None else None,
             sum_dy if need_b and ctx.has_bias else None,
+            None,
+            None,
             None,
             None,
         )
@@ -302,14 +399,28 @@ def _remember(
     ``ctx.centred``: every channel's ``|mean|`` within ``centred_within`` divisors of zero (about
     8 standard deviations: then the group-norm kernel's gradient sums and the folded output are
     accurate)."""
-    ctx.save_for_backward(*saved)
-    ctx.eps, ctx.constant, ctx.k = eps, constant, k
     mean, denom = saved[2], saved[3]
     assert mean is not None
     assert denom is not None
-    ctx.centred = bool((mean.abs() <= centred_within * denom).all())
+    centred = bool((mean.abs() <= centred_within * denom).all())
+    _keep(ctx, saved, eps, constant, k, bias, scale, centred)
+
+
+def _keep(
+    ctx: Any,
+    saved: tuple[Tensor | None, ...],
+    eps: float,
+    constant: float,
+    k: int,
+    bias: Tensor | None,
+    scale: Tensor,
+    centred: bool,
+) -> None:
+    """:func:`_remember` with the centring test's result given."""
+    ctx.save_for_backward(*saved)
+    ctx.eps, ctx.constant, ctx.k, ctx.centred = eps, constant, k, centred
     ctx.has_bias = bias is not None
-    ctx.mark_non_differentiable(mean, scale)
+    ctx.mark_non_differentiable(saved[2], scale)
 
 
 def _grad_sums(
@@ -317,12 +428,13 @@ def _grad_sums(
 ) -> tuple[Tensor, int, Tensor, Tensor, Tensor | None]:
     """``(grad in x's layout, values per channel, sum(dy * (x - mean)), sum(dy), sum sign(x -
     mean))`` per channel, the sums read at once; the sign sum only when ``signs`` and the fast
-    extra's loops serve ``x`` (else ``None``)."""
+    extra's loops serve ``x`` (else ``None``; the three sums are float64 then, else ``x``'s
+    dtype)."""
     grad = grad.contiguous(memory_format=channels_last_format(x) or torch.contiguous_format)
     count = x.numel() // x.shape[1]
     if signs and kernels.usable(x, grad):
         sum_dy_z, sum_dy, total_sign = kernels.grad_sums(grad, x, mean, signs=True)
-        return grad, count, sum_dy_z.to(x.dtype), sum_dy.to(x.dtype), total_sign.to(x.dtype)
+        return grad, count, sum_dy_z, sum_dy, total_sign
     sum_dy_z, sum_dy = centred_grad_sums(grad, x, mean, ctx.centred)
     return grad, count, sum_dy_z, sum_dy, None
 
@@ -456,17 +568,25 @@ class LinfBatchNormTrain(torch.autograd.Function):
         eps: float,
         constant: float,
         k: int,
+        running: _Running = None,
+        owner: str = "L-infinity batch norm",
     ) -> tuple[Tensor, Tensor, Tensor]:
         mean, extremes = _mean_and_extremes(x)
         top, offsets, signs = _top_deviations(x, mean, k, extremes)
-        scale = top.mean(1) * constant
-        denom = scale + eps
-        a = (1.0 / denom) if weight is None else weight / denom
         # the L-inf divisor is ~1.4 std with Hoffer's constant C(n) (docs of linf_constant), so
         # ~1.4 / C(n) std without it: ~8 std is 6 divisors, or 6 C(n) divisors
         within = 6.0 * min(1.0, constant / linf_constant(x.numel() // x.shape[1]))
-        saved = (x, weight, mean, denom, offsets, signs)
-        _remember(ctx, saved, eps, constant, k, bias, scale, within)
+        if _epilogues(x, running):
+            saved = (x, weight, mean, offsets, signs)
+            constants = (eps, constant, k, within)
+            return _epilogue_forward(ctx, saved, top.mean(1), 1, constants, bias, running, owner)
+        scale = top.mean(1) * constant
+        denom = scale + eps
+        a = (1.0 / denom) if weight is None else weight / denom
+        _remember(
+            ctx, (x, weight, mean, denom, offsets, signs), eps, constant, k, bias, scale, within
+        )
+        _update_running(running, mean, scale, owner)
         return _scaled_output(x, mean, a, bias, ctx.centred), mean, scale
 
     @staticmethod
@@ -476,22 +596,23 @@ class LinfBatchNormTrain(torch.autograd.Function):
         x, weight, mean, denom, offsets, signs = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         if torch.is_grad_enabled():  # double backward: differentiate the composite formula
-            return (*_composite_grads(ctx, x, weight, grad, "inf"), None, None, None)
+            return (*_composite_grads(ctx, x, weight, grad, "inf"), None, None, None, None, None)
         grad, count, sum_dy_z, sum_dy, _ = _grad_sums(ctx, grad, x, mean)
+        grad_w = sum_dy_z / denom if need_w and weight is not None else None
+        grad_b = sum_dy if need_b and ctx.has_bias else None
         grad_x = None
         if need_x:
-            gamma = torch.ones_like(denom) if weight is None else weight
-            alpha = gamma / denom
-            coef = -gamma * sum_dy_z / denom.square() * (ctx.constant / ctx.k)  # per unit sign
-            shift = -(alpha * sum_dy + coef * signs.sum(1)) / count
+            if _epilogues(x, None):  # one epilogue: alpha, the coefficient per unit sign, shift
+                sums = torch.stack((sum_dy_z, sum_dy, signs.sum(1)))
+                alpha, coef, shift = kernels.lp_grad_coefficients(
+                    denom, weight, sums, ctx.constant / ctx.k, count
+                )[:3]
+            else:
+                gamma = torch.ones_like(denom) if weight is None else weight
+                alpha = gamma / denom
+                coef = -gamma * sum_dy_z / denom.square() * (ctx.constant / ctx.k)
+                shift = -(alpha * sum_dy + coef * signs.sum(1)) / count
             grad_x = channel_affine(grad, alpha, shift)
             flat = torch.as_strided(grad_x, (grad_x.numel(),), (1,))
             flat.index_put_((offsets.flatten(),), (coef.view(-1, 1) * signs).flatten(), True)
-        return (
-            grad_x,
-            sum_dy_z / denom if need_w and weight is not None else None,
-            sum_dy if need_b and ctx.has_bias else None,
-            None,
-            None,
-            None,
-        )
+        return (grad_x, grad_w, grad_b, None, None, None, None, None)
