@@ -349,3 +349,99 @@ def test_lp_epilogues_refuse_what_they_cannot_read() -> None:
         r"\(3, 3\), weight \(3,\), got \(3,\), \(2, 3\), None",
     ):
         kernels.lp_grad_coefficients(c3, None, torch.zeros(2, 3), 1.0, 4)
+
+
+def _renorm_steps(
+    monkeypatch: pytest.MonkeyPatch,
+    x: torch.Tensor,
+    dy: torch.Tensor,
+    lean_route: bool,
+    create_graph: bool = False,
+) -> tuple[list[torch.Tensor], int]:
+    """Two training steps of batch renorm with ``r`` and ``d`` clipped (their limits active):
+    outputs, gradients (or, with ``create_graph``, a gradient penalty's gradients), running
+    statistics, and how often the lean route ran."""
+    calls = [0]
+    original = lean.batch_renorm_channels_last
+
+    def counted(*args: object) -> torch.Tensor:
+        calls[0] += 1
+        return original(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(batch_variants, "batch_renorm_channels_last", counted)
+    usable = lean.renorm_usable if lean_route else (lambda *_: False)
+    monkeypatch.setattr(batch_variants, "renorm_usable", usable)
+    make = nl.BatchRenorm2d if x.dim() == 4 else nl.BatchRenorm3d
+    layer = make(x.shape[1], dtype=x.dtype, r_max=1.5, d_max=0.5, warmup_steps=0)
+    g = torch.Generator().manual_seed(8)
+    with torch.no_grad():
+        layer.weight.copy_(torch.rand(x.shape[1], generator=g) + 0.5)
+        layer.bias.copy_(torch.randn(x.shape[1], generator=g))
+        _buffer(layer, "running_std").fill_(2.0)  # the batch's std is ~3: r clipped to 1.5
+        _buffer(layer, "running_mean").fill_(0.3)
+    out: list[torch.Tensor] = []
+    for step in range(2):
+        xr = (x * (step + 1)).detach().requires_grad_()
+        y = layer(xr)
+        wrt = [xr, *layer.parameters()]
+        if create_graph:
+            (gx,) = torch.autograd.grad(y.pow(3).sum(), xr, create_graph=True)
+            out += torch.autograd.grad(gx.square().sum(), wrt)
+        else:
+            out += [y.detach(), *torch.autograd.grad(y, wrt, dy)]
+    out += [_buffer(layer, "running_mean").clone(), _buffer(layer, "running_std").clone()]
+    return out, calls[0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(64, 16, 8, 8), (12, 6, 5, 6, 10)])
+def test_renorm_matches_the_general_route(
+    monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, shape: tuple[int, ...]
+) -> None:
+    """Batch renorm's lean route rounds as the general route: outputs, gradients and running
+    statistics of two steps equal to an ulp of the largest value, layout kept."""
+    x, dy = _input(shape, dtype), _input(shape, dtype, seed=1)
+    ours, calls = _renorm_steps(monkeypatch, x, dy, True)
+    theirs, none = _renorm_steps(monkeypatch, x, dy, False)
+    assert (calls, none) == (2, 0)
+    assert ours[0].stride() == x.stride()
+    assert ours[1].stride() == x.stride()
+    ulp = torch.finfo(dtype).eps
+    for got, want in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(got, want, rtol=2 * ulp, atol=2 * ulp * float(want.abs().max()))
+
+
+def test_renorm_double_backward_matches_the_general_route(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    x = _input((16, 4, 16, 16), torch.float64)
+    ours, calls = _renorm_steps(monkeypatch, x, x, True, create_graph=True)
+    theirs, _ = _renorm_steps(monkeypatch, x, x, False, create_graph=True)
+    assert calls == 2
+    for got, want in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+
+
+def test_renorm_non_finite_batch_keeps_the_running_statistics() -> None:
+    layer = nl.BatchRenorm2d(16)
+    x = _input((64, 16, 8, 8), torch.float32)
+    with torch.no_grad():
+        layer(x)  # no gradient: the route without the autograd function
+    before = [_buffer(layer, n).clone() for n in ("running_mean", "running_std")]
+    assert not torch.equal(before[0], torch.zeros(16))
+    bad = x.clone()
+    bad[3, 2, 1, 1] = float("inf")
+    with pytest.warns(NonFiniteStatisticsWarning, match=r"BatchRenorm2d: \d+ batch statistic"):
+        layer(bad)
+    for name, value in zip(("running_mean", "running_std"), before, strict=True):
+        assert torch.equal(_buffer(layer, name), value)
+
+
+def test_renorm_epilogue_refuses_what_it_cannot_read() -> None:
+    c3 = torch.ones(3)
+    with pytest.raises(
+        ValueError,
+        match=r"renorm_coefficients: stats and the per-channel tensors must be stats \(2, 3\) "
+        r"and \(3,\) tensors, got \(3, 3\), None, None, \(3,\), \(3,\)",
+    ):
+        kernels.renorm_coefficients(torch.ones(3, 3), None, None, 1e-5, 3.0, 5.0, c3, c3, 0.1)

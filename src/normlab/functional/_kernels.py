@@ -67,6 +67,7 @@ __all__ = [
     "lp_coefficients",
     "lp_grad_coefficients",
     "moments",
+    "renorm_coefficients",
     "top_deviations",
     "usable",
 ]
@@ -763,6 +764,63 @@ def _lp_grad_epilogue(
         out[4, j] = sums[1, j]
 
 
+def _renorm_epilogue(
+    stats: Any,
+    weight: Any,
+    bias: Any,
+    limits: Any,
+    momentum: Any,
+    running_mean: Any,
+    running_std: Any,
+    out: Any,
+) -> bool:  # pragma: no cover - numba
+    # Batch renorm per channel j, rounded as the torch route: from the batch's mean and biased
+    # variance (stats (2, C)) and the running mean and std before this step, in float64
+    # r = clip(std_B / sigma, 1 / r_max, r_max), d = clip((mu_B - mu) / sigma, -d_max, d_max)
+    # (limits = (eps, r_max, d_max)), stored in out's dtype; weight' = weight * r and
+    # bias' = weight * d + bias there; then scale = weight' / std_B and
+    # shift = bias' - mu_B * scale folded in float64. out (7, C) = scale, shift, mean,
+    # 1 / std_B, weight', r, d. Then, if the statistics are finite, the running mean and std move
+    # towards the batch's (torch's add_ in their dtype: momentum there) and True is returned.
+    c = stats.shape[1]
+    eps, r_max, d_max = limits[0], limits[1], limits[2]
+    finite = True
+    for j in range(c):
+        mean = float(stats[0, j])
+        var = float(stats[1, j])
+        std = _np.sqrt(var + eps)
+        sigma = float(running_std[j])
+        r = min(max(std / sigma, 1.0 / r_max), r_max)
+        d = min(max((mean - float(running_mean[j])) / sigma, -d_max), d_max)
+        out[5, j] = r
+        out[6, j] = d
+        if weight.shape[0] == 0:
+            out[4, j] = out[5, j]
+            new_bias = out[6, j]
+        else:
+            out[4, j] = weight[j] * out[5, j]
+            new_bias = weight[j] * out[6, j]
+        if bias.shape[0] != 0:
+            new_bias = new_bias + bias[j]
+        inv = 1.0 / _np.sqrt(var + eps)
+        scale = inv * float(out[4, j])
+        out[0, j] = scale
+        out[1, j] = -mean * scale + float(new_bias)
+        out[2, j] = mean
+        out[3, j] = inv
+        finite = finite and _np.isfinite(mean) and _np.isfinite(var)
+    if not finite:
+        return False
+    step = _np.empty(2, running_mean.dtype)  # each change in the buffers' dtype
+    for j in range(c):
+        mean = float(stats[0, j])
+        step[0] = mean - float(running_mean[j])
+        step[1] = _np.sqrt(float(stats[1, j]) + eps) - float(running_std[j])
+        running_mean[j] = running_mean[j] + momentum[0] * step[0]
+        running_std[j] = running_std[j] + momentum[0] * step[1]
+    return True
+
+
 # numba.prange once numba is imported (a name the loops resolve at compile time)
 _prange: Callable[..., Any] = range
 
@@ -1143,6 +1201,15 @@ def instance_norm_backward(
 
 
 _EMPTY = _np.empty(0)
+
+
+def _params(like: Tensor, *params: Tensor | None) -> list[Any]:
+    """Parameters as numpy arrays for an epilogue; ``None`` as an empty array of ``like``'s dtype
+    (one of another dtype would make numba widen the arithmetic of the other branch)."""
+    empty = _np.empty(0, like.numpy().dtype)
+    return [empty if t is None else t.detach().numpy() for t in params]
+
+
 _ZERO = _np.zeros(1, _np.int64)
 
 
@@ -1329,7 +1396,7 @@ def lp_coefficients(
         disp,
         divide,
         consts,
-        *(_EMPTY if t is None else t.detach().numpy() for t in (weight, bias)),
+        *_params(out, weight, bias),
         momentum,
         rm,
         rs,
@@ -1371,3 +1438,54 @@ def lp_grad_coefficients(
         out.numpy(),
     )
     return out
+
+
+def renorm_coefficients(
+    stats: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    r_max: float,
+    d_max: float,
+    running_mean: Tensor,
+    running_std: Tensor,
+    momentum: float,
+) -> tuple[Tensor, bool]:
+    """Batch renorm's per-channel training epilogue in one serial loop (it replaces ~30 small
+    torch ops). From the batch's mean and biased variance (``stats``, ``(2, C)`` in the data's
+    dtype) and the running statistics before this step returns ``(coefficients, updated)``:
+    ``(7, C)`` in ``stats``' dtype -- the output's ``scale`` and ``shift``, the mean and
+    ``1 / sqrt(var + eps)`` the backward keeps, ``weight * r`` and ``r``, ``d`` (Ioffe 2017,
+    clipped to ``r_max``, ``d_max``) -- and whether the running mean and std moved towards the
+    batch's (torch's update in their dtype; version counters move; not for non-finite
+    statistics: the caller warns)."""
+    c = stats.shape[1]
+    if stats.shape != (2, c) or any(
+        t is not None and t.shape != (c,) for t in (weight, bias, running_mean, running_std)
+    ):
+        fail(
+            ValueError,
+            "normlab.functional._kernels.renorm_coefficients",
+            "stats and the per-channel tensors",
+            f"stats (2, {c}) and ({c},) tensors",
+            ", ".join(
+                str(None if t is None else tuple(t.shape))
+                for t in (stats, weight, bias, running_mean, running_std)
+            ),
+            "pass the batch's mean and variance and one value per channel",
+        )
+    out = torch.empty(7, c, dtype=stats.dtype)
+    rm, rs = running_mean.numpy(), running_std.numpy()
+    updated = _epilogue(
+        "_renorm_epilogue",
+        stats.detach().numpy(),
+        *_params(out, weight, bias),
+        _np.array([eps, r_max, d_max]),
+        _np.array([momentum], rm.dtype),
+        rm,
+        rs,
+        out.numpy(),
+    )
+    if updated:
+        increment_version((running_mean, running_std))
+    return out, bool(updated)

@@ -25,13 +25,20 @@ from torch import Tensor
 from normlab.functional import _kernels as kernels
 from normlab.functional._core import (
     FULL_PRECISION,
+    channel_affine,
     channels_last_format,
+    finite_statistics,
     pool_moments,
     update_running_stats_,
 )
 from normlab.functional._fast import _eligible, _per_group_grads, sample_affine
 
-__all__ = ["ghost_batch_norm_channels_last", "ghost_usable"]
+__all__ = [
+    "batch_renorm_channels_last",
+    "ghost_batch_norm_channels_last",
+    "ghost_usable",
+    "renorm_usable",
+]
 
 
 def _buffer_ok(t: Tensor | None) -> bool:
@@ -204,3 +211,114 @@ def _torch_grads(
     grad_x, grad_w = _per_group_grads(x, weight, grad, ctx.eps, ctx.sizes, need_x, need_w)
     grad_b = grad.sum([0, *range(2, x.dim())]) if need_b else None
     return grad_x, grad_w, grad_b, None, None, None, None
+
+
+def renorm_usable(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor,
+    running_std: Tensor,
+    r_max: float | Tensor,
+    d_max: float | Tensor,
+) -> bool:
+    """Whether :func:`batch_renorm_channels_last` serves this training call: as
+    :func:`ghost_usable`, with numbers for the limits and running statistics of one dtype."""
+    return (
+        not isinstance(r_max, Tensor)
+        and not isinstance(d_max, Tensor)
+        and ghost_usable(x, weight, bias, running_mean, running_std, 0.0)
+        and running_mean.dtype == running_std.dtype
+    )
+
+
+def batch_renorm_channels_last(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor,
+    running_std: Tensor,
+    momentum: float,
+    eps: float,
+    r_max: float,
+    d_max: float,
+    owner: str,
+) -> Tensor:
+    """Batch renorm's training step on input passing :func:`renorm_usable`, as
+    :func:`normlab.functional.batch_variants.batch_renorm_unchecked` computes it: torch's
+    read-only statistics kernel, one epilogue (``r``, ``d``, the output's coefficients, the
+    running mean and std; :func:`normlab.functional._kernels.renorm_coefficients`), one
+    multiply-add. Backward: torch's batch-norm backward with ``weight * r`` (the gradient flows
+    through the batch statistics as through batch norm's; ``r`` and ``d`` are constants).
+    Saved for backward: ``x``, ``weight`` and per-channel statistics, as torch."""
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, weight, bias)
+    )
+    args = (x, weight, bias, running_mean, running_std, momentum, eps, r_max, d_max, owner)
+    if needs_grad:
+        y: Tensor = _RenormChannelsLast.apply(*args)  # type: ignore[no-untyped-call]
+        return y
+    return _renorm_forward(*args)[0]
+
+
+def _renorm_forward(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor,
+    running_std: Tensor,
+    momentum: float,
+    eps: float,
+    r_max: float,
+    d_max: float,
+    owner: str,
+) -> tuple[Tensor, Tensor]:
+    """``(y, coefficients)`` (:func:`normlab.functional._kernels.renorm_coefficients`)."""
+    stats = torch.stack(torch.batch_norm_update_stats(x, None, None, 0.0))
+    coefficients, updated = kernels.renorm_coefficients(
+        stats, weight, bias, eps, r_max, d_max, running_mean, running_std, momentum
+    )
+    if not updated:  # non-finite statistics: warn (the running statistics stay)
+        finite_statistics(stats, owner=owner)
+    return channel_affine(x, coefficients[0], coefficients[1]), coefficients
+
+
+class _RenormChannelsLast(torch.autograd.Function):
+    """:func:`batch_renorm_channels_last` with a gradient."""
+
+    @staticmethod
+    def forward(ctx: Any, *args: Any) -> Tensor:
+        x, weight, bias, eps = args[0], args[1], args[2], args[6]
+        y, coefficients = _renorm_forward(*args)
+        ctx.save_for_backward(x, weight, coefficients[2:])
+        ctx.eps, ctx.has_bias = eps, bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight, coefficients = ctx.saved_tensors
+        mean, invstd, _, r, d = coefficients
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        need_w = need_w and weight is not None
+        need_b = need_b and ctx.has_bias
+        # weight * r from the saved weight (double backward differentiates through it)
+        scaled = r if weight is None else weight * r
+        grad = grad.contiguous(memory_format=channels_last_format(x) or torch.contiguous_format)
+        grad_x, sum_dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward(
+            grad,
+            x,
+            scaled,
+            None,
+            None,
+            mean,
+            invstd,
+            True,
+            ctx.eps,
+            [need_x, need_w, need_w or need_b],
+        )
+        return (
+            grad_x if need_x else None,
+            sum_dy_xhat * r + sum_dy * d if need_w else None,
+            sum_dy if need_b else None,
+            *([None] * 7),
+        )

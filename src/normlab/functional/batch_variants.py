@@ -20,7 +20,12 @@ from normlab.functional._fast import (
     use_fast_batch_stats,
     use_given_stats,
 )
-from normlab.functional._lean import ghost_batch_norm_channels_last, ghost_usable
+from normlab.functional._lean import (
+    batch_renorm_channels_last,
+    ghost_batch_norm_channels_last,
+    ghost_usable,
+    renorm_usable,
+)
 from normlab.functional.batch_norm import batch_norm_unchecked
 
 __all__ = ["batch_renorm_unchecked", "ghost_batch_norm_unchecked", "renorm_correction"]
@@ -140,6 +145,19 @@ def batch_renorm_unchecked(
     check_values_per_channel(
         input, input.numel() // c if c else 0, owner=owner, what="values per channel"
     )
+    if renorm_usable(input, weight, bias, running_mean, running_std, r_max, d_max):
+        return batch_renorm_channels_last(
+            input,
+            weight,
+            bias,
+            running_mean,
+            running_std,
+            momentum,
+            eps,
+            float(r_max),
+            float(d_max),
+            owner,
+        )
     mean, var = batch_moments(input)
     r, d = renorm_correction(mean, var, running_mean, running_std, eps, r_max, d_max)
     dtype = weight.dtype if weight is not None else input.dtype
