@@ -445,3 +445,73 @@ def test_renorm_epilogue_refuses_what_it_cannot_read() -> None:
         r"and \(3,\) tensors, got \(3, 3\), None, None, \(3,\), \(3,\)",
     ):
         kernels.renorm_coefficients(torch.ones(3, 3), None, None, 1e-5, 3.0, 5.0, c3, c3, 0.1)
+
+
+def test_epilogues_divide_by_zero_as_torch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A zero divisor gives inf/NaN as torch's ops do (numba's default error model raised
+    ZeroDivisionError): batch renorm with a zero running std (r and d clip to their limits), L1
+    and L-infinity batch norm with an eps that rounds to 0 in float32 and a constant channel."""
+    from normlab.functional import lp_norm
+
+    x = _input((64, 16, 8, 8), torch.float32)
+    dy = _input((64, 16, 8, 8), torch.float32, seed=1)
+    for route in ("lean", "general"):
+        if route == "general":
+            monkeypatch.setattr(batch_variants, "renorm_usable", lambda *_: False)
+        layer = nl.BatchRenorm2d(16, r_max=2.0, d_max=1.0, warmup_steps=0)
+        _buffer(layer, "running_std").zero_()
+        result = _step(layer, x, dy)
+        if route == "lean":
+            lean_result = result
+    for got, want in zip(lean_result, result, strict=True):
+        torch.testing.assert_close(got, want, equal_nan=True)
+    constant = x.clone()
+    constant[:, 3] = 1.5
+    for make in (lambda: nl.L1BatchNorm(16, eps=1e-50), lambda: nl.LinfBatchNorm(16, eps=1e-50)):
+        results = []
+        for epilogues in (True, False):
+            monkeypatch.setattr(lp_norm, "_epilogues", lambda *_, on=epilogues: on)
+            results.append(_step(make(), constant, dy))
+        for got, want in zip(*results, strict=True):
+            torch.testing.assert_close(got, want, equal_nan=True, rtol=1e-5, atol=1e-5)
+
+
+def test_ghost_backward_on_channels_first_rows() -> None:
+    """kernels.ghost_backward reads channels-first input too (rows of positions): gradients equal
+    torch's batch-norm backward per virtual batch."""
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(64, 8, 8, 8, generator=g, dtype=torch.float64)
+    dy = torch.randn(x.shape, generator=g, dtype=torch.float64)
+    w = torch.rand(8, generator=g, dtype=torch.float64) + 0.5
+    sizes = [16, 16, 16, 16]
+    pieces = [torch.batch_norm_update_stats(s, None, None, 0.0) for s in torch.split(x, sizes)]
+    mean = torch.stack([m for m, _ in pieces])
+    invstd = torch.stack([torch.rsqrt(v + 1e-5) for _, v in pieces])
+    want = [
+        torch.ops.aten.native_batch_norm_backward(
+            gs, xs, w, None, None, m, i, True, 1e-5, [True, True, True]
+        )
+        for gs, xs, m, i in zip(
+            torch.split(dy, sizes), torch.split(x, sizes), mean, invstd, strict=True
+        )
+    ]
+    sums = torch.stack([torch.stack((gw, gb)) for _, gw, gb in want])
+    stats = torch.stack((mean, invstd), 1)
+    grad_x, grad_w, grad_b = kernels.ghost_backward(dy, x, stats, sums, sizes, w, True)
+    assert grad_x is not None
+    torch.testing.assert_close(grad_x, torch.cat([gx for gx, _, _ in want]))
+    torch.testing.assert_close(grad_w, sum(gw for _, gw, _ in want) * 1.0)
+    torch.testing.assert_close(grad_b, sum(gb for _, _, gb in want) * 1.0)
+
+
+def test_renorm_batched_gradients() -> None:
+    """``is_grads_batched`` (the backward under vmap): the same as one backward per vector."""
+    x = _input((16, 4, 16, 16), torch.float32).requires_grad_()
+    layer = nl.BatchRenorm2d(4)
+    y = layer(x)
+    n, c, h, w = x.shape
+    vectors = torch.randn(2, n, h, w, c).permute(0, 1, 4, 2, 3)
+    batched = torch.autograd.grad(y, x, vectors, is_grads_batched=True, retain_graph=True)[0]
+    for i in range(2):
+        one = torch.autograd.grad(y, x, vectors[i], retain_graph=True)[0]
+        torch.testing.assert_close(batched[i], one, rtol=1e-4, atol=1e-5)

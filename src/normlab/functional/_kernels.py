@@ -86,8 +86,17 @@ _LOCK = threading.Lock()
 # build then evaluate their float64 pooling identically (with it they differed by an ulp).
 _IN_ORDER = frozenset({"_rows_normalize"})
 # Per-channel epilogues: no fast-math at all (no fused multiply-adds either), so they round as the
-# torch routes' float64 ops do.
-_EXACT = frozenset({"_ghost_epilogue", "_ghost_grad_epilogue", "_lp_epilogue", "_lp_grad_epilogue"})
+# torch routes' ops do; numpy's error model, so a division by zero gives inf/NaN as torch's does
+# (numba's default raises ZeroDivisionError: e.g. batch renorm with a zero running std).
+_EXACT = frozenset(
+    {
+        "_ghost_epilogue",
+        "_ghost_grad_epilogue",
+        "_lp_epilogue",
+        "_lp_grad_epilogue",
+        "_renorm_epilogue",
+    }
+)
 # reassociation lets LLVM vectorise the sums; no-NaN/Inf assumptions are left out, so a NaN in
 # the data still reaches the statistics (and the callers' finiteness checks); no approximate
 # reciprocals either: Chan's rule then keeps the mean of constant data exact
@@ -835,9 +844,9 @@ def _compiled(name: str, parallel: bool) -> Any:
     numba = _numba()
     _prange = numba.prange
     fastmath: Any = _FASTMATH - {"reassoc"} if name in _IN_ORDER else _FASTMATH
-    if name in _EXACT:
-        fastmath = False
     options = {"parallel": parallel, "fastmath": fastmath, "nogil": True}
+    if name in _EXACT:
+        options.update(fastmath=False, error_model="numpy")
     try:
         return numba.njit(globals()[name], cache=not parallel, **options)
     except RuntimeError:  # numba: "cannot cache function ...: no locator available"
@@ -1327,7 +1336,7 @@ def ghost_backward(
         stats.numpy(),
         sums.numpy(),
         _np.asarray(sizes, _np.int64),
-        rows.shape[0] // n,
+        x.numel() // (n * c),  # positions per sample and channel
         _EMPTY if weight is None else weight.detach().numpy(),
         arrays,
     )

@@ -2,17 +2,22 @@
 
 Right after a pass over a large activation every small torch op costs several times its warm
 ~2-5 us (the interpreter's and the dispatcher's data left the caches), and a layer's routes
-through the functional and autograd layers run tens of them on per-channel vectors: ghost batch
-norm's channels-last forward took ~0.3 ms more than torch's ``BatchNorm2d`` beyond its passes
-over memory (64x64x32x32 float32, 1 thread), ~20 % of the layer's time. The routes here keep the
-passes (torch's kernels where they are fastest, the fast extra's loops elsewhere) and do all the
-per-channel arithmetic in between -- statistics into coefficients, running statistics, gradient
-sums into input-gradient coefficients -- in one serial numba loop per step
-(:func:`normlab.functional._kernels.ghost_coefficients` and friends).
+through the functional and autograd layers run tens of them on per-channel vectors. Measured
+right after two copies of 16.8 MB (8x64x8x8 float32 input, 1 thread, so that the passes
+themselves are short): ghost batch norm's channels-last module took 365 us per forward and
+788 us per forward+backward, torch's ``BatchNorm2d`` 75 and 176 us; at 64x64x32x32 that excess
+is ~20 % of the layer's time. The routes here keep the passes (torch's kernels where they are
+fastest, the fast extra's loops elsewhere) and do all the per-channel arithmetic in between --
+statistics into coefficients, running statistics, gradient sums into input-gradient
+coefficients -- in one serial numba loop per step
+(:func:`normlab.functional._kernels.ghost_coefficients` and friends): 194-282 us and 456-654
+us for ghost batch norm after (the host drifts by ~1.5x between runs).
 
-They serve eager CPU float32/float64 input with the fast extra (:func:`ghost_usable`); every
-other case keeps the general routes, which compute the same values (the tests compare them).
-Forward calls that need no gradient skip the autograd function.
+Ghost batch norm and batch renorm on channels-last input (:func:`ghost_usable`,
+:func:`renorm_usable`; L1 and L-infinity batch norm use the same epilogues inside their fused
+functions, :mod:`normlab.functional.lp_norm`). They serve eager CPU float32/float64 input with
+the fast extra; every other case keeps the general routes, which compute the same values (the
+tests compare them). Forward calls that need no gradient skip the autograd function.
 """
 
 from __future__ import annotations
@@ -303,7 +308,8 @@ class _RenormChannelsLast(torch.autograd.Function):
         need_b = need_b and ctx.has_bias
         # weight * r from the saved weight (double backward differentiates through it)
         scaled = r if weight is None else weight * r
-        grad = grad.contiguous(memory_format=channels_last_format(x) or torch.contiguous_format)
+        if not kernels._batched(grad):  # (vmap cannot query a batched tensor's layout)
+            grad = grad.contiguous(memory_format=channels_last_format(x) or torch.contiguous_format)
         grad_x, sum_dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward(
             grad,
             x,
