@@ -516,51 +516,68 @@ def _cl_extremes(
 
 
 def _cl_top_deviations(
-    x: Any, center: Any, hi: Any, lo: Any, block: int, top: Any, offsets: Any, signs: Any
+    x: Any,
+    center: Any,
+    hi: Any,
+    lo: Any,
+    block: int,
+    width: int,
+    top: Any,
+    offsets: Any,
+    signs: Any,
 ) -> None:  # pragma: no cover - numba
     # per channel: the k blocks of rows with the largest max |x - mu| (from their extremes), then
     # the k largest |x - mu| among those blocks' values; both kept sorted by insertion (strictly
     # larger values enter: the first of equal values stays), so a pass costs O(values + k^2)
+    # the ranking reads the blocks' extremes row by row, ``width`` contiguous channels at a time
+    # (a channel column at a time, (blocks, C) read with a stride of C values: 1 thread at
+    # 256x256x14x14 0.79 -> 0.58 of a statistics pass), chunks of channels in parallel
     nrows, c = x.shape
     nblocks = hi.shape[0]
     k = top.shape[1]
     kb = min(k, nblocks)
-    for j in _prange(c):
-        mu = center[j]
-        worst = _np.empty(kb, x.dtype)
-        chosen = _np.empty(kb, _np.int64)
-        filled = 0
+    for chunk in _prange((c + width - 1) // width):
+        j0 = chunk * width
+        j1 = min(j0 + width, c)
+        worst = _np.empty((j1 - j0, kb), x.dtype)
+        chosen = _np.empty((j1 - j0, kb), _np.int64)
+        filled = _np.zeros(j1 - j0, _np.int64)
         for i in range(nblocks):
-            w = max(hi[i, j] - mu, mu - lo[i, j])
-            if filled < kb or w > worst[kb - 1]:
-                p = filled if filled < kb else kb - 1
-                while p > 0 and w > worst[p - 1]:
-                    worst[p] = worst[p - 1]
-                    chosen[p] = chosen[p - 1]
-                    p -= 1
-                worst[p] = w
-                chosen[p] = i
-                filled = min(filled + 1, kb)
-        best = top[j]
-        where = offsets[j]
-        sign = signs[j]
-        filled = 0
-        for q in range(kb):
-            start = chosen[q] * block
-            for r in range(start, min(start + block, nrows)):
-                z = x[r, j] - mu
-                a = abs(z)
-                if filled < k or a > best[k - 1]:
-                    p = filled if filled < k else k - 1
-                    while p > 0 and a > best[p - 1]:
-                        best[p] = best[p - 1]
-                        where[p] = where[p - 1]
-                        sign[p] = sign[p - 1]
+            for j in range(j0, j1):
+                mu = center[j]
+                w = max(hi[i, j] - mu, mu - lo[i, j])
+                t = j - j0
+                if filled[t] < kb or w > worst[t, kb - 1]:
+                    p = filled[t] if filled[t] < kb else kb - 1
+                    while p > 0 and w > worst[t, p - 1]:
+                        worst[t, p] = worst[t, p - 1]
+                        chosen[t, p] = chosen[t, p - 1]
                         p -= 1
-                    best[p] = a
-                    where[p] = r * c + j
-                    sign[p] = 1.0 if z > 0 else (-1.0 if z < 0 else z)
-                    filled = min(filled + 1, k)
+                    worst[t, p] = w
+                    chosen[t, p] = i
+                    filled[t] = min(filled[t] + 1, kb)
+        for j in range(j0, j1):  # each channel's k largest |x - mu| in its chosen blocks
+            mu = center[j]
+            best = top[j]
+            where = offsets[j]
+            sign = signs[j]
+            count = 0
+            for q in range(kb):
+                start = chosen[j - j0, q] * block
+                for r in range(start, min(start + block, nrows)):
+                    z = x[r, j] - mu
+                    a = abs(z)
+                    if count < k or a > best[k - 1]:
+                        p = count if count < k else k - 1
+                        while p > 0 and a > best[p - 1]:
+                            best[p] = best[p - 1]
+                            where[p] = where[p - 1]
+                            sign[p] = sign[p - 1]
+                            p -= 1
+                        best[p] = a
+                        where[p] = r * c + j
+                        sign[p] = 1.0 if z > 0 else (-1.0 if z < 0 else z)
+                        count = min(count + 1, k)
 
 
 def _rows_instance_grad(
@@ -1148,12 +1165,17 @@ def top_deviations(
     c = rows.shape[1]
     values, signs = torch.empty(2, c, k, dtype=x.dtype)
     offsets = torch.empty(c, k, dtype=torch.int64)
+    # channels per parallel chunk: all of them on one thread (the ranking then reads the blocks'
+    # extremes in storage order), else a share per thread in whole cache lines
+    threads = min(torch.get_num_threads(), _numba().config.NUMBA_NUM_THREADS)
+    width = c if threads <= 1 else max(16, -(-c // (16 * threads)) * 16)
     _call(
         "_cl_top_deviations",
         rows,
         _channel_vector(center, x),
         *extremes,
         block,
+        width,
         values.numpy(),
         offsets.numpy(),
         signs.numpy(),
