@@ -122,6 +122,10 @@ def test_gradient_sums_and_input_gradient_against_float64(layout: str, offset: f
     dev = kernels.abs_deviation_sums(x, mean)
     want = z.abs().sum(_dims(x))
     assert ((dev - want).abs() / want).max() <= F32_REL
+    if layout in ("nhwc", "ndhwc", "nc"):  # mean=None: the plain sums, relative to sum |x|
+        sums = kernels.abs_deviation_sums(x, None)
+        want = x.double().sum(_dims(x))
+        assert ((sums - want).abs() / x.double().abs().sum(_dims(x))).max() <= F32_REL
 
 
 def test_moments_of_samples_far_from_the_shift() -> None:
@@ -601,9 +605,15 @@ def test_batch_norm_through_the_loops(
 
 
 @pytest.mark.parametrize("layout", ["nchw", "nhwc", "nc"])
-def test_l1_batch_norm_through_the_loops(monkeypatch: pytest.MonkeyPatch, layout: str) -> None:
+@pytest.mark.parametrize("large", [False, True], ids=["in-cache", "from-memory"])
+def test_l1_batch_norm_through_the_loops(
+    monkeypatch: pytest.MonkeyPatch, layout: str, large: bool
+) -> None:
     """The fused L1 function with the loops (absolute deviations, three gradient sums in one read,
-    the input gradient in one pass) against autograd through the composite formula in float64."""
+    the input gradient in one pass; "from-memory": channels-last channel sums from the loop, as
+    above the L3 size) against autograd through the composite formula in float64."""
+    if large:
+        monkeypatch.setattr(lp_norm, "_SUMS_FROM_MEMORY", 0)
     spy = _Spy(monkeypatch, "abs_deviation_sums", "grad_sums", "input_grad")
     x32, dy32 = _data(layout, 0.3)
     w32 = torch.rand(x32.shape[1]) + 0.5
@@ -621,7 +631,8 @@ def test_l1_batch_norm_through_the_loops(monkeypatch: pytest.MonkeyPatch, layout
         return _outputs_and_grads(fn, dtype, x32, w32, dy32)
 
     ours = run(fused, torch.float32)
-    assert spy.calls == ["abs_deviation_sums", "grad_sums", "input_grad"]
+    sums = ["abs_deviation_sums"] if large and layout != "nchw" else []
+    assert spy.calls == [*sums, "abs_deviation_sums", "grad_sums", "input_grad"]
     oracle = run(composite, torch.float64)
     for o, r in zip(ours, oracle, strict=True):
         assert ((o.double() - r).norm() / r.norm()).item() <= 1e-5
@@ -790,3 +801,13 @@ def test_a_numba_failure_names_the_way_out(monkeypatch: pytest.MonkeyPatch) -> N
         RuntimeError, match=r"_rows_moments must be successful, got TypingError.*NORMLAB_NUMBA=0"
     ):
         kernels.moments(x)
+
+
+def test_plain_sums_refuse_channels_first_rows() -> None:
+    x, _ = _data("nchw", 0.0)
+    with pytest.raises(
+        ValueError,
+        match=r"abs_deviation_sums: mean must be a per-channel tensor for channels-first input "
+        r"\(None: plain sums, channels-last only\), got None\. Fix: sum channels-first rows",
+    ):
+        kernels.abs_deviation_sums(x, None)

@@ -268,7 +268,7 @@ class L1BatchNormTrain(torch.autograd.Function):
         owner: str = "L1 batch norm",
     ) -> tuple[Tensor, Tensor, Tensor]:
         count = x.numel() // x.shape[1]
-        mean = channel_sums(x) / count
+        mean = _channel_mean(x, count)
         sums = _abs_deviation_sums(x, mean)
         # the L1 divisor is ~1 std (0.8 without the Gaussian constant): centred within 8 of them
         if _epilogues(x, running):
@@ -354,6 +354,24 @@ def _channel_chunks(x: Tensor) -> tuple[tuple[Tensor, ...], list[int], list[int]
         return (x,), [0, *range(2, x.dim())], channel_view_shape(x.dim(), c)
     per = max(1, _CHUNK_BYTES // (rows[0].numel() * x.element_size()))
     return torch.split(rows, per), dims, view
+
+
+# Channels-last tensors larger than this many bytes (this machine's 32 MiB L3: they are read
+# from memory) get their channel sums from the fast extra's loop, 0.67-0.68x the time of torch's
+# sum over dims (0, 2, 3) at 256x256x14x14 (51 MB) -- but 1.35-1.47x at 64x64x32x32 (16.8 MB),
+# where torch's sum reads the tensor from the L3 cache faster (in-process A/B, 1 thread).
+_SUMS_FROM_MEMORY = 32 << 20
+
+
+def _channel_mean(x: Tensor, count: int) -> Tensor:
+    """The per-channel mean of ``x`` (``count`` values each) in its dtype."""
+    if (
+        x.numel() * x.element_size() > _SUMS_FROM_MEMORY
+        and storage_layout(x) == "last"
+        and kernels.usable(x)
+    ):
+        return (kernels.abs_deviation_sums(x, None) / count).to(x.dtype)
+    return channel_sums(x) / count
 
 
 def _abs_deviation_sums(x: Tensor, mean: Tensor) -> Tensor:
