@@ -471,21 +471,26 @@ def _rows_abs_dev(x: Any, center: Any, block: int, out: Any) -> None:  # pragma:
 def _cl_abs_dev(
     x: Any, center: Any, absolute: bool, block: int, out: Any
 ) -> None:  # pragma: no cover - numba
-    # per block of rows: sum |x - center| per channel (absolute), or sum x
+    # per block of rows: sum |x - center| and sum sign(x - center) per channel into out[0, b] and
+    # out[1, b] (absolute), or sum x into out[0, b]
     nrows, c = x.shape
-    for b in _prange(out.shape[0]):
+    for b in _prange(out.shape[1]):
         xs = x[b * block : min(b * block + block, nrows)]
         s = _np.zeros(c, x.dtype)
+        t = _np.zeros(c, x.dtype)
         for m in range(xs.shape[0]):
             xm = xs[m]
             if absolute:
                 for j in range(c):
-                    s[j] += abs(xm[j] - center[j])
+                    z = xm[j] - center[j]
+                    s[j] += abs(z)
+                    t[j] += _np.sign(z)
             else:
                 for j in range(c):
                     s[j] += xm[j]
         for j in range(c):
-            out[b, j] = s[j]
+            out[0, b, j] = s[j]
+            out[1, b, j] = t[j]
 
 
 def _cl_extremes(
@@ -1097,11 +1102,12 @@ def input_grad(
     return out
 
 
-def abs_deviation_sums(x: Tensor, mean: Tensor | None) -> Tensor:
-    """``sum |x - mean|`` per channel, float64, one read (requires :func:`usable`); with
-    ``mean=None`` on channels-last (or ``(N, C)``) storage the plain sums ``sum x`` (float32
-    partial sums over at most ``_CL_ROWS`` rows, in float64 across them: 0.6-0.7x the time of
-    torch's sum over dims ``(0, 2, 3)`` there)."""
+def abs_deviation_sums(x: Tensor, mean: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """``(sum |x - mean|, sum sign(x - mean))`` per channel, float64, one read (requires
+    :func:`usable`); the sign sums (L1 batch norm's backward needs them) on channels-last (or
+    ``(N, C)``) storage only, else ``None``. With ``mean=None`` on channels-last storage
+    ``(sum x, None)`` instead (float32 partial sums over at most ``_CL_ROWS`` rows, in float64
+    across them: 0.6-0.7x the time of torch's sum over dims ``(0, 2, 3)`` there)."""
     _require(x)
     rows = _rows(x)
     c = x.shape[1]
@@ -1119,11 +1125,12 @@ def abs_deviation_sums(x: Tensor, mean: Tensor | None) -> Tensor:
     if first:
         out = torch.empty(rows.shape[0], dtype=torch.float64)
         _call("_rows_abs_dev", rows, center, _BLOCK, out.numpy())
-    else:
-        block = _block_rows(c, x.element_size())
-        out = torch.empty(-(-rows.shape[0] // block), c, dtype=torch.float64)
-        _call("_cl_abs_dev", rows, center, mean is not None, block, out.numpy())
-    return out.view(-1, c).sum(0)
+        return out.view(-1, c).sum(0), None
+    block = _block_rows(c, x.element_size())
+    out = torch.empty(2, -(-rows.shape[0] // block), c, dtype=torch.float64)
+    _call("_cl_abs_dev", rows, center, mean is not None, block, out.numpy())
+    total = out.sum(1)
+    return total[0], None if mean is None else total[1]
 
 
 def block_extremes(x: Tensor, block: int) -> tuple[Tensor, Tensor, Tensor]:
