@@ -119,9 +119,11 @@ def test_gradient_sums_and_input_gradient_against_float64(layout: str, offset: f
         kernels.input_grad(dy, x, mean, a, b, k, out=half)
         torch.testing.assert_close(half, out, rtol=0, atol=0)
         assert whole[x.shape[0] :].isnan().all()  # nothing written past the slice
-    dev, sign_sums = kernels.abs_deviation_sums(x, mean)
+    dev, sign_sums = kernels.abs_deviation_sums(x, mean, signs=True)
     want = z.abs().sum(_dims(x))
     assert ((dev - want).abs() / want).max() <= F32_REL
+    assert torch.equal(kernels.abs_deviation_sums(x, mean)[0], dev)  # the same without signs
+    assert kernels.abs_deviation_sums(x, mean)[1] is None
     if layout in ("nhwc", "ndhwc", "nc"):
         # the signs counted in the same read; with mean=None the plain sums (relative to sum |x|)
         assert sign_sums is not None

@@ -269,9 +269,10 @@ class L1BatchNormTrain(torch.autograd.Function):
     ) -> tuple[Tensor, Tensor, Tensor]:
         count = x.numel() // x.shape[1]
         mean = _channel_mean(x, count)
-        # channels-last with the fast extra: sum sign(x - mu) too, kept for the backward (which
-        # then takes its other two sums from torch's kernel, faster there than the loop's)
-        sums, signs = _abs_deviation_sums(x, mean)
+        # channels-last with the fast extra, when the input's gradient will be needed: sum
+        # sign(x - mu) too, kept for the backward (which then takes its other two sums from
+        # torch's kernel, faster there than the loop's)
+        sums, signs = _abs_deviation_sums(x, mean, ctx.needs_input_grad[0])
         extra = () if signs is None else (signs,)
         # the L1 divisor is ~1 std (0.8 without the Gaussian constant): centred within 8 of them
         if _epilogues(x, running):
@@ -378,13 +379,16 @@ def _channel_mean(x: Tensor, count: int) -> Tensor:
     return channel_sums(x) / count
 
 
-def _abs_deviation_sums(x: Tensor, mean: Tensor) -> tuple[Tensor, Tensor | None]:
+def _abs_deviation_sums(
+    x: Tensor, mean: Tensor, signs: bool = False
+) -> tuple[Tensor, Tensor | None]:
     """Per-channel ``sum |x - mean|`` (float64), chunk by chunk through one small buffer: one read
     of ``x``, no activation-sized scratch (but for layouts :func:`_channel_chunks` takes whole);
     with the fast extra one fused loop (:func:`normlab.functional._kernels.abs_deviation_sums`),
-    which on channels-last storage also counts ``sum sign(x - mean)`` (else ``None``)."""
+    which with ``signs`` on channels-last storage also counts ``sum sign(x - mean)`` (else
+    ``None``)."""
     if kernels.usable(x):
-        return kernels.abs_deviation_sums(x, mean)
+        return kernels.abs_deviation_sums(x, mean, signs)
     chunks, dims, view = _channel_chunks(x)
     # float64 totals across chunks (where the device has float64)
     total = x.new_zeros(x.shape[1], dtype=x.dtype if x.device.type == "mps" else torch.float64)
