@@ -128,3 +128,20 @@ def test_stream_benchmark_smoke(tmp_path: Path) -> None:
     table = out.read_text()
     assert "| InputStandardizer.fit: max rel. error" in table
     assert "peak RSS" in table
+
+
+def test_overhead_benchmark_smoke(tmp_path: Path) -> None:
+    overhead = _load("overhead")
+    out = tmp_path / "table.md"
+    assert (
+        overhead.main(
+            ["--shape", "4x8x4x4", "--calls", "2", "--flush-mb", "0.1", "--out", str(out)]
+        )
+        == 0
+    )
+    table = out.read_text()
+    for text in (
+        "| GhostBatchNorm(vbs=N/4) vs BN2d | channels_last |",
+        "| BatchNorm2d eval | NCHW |",
+    ):
+        assert text in table
