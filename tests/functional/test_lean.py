@@ -60,21 +60,28 @@ def _buffer(layer: torch.nn.Module, name: str) -> torch.Tensor:
 
 
 class _Routes:
-    """Counts the lean route's calls; ``general()`` switches it off."""
+    """Counts the calls of a lean route (``route``, a function of ``_lean`` that
+    ``batch_variants`` calls when ``check`` passes); ``general()`` switches it off."""
 
-    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.monkeypatch = monkeypatch
+    def __init__(
+        self,
+        monkeypatch: pytest.MonkeyPatch,
+        route: str = "ghost_batch_norm_channels_last",
+        check: str = "ghost_usable",
+    ) -> None:
+        self.monkeypatch, self.check = monkeypatch, check
         self.lean = 0
-        original = lean.ghost_batch_norm_channels_last
+        original = getattr(lean, route)
 
         def counted(*args: object) -> torch.Tensor:
             self.lean += 1
-            return original(*args)  # type: ignore[arg-type]
+            return original(*args)  # type: ignore[no-any-return]
 
-        monkeypatch.setattr(batch_variants, "ghost_batch_norm_channels_last", counted)
+        monkeypatch.setattr(batch_variants, route, counted)
+        monkeypatch.setattr(batch_variants, check, getattr(lean, check))
 
     def general(self) -> None:
-        self.monkeypatch.setattr(batch_variants, "ghost_usable", lambda *_: False)
+        self.monkeypatch.setattr(batch_variants, self.check, lambda *_: False)
 
 
 def _step(layer: torch.nn.Module, x: torch.Tensor, dy: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -361,16 +368,9 @@ def _renorm_steps(
     """Two training steps of batch renorm with ``r`` and ``d`` clipped (their limits active):
     outputs, gradients (or, with ``create_graph``, a gradient penalty's gradients), running
     statistics, and how often the lean route ran."""
-    calls = [0]
-    original = lean.batch_renorm_channels_last
-
-    def counted(*args: object) -> torch.Tensor:
-        calls[0] += 1
-        return original(*args)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(batch_variants, "batch_renorm_channels_last", counted)
-    usable = lean.renorm_usable if lean_route else (lambda *_: False)
-    monkeypatch.setattr(batch_variants, "renorm_usable", usable)
+    routes = _Routes(monkeypatch, "batch_renorm_channels_last", "renorm_usable")
+    if not lean_route:
+        routes.general()
     make = nl.BatchRenorm2d if x.dim() == 4 else nl.BatchRenorm3d
     layer = make(x.shape[1], dtype=x.dtype, r_max=1.5, d_max=0.5, warmup_steps=0)
     g = torch.Generator().manual_seed(8)
@@ -390,7 +390,7 @@ def _renorm_steps(
         else:
             out += [y.detach(), *torch.autograd.grad(y, wrt, dy)]
     out += [_buffer(layer, "running_mean").clone(), _buffer(layer, "running_std").clone()]
-    return out, calls[0]
+    return out, routes.lean
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

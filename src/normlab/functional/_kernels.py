@@ -70,6 +70,7 @@ __all__ = [
     "renorm_coefficients",
     "top_deviations",
     "usable",
+    "writable_buffers",
 ]
 
 # Values per float32 partial sum along a channels-first row (the block also sits in L1 between
@@ -1087,22 +1088,27 @@ def input_grad(
         )
     out = torch.empty_like(x) if out is None else out
     coefficients = [_channel_vector(t, x).reshape(-1, c) for t in (mean, a, b, k)]
-    rows = _rows(x)
     rowmap = _np.arange(n) if samples else _ZERO  # a coefficient row per sample, or one
-    per = rows.shape[0] // n if samples else rows.shape[0]  # rows per entry of rowmap
-    name = "_rows_input_grad" if storage_layout(x) == "first" else "_cl_input_grad"
-    _call(
-        name,
-        _rows(grad_out),
-        rows,
-        coefficients[0],
-        signs,
-        *coefficients[1:],
-        per,
-        rowmap,
-        _rows(out),
-    )
+    _input_grad_pass(grad_out, x, _rows(x), coefficients, rowmap, signs, out)
     return out
+
+
+def _input_grad_pass(
+    grad_out: Tensor,
+    x: Tensor,
+    rows: Any,
+    coefficients: Any,
+    rowmap: Any,
+    signs: bool,
+    out: Tensor,
+) -> None:
+    """The input-gradient loop of ``x``'s layout over its ``rows``: ``coefficients`` the four
+    ``(rows of coefficients, C)`` arrays ``(mean, a, b, k)``; the rows split evenly among the
+    entries of ``rowmap``, each naming the coefficients' row its rows read."""
+    name = "_rows_input_grad" if storage_layout(x) == "first" else "_cl_input_grad"
+    per = rows.shape[0] // len(rowmap)  # rows per entry of rowmap
+    mean, a, b, k = coefficients
+    _call(name, _rows(grad_out), rows, mean, signs, a, b, k, per, rowmap, _rows(out))
 
 
 def abs_deviation_sums(
@@ -1265,6 +1271,22 @@ def instance_norm_backward(
 
 
 _EMPTY = _np.empty(0)
+_ZERO = _np.zeros(1, _np.int64)
+
+
+def writable_buffers(*buffers: Tensor | None) -> bool:
+    """Whether the epilogues may write these running-statistics buffers through numpy views:
+    each ``None``, or a 1-D CPU float32/float64 tensor that requires no gradient."""
+    return all(
+        t is None
+        or (
+            t.device.type == "cpu"
+            and t.dtype in FULL_PRECISION
+            and t.dim() == 1
+            and not t.requires_grad
+        )
+        for t in buffers
+    )
 
 
 def _params(like: Tensor, *params: Tensor | None) -> list[Any]:
@@ -1272,9 +1294,6 @@ def _params(like: Tensor, *params: Tensor | None) -> list[Any]:
     (one of another dtype would make numba widen the arithmetic of the other branch)."""
     empty = _np.empty(0, like.numpy().dtype)
     return [empty if t is None else t.detach().numpy() for t in params]
-
-
-_ZERO = _np.zeros(1, _np.int64)
 
 
 def _bad_statistics(entry: str, what: str, expected: str, got: str) -> None:
@@ -1328,13 +1347,12 @@ def ghost_coefficients(
         )
     n = sum(sizes)
     out = torch.empty(2 * n, c, dtype=stats.dtype)
-    params = [_EMPTY if t is None else t.detach().numpy() for t in (weight, bias)]
     momentum, bessel = (0.0, 1.0) if running is None else running[2:]
     updated = _epilogue(
         "_ghost_epilogue",
         stats.numpy(),
         _np.asarray(sizes, _np.int64),
-        *params,
+        *_params(stats, weight, bias),
         eps,
         momentum,
         bessel,
@@ -1359,9 +1377,9 @@ def ghost_backward(
     batch's ``stats`` (``(G, 2, C)``: mean and ``1 / sqrt(var + eps)``) and ``sums``
     (``(G, 2, C)``: ``sum(dy * xhat)`` and ``sum(dy)``; ``sizes``: the batches' sample counts)
     into :func:`input_grad`'s coefficients, one row per virtual batch (each sample's rows read
-    their batch's), then (``need_x``) the input gradient is written in one pass. Returns ``(grad_x, grad_weight, grad_bias)``, the
-    parameters' gradients summed in float64 and stored in ``x``'s dtype. ``x`` and ``grad_out``
-    must pass :func:`usable` together."""
+    their batch's), then (``need_x``) the input gradient is written in one pass. Returns
+    ``(grad_x, grad_weight, grad_bias)``, the parameters' gradients summed in float64 and stored
+    in ``x``'s dtype. ``x`` and ``grad_out`` must pass :func:`usable` together."""
     _require(x, grad_out)
     groups, _, c = stats.shape
     n = x.shape[0]
@@ -1385,24 +1403,20 @@ def ghost_backward(
         )
     coefficients = torch.empty(5, max(groups, 2), c, dtype=x.dtype)
     arrays = coefficients.numpy()
-    rows = _rows(x)
     _epilogue(
         "_ghost_grad_epilogue",
         stats.numpy(),
         sums.numpy(),
         _np.asarray(sizes, _np.int64),
         x.numel() // (n * c),  # positions per sample and channel
-        _EMPTY if weight is None else weight.detach().numpy(),
+        *_params(stats, weight),
         arrays,
     )
     grad_x = None
     if need_x:
         grad_x = torch.empty_like(x)
-        name = "_rows_input_grad" if storage_layout(x) == "first" else "_cl_input_grad"
-        per = rows.shape[0] // n  # rows per sample
         rowmap = _np.repeat(_np.arange(groups), sizes)  # each sample's virtual batch
-        mean, a, b, k = arrays[:4]
-        _call(name, _rows(grad_out), rows, mean, False, a, b, k, per, rowmap, _rows(grad_x))
+        _input_grad_pass(grad_out, x, _rows(x), arrays[:4], rowmap, False, grad_x)
     return grad_x, coefficients[4, 0], coefficients[4, 1]
 
 
@@ -1495,7 +1509,7 @@ def lp_grad_coefficients(
     _epilogue(
         "_lp_grad_epilogue",
         denom.detach().numpy(),
-        _EMPTY if weight is None else weight.detach().numpy(),
+        *_params(denom, weight),
         sums.detach().double().numpy(),
         float(factor),
         count,

@@ -22,6 +22,7 @@ tests compare them). Forward calls that need no gradient skip the autograd funct
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -29,7 +30,6 @@ from torch import Tensor
 
 from normlab.functional import _kernels as kernels
 from normlab.functional._core import (
-    FULL_PRECISION,
     channel_affine,
     channels_last_format,
     finite_statistics,
@@ -44,16 +44,6 @@ __all__ = [
     "ghost_usable",
     "renorm_usable",
 ]
-
-
-def _buffer_ok(t: Tensor | None) -> bool:
-    """A running-statistics buffer the epilogues may write through a numpy view."""
-    return t is None or (
-        t.device.type == "cpu"
-        and t.dtype in FULL_PRECISION
-        and t.dim() == 1
-        and not t.requires_grad
-    )
 
 
 def ghost_usable(
@@ -72,8 +62,7 @@ def ghost_usable(
         and channels_last_format(x) is not None
         and _eligible(x, (weight, bias))
         and kernels.usable(x)
-        and _buffer_ok(running_mean)
-        and _buffer_ok(running_var)
+        and kernels.writable_buffers(running_mean, running_var)
         and (running_mean is None) == (running_var is None)
     )
 
@@ -103,13 +92,20 @@ def ghost_batch_norm_channels_last(
     if running_mean is not None and running_var is not None:
         count = x.numel() // x.shape[1]
         running = (running_mean, running_var, momentum, count / (count - 1))
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, weight, bias)
-    )
-    if needs_grad:
-        y: Tensor = _GhostChannelsLast.apply(x, weight, bias, eps, sizes, running, owner)  # type: ignore[no-untyped-call]
+    return _run(_GhostChannelsLast, _ghost_forward, x, weight, bias, eps, sizes, running, owner)
+
+
+def _run(
+    function: type[torch.autograd.Function],
+    forward: Callable[..., tuple[Tensor, Tensor]],
+    *args: Any,
+) -> Tensor:
+    """``function.apply(*args)`` when a gradient will be needed (``args`` start with the input,
+    weight and bias), else its ``forward(*args)`` without the autograd machinery."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:3]):
+        y: Tensor = function.apply(*args)  # type: ignore[no-untyped-call]
         return y
-    return _ghost_forward(x, weight, bias, eps, sizes, running, owner)[0]
+    return forward(*args)[0]
 
 
 def _ghost_forward(
@@ -126,6 +122,7 @@ def _ghost_forward(
     stats = _group_stats(x, sizes)
     scale, shift, updated = kernels.ghost_coefficients(stats, sizes, weight, bias, eps, running)
     if running is not None and not updated:  # non-finite: the general route warns, skips
+        # (stats[:, 1] holds 1 / sqrt(var + eps) now: the moments again, on this rare path)
         moments = _group_stats(x, sizes).double()
         counts = torch.tensor(sizes, dtype=torch.float64).unsqueeze(1)
         mean, var = pool_moments(moments[:, 0], moments[:, 1], 0, counts)
@@ -256,14 +253,8 @@ def batch_renorm_channels_last(
     multiply-add. Backward: torch's batch-norm backward with ``weight * r`` (the gradient flows
     through the batch statistics as through batch norm's; ``r`` and ``d`` are constants).
     Saved for backward: ``x``, ``weight`` and per-channel statistics, as torch."""
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, weight, bias)
-    )
     args = (x, weight, bias, running_mean, running_std, momentum, eps, r_max, d_max, owner)
-    if needs_grad:
-        y: Tensor = _RenormChannelsLast.apply(*args)  # type: ignore[no-untyped-call]
-        return y
-    return _renorm_forward(*args)[0]
+    return _run(_RenormChannelsLast, _renorm_forward, *args)
 
 
 def _renorm_forward(

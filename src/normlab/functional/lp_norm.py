@@ -178,13 +178,8 @@ def _epilogues(x: Tensor, running: _Running) -> bool:
     if running is None:
         return True
     running_mean, running_scale, _ = running
-    return (
-        running_mean.dtype == running_scale.dtype
-        and running_mean.dtype in (torch.float32, torch.float64)
-        and all(
-            t.device.type == "cpu" and t.dim() == 1 and not t.requires_grad
-            for t in (running_mean, running_scale)
-        )
+    return running_mean.dtype == running_scale.dtype and kernels.writable_buffers(
+        running_mean, running_scale
     )
 
 
@@ -216,7 +211,7 @@ def _epilogue_forward(
         within,
         weight,
         bias,
-        None if running is None else running,
+        running,
     )
     scale, denom, a, shift = coefficients
     _keep(ctx, (x, weight, mean, denom, *extra), eps, constant, k, bias, scale, centred)
