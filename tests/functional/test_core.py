@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import pytest
 import torch
 
@@ -9,6 +11,8 @@ import normlab.functional as NF
 import normlab.nn as nl
 from normlab.functional import NonFiniteStatisticsWarning
 from normlab.functional._core import (
+    _NoGradContext,
+    apply_function,
     channel_affine,
     channel_view_shape,
     channels_last_format,
@@ -201,3 +205,47 @@ def test_channel_affine_every_route_and_layout(
         assert got is out
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
     assert channels_last_format(got) == channels_last_format(x)
+
+
+class _Scale(torch.autograd.Function):
+    """y = 2 x, recording which context its forward got."""
+
+    contexts: ClassVar[list[object]] = []
+
+    @staticmethod
+    def forward(ctx, x, factor):  # type: ignore[no-untyped-def]
+        _Scale.contexts.append(ctx)
+        ctx.save_for_backward(x)
+        ctx.mark_non_differentiable(factor)
+        ctx.factor = 2.0
+        return x * ctx.factor, factor
+
+    @staticmethod
+    def backward(ctx, grad, _grad_factor):  # type: ignore[no-untyped-def]
+        return grad * ctx.factor, None
+
+
+@pytest.mark.parametrize(
+    ("grad_mode", "requires_grad", "autograd"),
+    [(True, True, True), (False, True, False), (True, False, False)],
+)
+def test_apply_function_skips_autograd_only_when_no_gradient_is_needed(
+    grad_mode: bool, requires_grad: bool, autograd: bool
+) -> None:
+    """apply_function runs the autograd function (a graph, a real context) when grad mode is on
+    and a tensor argument requires grad; else its forward directly, with a context that says no
+    input needs a gradient. The output is the same either way."""
+    _Scale.contexts.clear()
+    x = torch.randn(5, requires_grad=requires_grad)
+    factor = torch.ones(1)
+    with torch.set_grad_enabled(grad_mode):
+        y, _ = apply_function(_Scale, x, factor)
+    torch.testing.assert_close(y, 2 * x.detach(), rtol=0, atol=0)
+    (ctx,) = _Scale.contexts
+    assert (y.grad_fn is not None) is autograd
+    assert isinstance(ctx, _NoGradContext) is not autograd
+    if autograd:
+        y.sum().backward()
+        torch.testing.assert_close(x.grad, torch.full((5,), 2.0))
+    else:
+        assert ctx.needs_input_grad == (False, False)

@@ -40,6 +40,7 @@ __all__ = [
     "Moments",
     "NonFiniteStatisticsWarning",
     "apply_affine",
+    "apply_function",
     "channel_affine",
     "channel_view_shape",
     "channels_last_format",
@@ -270,6 +271,32 @@ class NonFiniteStatisticsWarning(RuntimeWarning):
     """A training batch gave NaN/Inf batch statistics; the layer's running statistics were left
     as they were (normlab's policy: never poison them silently, never stop the training loop --
     e.g. a mixed-precision step whose gradients the GradScaler will skip anyway)."""
+
+
+class _NoGradContext:
+    """The ``ctx`` an autograd function's ``forward`` gets from :func:`apply_function` when no
+    gradient will be needed: it accepts what a forward records for its backward and keeps
+    nothing that would outlive the call."""
+
+    def __init__(self, inputs: int) -> None:
+        self.needs_input_grad = (False,) * inputs
+
+    def save_for_backward(self, *tensors: Tensor | None) -> None:
+        pass
+
+    def mark_non_differentiable(self, *tensors: Tensor) -> None:
+        pass
+
+
+def apply_function(function: type[torch.autograd.Function], *args: Any) -> Any:
+    """``function.apply(*args)`` when a gradient will be needed (grad mode on and a tensor argument
+    requiring grad), else ``function.forward`` called directly: the autograd machinery costs
+    ~10-30 us per call right after a pass over a large activation (benchmarks/overhead.py).
+    For the eager functions here only (not under ``torch.compile`` or ``torch.func``
+    transforms, which their callers route elsewhere)."""
+    if torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args):
+        return function.apply(*args)  # type: ignore[no-untyped-call]
+    return function.forward(_NoGradContext(len(args)), *args)
 
 
 def compiling() -> bool:

@@ -22,7 +22,6 @@ tests compare them). Forward calls that need no gradient skip the autograd funct
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -30,6 +29,7 @@ from torch import Tensor
 
 from normlab.functional import _kernels as kernels
 from normlab.functional._core import (
+    apply_function,
     channel_affine,
     channels_last_format,
     finite_statistics,
@@ -92,20 +92,8 @@ def ghost_batch_norm_channels_last(
     if running_mean is not None and running_var is not None:
         count = x.numel() // x.shape[1]
         running = (running_mean, running_var, momentum, count / (count - 1))
-    return _run(_GhostChannelsLast, _ghost_forward, x, weight, bias, eps, sizes, running, owner)
-
-
-def _run(
-    function: type[torch.autograd.Function],
-    forward: Callable[..., tuple[Tensor, Tensor]],
-    *args: Any,
-) -> Tensor:
-    """``function.apply(*args)`` when a gradient will be needed (``args`` start with the input,
-    weight and bias), else its ``forward(*args)`` without the autograd machinery."""
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:3]):
-        y: Tensor = function.apply(*args)  # type: ignore[no-untyped-call]
-        return y
-    return forward(*args)[0]
+    y: Tensor = apply_function(_GhostChannelsLast, x, weight, bias, eps, sizes, running, owner)
+    return y
 
 
 def _ghost_forward(
@@ -254,7 +242,8 @@ def batch_renorm_channels_last(
     through the batch statistics as through batch norm's; ``r`` and ``d`` are constants).
     Saved for backward: ``x``, ``weight`` and per-channel statistics, as torch."""
     args = (x, weight, bias, running_mean, running_std, momentum, eps, r_max, d_max, owner)
-    return _run(_RenormChannelsLast, _renorm_forward, *args)
+    y: Tensor = apply_function(_RenormChannelsLast, *args)
+    return y
 
 
 def _renorm_forward(

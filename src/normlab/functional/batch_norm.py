@@ -16,6 +16,7 @@ from normlab._checks import (
 )
 from normlab.functional import _kernels as kernels
 from normlab.functional._core import (
+    apply_function,
     channels_last_format,
     compiling,
     finite_statistics,
@@ -151,7 +152,7 @@ def batch_norm_unchecked(
     check_values_per_channel(input, count, owner=owner, what="values per channel")
     track = training and running_mean is not None
     if use_fast_batch_stats(input, weight, bias, running_mean, running_var):
-        y, mean, var = BatchNormTrain.apply(input, weight, bias, eps)  # type: ignore[no-untyped-call]
+        y, mean, var = apply_function(BatchNormTrain, input, weight, bias, eps)
         if track and running_mean is not None and running_var is not None:
             update_running_stats_(running_mean, running_var, mean, var, count, momentum, owner)
         return y  # type: ignore[no-any-return]

@@ -7,6 +7,7 @@ from torch import Tensor
 
 from normlab._checks import check_values_per_channel, fail
 from normlab.functional._core import (
+    apply_function,
     channels_last_format,
     compiling,
     finite_statistics,
@@ -169,7 +170,7 @@ def batch_renorm_unchecked(
     y: Tensor
     if use_given_stats(input, new_weight, new_bias):
         # one statistics pass: normalize with the moments already computed for r and d
-        y = BatchNormTrain.apply(input, new_weight, new_bias, eps, mean, var)[0]  # type: ignore[no-untyped-call]
+        y = apply_function(BatchNormTrain, input, new_weight, new_bias, eps, mean, var)[0]
     else:
         y = batch_norm_unchecked(input, None, None, new_weight, new_bias, True, 0.0, eps, owner)
     if not finite_statistics(mean, var, owner=owner):

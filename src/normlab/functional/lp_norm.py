@@ -17,6 +17,7 @@ from torch import Tensor
 from normlab._checks import check_values_per_channel
 from normlab.functional import _kernels as kernels
 from normlab.functional._core import (
+    apply_function,
     channel_affine,
     channel_view_shape,
     channels_last_format,
@@ -122,8 +123,8 @@ def lp_batch_norm_unchecked(
             running = (running_mean, running_scale, momentum)
         if p == "1" and center and _fused(input, weight, bias):
             constant = L1_CONSTANT if gaussian_constant else 1.0
-            fused, mean, scale = L1BatchNormTrain.apply(  # type: ignore[no-untyped-call]
-                input, weight, bias, eps, constant, running, owner
+            fused, mean, scale = apply_function(
+                L1BatchNormTrain, input, weight, bias, eps, constant, running, owner
             )
         elif (
             p == "inf"
@@ -133,8 +134,8 @@ def lp_batch_norm_unchecked(
         ):
             n = input.numel() // c
             constant = linf_constant(n) if gaussian_constant else 1.0
-            fused, mean, scale = LinfBatchNormTrain.apply(  # type: ignore[no-untyped-call]
-                input, weight, bias, eps, constant, min(k, n), running, owner
+            fused, mean, scale = apply_function(
+                LinfBatchNormTrain, input, weight, bias, eps, constant, min(k, n), running, owner
             )
         else:
             dims = [0, *range(2, input.dim())]
