@@ -184,7 +184,7 @@ def test_overflowing_squares_take_the_two_pass() -> None:
     assert var.isfinite().all()
     assert (var / ref - 1).abs().max().item() <= F32_REL
     out = torch.empty_like(x)
-    finite, _, fused_var, *_ = kernels.batch_norm_forward(x, None, None, 1e-5, out)
+    finite, _, _, fused_var, *_ = kernels.batch_norm_forward(x, None, None, 1e-5, out)
     assert finite
     torch.testing.assert_close(fused_var, var, rtol=1e-12, atol=0)
 
@@ -201,10 +201,11 @@ def test_batch_norm_forward_against_float64() -> None:
         w, b = torch.rand(c, generator=g) + 0.5, torch.randn(c, generator=g)
         for weight, bias in ((w, b), (None, None)):
             out = torch.empty_like(x)
-            finite, mean, var, save_mean, save_invstd = kernels.batch_norm_forward(
+            finite, updated, mean, var, save_mean, save_invstd = kernels.batch_norm_forward(
                 x, weight, bias, 1e-5, out
             )
             assert finite
+            assert not updated
             m, v = kernels.moments(x)
             torch.testing.assert_close(mean, m, rtol=1e-12, atol=1e-12)
             torch.testing.assert_close(var, v, rtol=1e-12, atol=1e-12)
@@ -224,6 +225,49 @@ def test_batch_norm_forward_against_float64() -> None:
     x, _ = _data("nhwc", 0.0)
     with pytest.raises(ValueError, match=r"batch_norm_forward: x must be a channels-first"):
         kernels.batch_norm_forward(x, None, None, 1e-5, torch.empty_like(x))
+
+
+def test_batch_norm_forward_moves_the_running_statistics() -> None:
+    """With ``running`` the fused forward's loop moves the buffers by torch's rule from the batch
+    statistics it returns (the variance times n / (n - 1); float64 math, then one rounding to
+    the buffers' dtype), moves their version counters and says so; a NaN in the batch leaves
+    them as they were; buffers it cannot write are refused with a message."""
+    x, _ = _data("nchw", 3.0)
+    c = x.shape[1]
+    count = x.numel() // c
+    g = torch.Generator().manual_seed(9)
+    for dtype in (torch.float32, torch.float64):
+        rm, rv = torch.randn(c, generator=g).to(dtype), torch.rand(c, generator=g).to(dtype) + 0.5
+        old_mean, old_var, versions = rm.clone(), rv.clone(), (rm._version, rv._version)
+        finite, updated, mean, var, *_ = kernels.batch_norm_forward(
+            x, None, None, 1e-5, torch.empty_like(x), (rm, rv, 0.3, count / (count - 1))
+        )
+        assert finite
+        assert updated
+        assert (rm._version, rv._version) == (versions[0] + 1, versions[1] + 1)
+        want_mean = 0.7 * old_mean.double() + 0.3 * mean
+        want_var = 0.7 * old_var.double() + 0.3 * count / (count - 1) * var
+        ulp = torch.finfo(dtype).eps
+        torch.testing.assert_close(rm.double(), want_mean, rtol=2 * ulp, atol=2 * ulp)
+        torch.testing.assert_close(rv.double(), want_var, rtol=2 * ulp, atol=0)
+    bad = x.clone()
+    bad[0, 1, 0, 0] = float("nan")
+    rm, rv = torch.zeros(c), torch.ones(c)
+    finite, updated, *_ = kernels.batch_norm_forward(
+        bad, None, None, 1e-5, torch.empty_like(x), (rm, rv, 0.1, 1.0)
+    )
+    assert not finite
+    assert not updated
+    assert rm.equal(torch.zeros(c))
+    assert rv.equal(torch.ones(c))
+    with pytest.raises(
+        ValueError, match=r"running_var must be a \(5,\) tensor .* got shape \(2,\)"
+    ):
+        kernels.batch_norm_forward(x, None, None, 1e-5, torch.empty_like(x), (rm, rv[:2], 0.1, 1.0))
+    with pytest.raises(ValueError, match=r"running must be 1-D CPU float32/float64 buffers"):
+        kernels.batch_norm_forward(
+            x, None, None, 1e-5, torch.empty_like(x), (rm, rv.requires_grad_(), 0.1, 1.0)
+        )
 
 
 def _block_oracle(rows: torch.Tensor, block: int) -> tuple[torch.Tensor, ...]:
@@ -417,7 +461,7 @@ def test_two_threads_match_one() -> None:
                 torch.set_num_threads(threads)
                 result = [*kernels.moments(x), *kernels.grad_sums(dy, x, mean, signs=True)]
                 if layout == "nchw":
-                    result += kernels.batch_norm_forward(x, None, None, 1e-5, out)[1:]
+                    result += kernels.batch_norm_forward(x, None, None, 1e-5, out)[2:]
                 if layout == "nchw":
                     n, c = x.shape[0], x.shape[1]
                     stats = torch.native_group_norm(x, None, None, n, c, x[0, 0].numel(), c, 1e-5)

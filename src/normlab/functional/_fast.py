@@ -41,6 +41,7 @@ from normlab.functional._core import (
     channel_affine,
     channels_last_format,
     pool_moments,
+    update_running_stats_,
 )
 
 __all__ = [
@@ -233,7 +234,7 @@ def batch_moments(x: Tensor) -> tuple[Tensor, Tensor]:
 class BatchNormTrain(torch.autograd.Function):
     """``y = (x - mu_B) / sqrt(var_B + eps) * weight + bias`` with batch statistics over all dims but 1.
 
-    ``apply(x, weight, bias, eps, mean=None, var=None)`` returns ``(y, mean, var)``; ``mean`` and
+    ``apply(x, weight, bias, eps, mean=None, var=None, running=None, owner)`` returns ``(y, mean, var)``; ``mean`` and
     the biased ``var`` are float64 per-channel batch statistics (not differentiable), for the
     running-statistics update. They are computed here (channels-first input that passes
     :func:`use_fast_batch_stats`: the fast extra's fused forward,
@@ -241,6 +242,11 @@ class BatchNormTrain(torch.autograd.Function):
     given -- from :func:`batch_moments` of
     the same ``x``, by a caller that needs them first (input passing :func:`use_given_stats`);
     the gradient flows through them as through batch norm's own. The output keeps ``x``'s layout.
+
+    ``running = (running_mean, running_var, momentum)``: those buffers are moved towards the
+    batch's statistics here (:func:`normlab.functional.update_running_stats_`'s rule and
+    non-finite policy; ``owner`` names the layer in its warning) -- by the fused forward's own
+    loop where it can (one epilogue instead of ~10 small ops after the pass).
     """
 
     @staticmethod
@@ -252,13 +258,24 @@ class BatchNormTrain(torch.autograd.Function):
         eps: float,
         mean: Tensor | None = None,
         var: Tensor | None = None,
+        running: tuple[Tensor, Tensor, float | Tensor] | None = None,
+        owner: str = "batch norm",
     ) -> tuple[Tensor, Tensor, Tensor]:
         out = torch.empty_like(x)
-        finite = False
+        finite = updated = False
+        count = x.numel() // x.shape[1]
         if (mean is None or var is None) and _loops(x, out):
-            # moments, output and the saved statistics in one go (the fast extra)
-            finite, mean, var, save_mean, save_invstd = kernels.batch_norm_forward(
-                x, weight, bias, eps, out
+            # moments, output, the saved statistics and the running statistics' update in one
+            # go (the fast extra)
+            fused = None
+            if (
+                running is not None
+                and not isinstance(running[2], Tensor)
+                and kernels.writable_buffers(*running[:2])
+            ):
+                fused = (*running[:2], running[2], count / (count - 1) if count > 1 else 1.0)
+            finite, updated, mean, var, save_mean, save_invstd = kernels.batch_norm_forward(
+                x, weight, bias, eps, out, fused
             )
             if not finite:  # NaN/Inf in x: torch's kernel decides the statistics
                 mean, var = _native_moments(x)
@@ -268,6 +285,8 @@ class BatchNormTrain(torch.autograd.Function):
             normalize_given(x, weight, bias, mean, var, eps, out)
             save_mean = mean.to(x.dtype)
             save_invstd = torch.rsqrt(var + eps).to(x.dtype)
+        if running is not None and not updated:
+            update_running_stats_(running[0], running[1], mean, var, count, running[2], owner)
         ctx.save_for_backward(x, weight, save_mean, save_invstd)
         ctx.eps = eps
         ctx.mark_non_differentiable(mean, var)
@@ -276,7 +295,7 @@ class BatchNormTrain(torch.autograd.Function):
     @staticmethod
     def backward(
         ctx: Any, grad_out: Tensor, _grad_mean: Tensor | None, _grad_var: Tensor | None
-    ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None, None, None]:
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None, None, None, None, None]:
         x, weight, save_mean, save_invstd = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         grad_out = grad_out.contiguous(
@@ -307,6 +326,8 @@ class BatchNormTrain(torch.autograd.Function):
             grad_x if need_x else None,
             grad_w if need_w else None,
             grad_b if need_b else None,
+            None,
+            None,
             None,
             None,
             None,

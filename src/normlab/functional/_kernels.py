@@ -265,7 +265,11 @@ def _rows_normalize(
     stats: Any,
     saved: Any,
     out: Any,
-) -> None:  # pragma: no cover - numba
+    running_mean: Any,
+    running_var: Any,
+    momentum: float,
+    bessel: float,
+) -> bool:  # pragma: no cover - numba
     c = stats.shape[1]
     samples = row_mean.shape[0] // c
     length = rows.shape[1]
@@ -292,6 +296,18 @@ def _rows_normalize(
         # the mean in two parts: x - mean_hi (data's dtype) is exact near the mean, the rest
         # of the mean moves into the offset (so a constant channel gives bias exactly)
         offset[j] = bias[j] - (total_mean - float(saved[0, j])) * a
+    # the running statistics (none: empty arrays), torch's rule with the unbiased variance, in
+    # float64; written only if every channel's result is finite
+    updated: bool = running_mean.shape[0] != 0
+    keep = 1.0 - momentum
+    for j in range(running_mean.shape[0]):
+        m_new = keep * float(running_mean[j]) + momentum * stats[0, j]
+        v_new = keep * float(running_var[j]) + (momentum * bessel) * stats[1, j]
+        updated = updated and _np.isfinite(m_new) and _np.isfinite(v_new)
+    if updated:
+        for j in range(c):
+            running_mean[j] = keep * float(running_mean[j]) + momentum * stats[0, j]
+            running_var[j] = keep * float(running_var[j]) + (momentum * bessel) * stats[1, j]
     for r in _prange(rows.shape[0]):
         # centred: far off-centre data keep their digits (x * scale + shift would round at
         # |mean| * scale, x - float32(mean) at |mean| * 6e-8)
@@ -302,6 +318,7 @@ def _rows_normalize(
         os = out[r]
         for i in range(xs.shape[0]):
             os[i] = (xs[i] - m) * a + b
+    return updated
 
 
 def _cl_moments(rows: Any, block: int, mean: Any, m2: Any) -> None:  # pragma: no cover - numba
@@ -997,18 +1014,27 @@ def moments(x: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def batch_norm_forward(
-    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, out: Tensor
-) -> tuple[bool, Tensor, Tensor, Tensor, Tensor]:
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    out: Tensor,
+    running: tuple[Tensor, Tensor, float, float] | None = None,
+) -> tuple[bool, bool, Tensor, Tensor, Tensor, Tensor]:
     """Training-mode batch norm of a channels-first contiguous ``x`` into ``out`` (of ``x``'s
     layout) in two loops and no torch op in between (each small op costs several times its
     isolated ~2 us right after a pass over a large tensor): the per-row moments of
     :func:`moments`, then -- pooled per channel by Chan's rule in float64 --
     ``(x - mean_hi) * scale + offset`` in one more pass (``mean_hi`` the mean in ``x``'s dtype,
-    the rest of the mean folded into ``offset``).
+    the rest of the mean folded into ``offset``). With ``running = (running_mean, running_var,
+    momentum, bessel)`` (buffers passing :func:`writable_buffers`) the second loop also moves the
+    running statistics by torch's rule, the variance times ``bessel`` (float64 math; written
+    only if every result is finite; the version counters move).
 
-    Returns ``(finite, mean, var, save_mean, save_invstd)``: ``mean`` and the biased ``var`` in
-    float64, ``mean`` and ``1 / sqrt(var + eps)`` in ``x``'s dtype (what the backward keeps);
-    ``finite`` is ``False`` if NaN/Inf in ``x`` made the statistics (and ``out``) non-finite."""
+    Returns ``(finite, updated, mean, var, save_mean, save_invstd)``: ``finite`` is ``False`` if
+    NaN/Inf in ``x`` made the statistics (and ``out``) non-finite; ``updated`` whether the running
+    statistics were written; ``mean`` and the biased ``var`` in float64, ``mean`` and
+    ``1 / sqrt(var + eps)`` in ``x``'s dtype (what the backward keeps)."""
     _require(x, out)
     if storage_layout(x) != "first":
         fail(
@@ -1021,6 +1047,20 @@ def batch_norm_forward(
         )
     c = x.shape[1]
     _check_per_channel("batch_norm_forward", c, True, weight=weight, bias=bias)
+    buffers: tuple[Tensor, ...] = () if running is None else running[:2]
+    if running is not None:
+        _check_per_channel(
+            "batch_norm_forward", c, False, running_mean=running[0], running_var=running[1]
+        )
+    if not writable_buffers(*buffers):
+        fail(
+            ValueError,
+            "normlab.functional._kernels.batch_norm_forward",
+            "running",
+            "1-D CPU float32/float64 buffers that require no gradient",
+            ", ".join(f"{t.dtype} on {t.device}, requires_grad={t.requires_grad}" for t in buffers),
+            "update the running statistics with normlab.functional.update_running_stats_",
+        )
     rows, row_mean, row_m2 = _row_moments(x)
     stats = torch.empty(2, c, dtype=torch.float64)
     saved = torch.empty(2, c, dtype=x.dtype)
@@ -1028,7 +1068,8 @@ def batch_norm_forward(
         _np.full(c, fill, rows.dtype) if t is None else _channel_vector(t, x)
         for t, fill in ((weight, 1.0), (bias, 0.0))
     ]
-    _call(
+    momentum, bessel = (0.0, 1.0) if running is None else running[2:]
+    updated = _call(
         "_rows_normalize",
         row_mean,
         row_m2,
@@ -1038,9 +1079,14 @@ def batch_norm_forward(
         stats.numpy(),
         saved.numpy(),
         _rows(out),
+        *((_EMPTY, _EMPTY) if running is None else (t.numpy() for t in buffers)),
+        momentum,
+        bessel,
     )
+    if updated:
+        increment_version(buffers)
     finite = bool(_np.isfinite(stats.numpy()).all())
-    return finite, stats[0], stats[1], saved[0], saved[1]
+    return finite, bool(updated), stats[0], stats[1], saved[0], saved[1]
 
 
 def grad_sums(grad_out: Tensor, x: Tensor, mean: Tensor, signs: bool = False) -> tuple[Tensor, ...]:

@@ -152,10 +152,11 @@ def batch_norm_unchecked(
     check_values_per_channel(input, count, owner=owner, what="values per channel")
     track = training and running_mean is not None
     if use_fast_batch_stats(input, weight, bias, running_mean, running_var):
-        y, mean, var = apply_function(BatchNormTrain, input, weight, bias, eps)
+        running = None
         if track and running_mean is not None and running_var is not None:
-            update_running_stats_(running_mean, running_var, mean, var, count, momentum, owner)
-        return y  # type: ignore[no-any-return]
+            running = (running_mean, running_var, momentum)
+        args = (input, weight, bias, eps, None, None, running, owner)
+        return apply_function(BatchNormTrain, *args)[0]  # type: ignore[no-any-return]
     if not track or running_mean is None or running_var is None:
         return _native_batch_norm(input, weight, bias, None, None, True, 0.0, eps)
     if isinstance(momentum, Tensor):  # a cumulative average under torch.compile
