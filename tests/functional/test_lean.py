@@ -67,7 +67,7 @@ class _Routes:
         self,
         monkeypatch: pytest.MonkeyPatch,
         route: str = "ghost_batch_norm_channels_last",
-        check: str = "ghost_usable",
+        check: str = "lean_usable",
     ) -> None:
         self.monkeypatch, self.check = monkeypatch, check
         self.lean = 0
@@ -264,18 +264,18 @@ def test_ghost_two_threads_match_one() -> None:
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-def test_ghost_usable_only_where_the_route_serves() -> None:
+def test_lean_usable_only_where_the_route_serves() -> None:
     x = _input((64, 16, 8, 8), torch.float32)
     w, b, rm, rv = torch.ones(16), torch.zeros(16), torch.zeros(16), torch.ones(16)
-    assert lean.ghost_usable(x, w, b, rm, rv, 0.1)
-    assert lean.ghost_usable(x, None, None, None, None, 0.1)
+    assert lean.lean_usable(x, w, b, rm, rv, 0.1)
+    assert lean.lean_usable(x, None, None, None, None, 0.1)
     refused: list[Callable[[], bool]] = [
-        lambda: lean.ghost_usable(x.contiguous(), w, b, rm, rv, 0.1),  # channels-first
-        lambda: lean.ghost_usable(x.double(), w, b, rm, rv, 0.1),  # parameters of another dtype
-        lambda: lean.ghost_usable(x, w, b, rm, rv, torch.tensor(0.1)),  # a tensor momentum
-        lambda: lean.ghost_usable(x, w, b, rm.half(), rv, 0.1),  # half running statistics
-        lambda: lean.ghost_usable(x, w, b, rm, None, 0.1),  # half of them
-        lambda: lean.ghost_usable(x[:2, :, :2], w, b, rm, rv, 0.1),  # too small for the loops
+        lambda: lean.lean_usable(x.contiguous(), w, b, rm, rv, 0.1),  # channels-first
+        lambda: lean.lean_usable(x.double(), w, b, rm, rv, 0.1),  # parameters of another dtype
+        lambda: lean.lean_usable(x, w, b, rm, rv, torch.tensor(0.1)),  # a tensor momentum
+        lambda: lean.lean_usable(x, w, b, rm.half(), rv, 0.1),  # half running statistics
+        lambda: lean.lean_usable(x, w, b, rm, None, 0.1),  # half of them
+        lambda: lean.lean_usable(x[:2, :, :2], w, b, rm, rv, 0.1),  # too small for the loops
     ]
     assert not any(check() for check in refused)
 

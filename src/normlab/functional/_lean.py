@@ -13,7 +13,7 @@ coefficients -- in one serial numba loop per step
 (:func:`normlab.functional._kernels.ghost_coefficients` and friends): 194-282 us and 456-654
 us for ghost batch norm after (the host drifts by ~1.5x between runs).
 
-Ghost batch norm and batch renorm on channels-last input (:func:`ghost_usable`,
+Ghost batch norm and batch renorm on channels-last input (:func:`lean_usable`,
 :func:`renorm_usable`; L1 and L-infinity batch norm use the same epilogues inside their fused
 functions, :mod:`normlab.functional.lp_norm`). They serve eager CPU float32/float64 input with
 the fast extra; every other case keeps the general routes, which compute the same values (the
@@ -41,12 +41,12 @@ from normlab.functional._fast import _eligible, _per_group_grads, sample_affine
 __all__ = [
     "batch_renorm_channels_last",
     "ghost_batch_norm_channels_last",
-    "ghost_usable",
+    "lean_usable",
     "renorm_usable",
 ]
 
 
-def ghost_usable(
+def lean_usable(
     x: Tensor,
     weight: Tensor | None,
     bias: Tensor | None,
@@ -54,9 +54,10 @@ def ghost_usable(
     running_var: Tensor | None,
     momentum: float | Tensor,
 ) -> bool:
-    """Whether :func:`ghost_batch_norm_channels_last` serves this training call: channels-last
-    input the fast extra's loops read (:func:`normlab.functional._kernels.usable`), parameters of
-    its dtype, CPU float32/float64 running statistics (or none) and a number for ``momentum``."""
+    """Whether the lean routes serve this training call (ghost batch norm's directly, batch
+    renorm's through :func:`renorm_usable`): channels-last input the fast extra's loops read
+    (:func:`normlab.functional._kernels.usable`), parameters of its dtype, CPU float32/float64
+    running statistics (or none) and a number for ``momentum``."""
     return (
         not isinstance(momentum, Tensor)
         and channels_last_format(x) is not None
@@ -78,7 +79,7 @@ def ghost_batch_norm_channels_last(
     momentum: float,
     owner: str,
 ) -> Tensor:
-    """Ghost batch norm's training step on input passing :func:`ghost_usable`: each virtual batch
+    """Ghost batch norm's training step on input passing :func:`lean_usable`: each virtual batch
     (``sizes``: their sample counts) normalized with its own statistics, the running statistics
     (if given) updated with the whole batch's (pooled from the virtual batches'), as
     :func:`normlab.functional.batch_variants.ghost_batch_norm_unchecked` does.
@@ -213,11 +214,11 @@ def renorm_usable(
     d_max: float | Tensor,
 ) -> bool:
     """Whether :func:`batch_renorm_channels_last` serves this training call: as
-    :func:`ghost_usable`, with numbers for the limits and running statistics of one dtype."""
+    :func:`lean_usable`, with numbers for the limits and running statistics of one dtype."""
     return (
         not isinstance(r_max, Tensor)
         and not isinstance(d_max, Tensor)
-        and ghost_usable(x, weight, bias, running_mean, running_std, 0.0)
+        and lean_usable(x, weight, bias, running_mean, running_std, 0.0)
         and running_mean.dtype == running_std.dtype
     )
 

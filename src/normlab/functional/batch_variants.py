@@ -24,7 +24,7 @@ from normlab.functional._fast import (
 from normlab.functional._lean import (
     batch_renorm_channels_last,
     ghost_batch_norm_channels_last,
-    ghost_usable,
+    lean_usable,
     renorm_usable,
 )
 from normlab.functional.batch_norm import batch_norm_unchecked
@@ -233,7 +233,7 @@ def ghost_batch_norm_unchecked(
     if rest == 1:  # a lone sample has no variance: it joins the last full virtual batch
         full, rest = full - 1, vbs + 1
     sizes = [vbs] * full + ([rest] if rest else [])
-    if training and ghost_usable(input, weight, bias, running_mean, running_var, momentum):
+    if training and lean_usable(input, weight, bias, running_mean, running_var, momentum):
         return ghost_batch_norm_channels_last(
             input, weight, bias, eps, sizes, running_mean, running_var, float(momentum), owner
         )
