@@ -270,109 +270,152 @@ def test_batch_norm_forward_moves_the_running_statistics() -> None:
         )
 
 
-def _block_oracle(rows: torch.Tensor, block: int) -> tuple[torch.Tensor, ...]:
-    """Per-channel float64 sums and each ``block`` rows' maximum and minimum of ``(M, C)``
-    rows, by torch's reductions one block at a time (the last block may be partial)."""
-    blocks = rows.split(block)
-    hi = torch.stack([b.amax(0) for b in blocks])
-    lo = torch.stack([b.amin(0) for b in blocks])
-    return rows.double().sum(0), hi, lo
+def _tails_oracle(rows: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:
+    """Per-channel float64 sums and the k largest group maxima and smallest group minima (groups
+    of ``_TAIL_ROWS`` rows, the last may be partial), by torch's reductions."""
+    groups = rows.split(kernels._TAIL_ROWS)
+    hi = torch.stack([g.amax(0) for g in groups])
+    lo = torch.stack([g.amin(0) for g in groups])
+    kk = min(k, hi.shape[0])
+    return rows.double().sum(0), hi.topk(kk, 0).values, lo.topk(kk, 0, largest=False).values
 
 
-@pytest.mark.parametrize("layout", ["nhwc", "ndhwc", "nc"])
+@pytest.mark.parametrize("shape", [(64, 8, 32, 32), (64 * 1024 + 5, 8)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("block", [16, 21, 64])  # whole groups of 16 rows, a remainder, 4 groups
-def test_block_extremes_against_torch(layout: str, dtype: torch.dtype, block: int) -> None:
-    """L-infinity batch norm's one-read pass: every block's maximum and minimum exactly (the
-    number of rows is no multiple of the block for "nc"), the sums to float rounding."""
-    x = _data(layout, 0.3)[0].to(dtype)
-    x[0, 1].view(-1)[0] = 50.0  # a lone extreme in the first row of a block
-    rows = kernels._rows(x)
-    sums, hi, lo = kernels.block_extremes(x, block)
-    want_sums, want_hi, want_lo = _block_oracle(torch.from_numpy(rows), block)
-    assert hi.dtype == lo.dtype == dtype
+@pytest.mark.parametrize("k", [1, 10])  # (with k near the number of groups the lists cannot
+# cover them: test_tail_deviations_against_a_full_sort reads those superblocks back)
+def test_group_tails_against_torch(shape: tuple[int, ...], dtype: torch.dtype, k: int) -> None:
+    """L-infinity batch norm's one read: the sums to float rounding; where the superblocks'
+    third values rule out every group left out of the lists (most channels of Gaussian data
+    with 128 superblocks or more), the lists are exactly the k largest group maxima and smallest
+    group minima, with their groups' ids (the last group partial for the (N, C) shape)."""
+    g = torch.Generator().manual_seed(11)
+    x = (torch.randn(shape, generator=g, dtype=torch.float64) * 2 + 0.3).to(dtype)
+    if x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x[0, 1].view(-1)[0] = 50.0  # a lone extreme in the first row of a group
+    rows = torch.from_numpy(kernels._rows(x))
+    sums, (hv, hg, lv, _, third_hi, third_lo) = kernels.group_tails(x, k)
+    want_sums, want_hi, want_lo = _tails_oracle(rows, k)
     assert sums.dtype == torch.float64
-    assert torch.equal(hi, want_hi)
-    assert torch.equal(lo, want_lo)
-    bound = F32_REL * x.double().abs().sum(_dims(x)) if dtype == torch.float32 else 1e-12
+    bound = (F32_REL if dtype == torch.float32 else 1e-14) * x.double().abs().sum(_dims(x))
     assert ((sums - want_sums).abs() <= bound).all()
+    assert hv.shape[0] == 1  # one chunk on one thread
+    hi, lo = torch.from_numpy(hv[0]), torch.from_numpy(lv[0])
+    covered = (torch.from_numpy(third_hi) <= hi[-1]).all(0) & (
+        torch.from_numpy(third_lo) >= lo[-1]
+    ).all(0)
+    assert covered.float().mean() >= 0.5
+    assert torch.equal(hi[:, covered], want_hi[:, covered])
+    assert torch.equal(lo[:, covered], want_lo[:, covered])
+    groups = rows.split(kernels._TAIL_ROWS)
+    ids = torch.from_numpy(hg[0]).long()
+    for j in torch.nonzero(covered).flatten().tolist():
+        maxima = torch.stack([groups[g][:, j].max() for g in ids[:, j].tolist()])
+        assert torch.equal(maxima, hi[:, j])
 
 
 @pytest.mark.parametrize("layout", ["nhwc", "ndhwc", "nc"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize(
-    ("k", "offset", "block"), [(1, 0.0, 19), (10, 0.0, 19), (40, 1e3, 19), (300, 0.0, 64)]
-)
-def test_top_deviations_against_a_full_sort(
-    layout: str, dtype: torch.dtype, k: int, offset: float, block: int
+@pytest.mark.parametrize("data", ["gaussian", "sorted", "ties", "far off-centre"])
+@pytest.mark.parametrize("k", [1, 10, 300])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_tail_deviations_against_a_full_sort(
+    layout: str, dtype: torch.dtype, data: str, k: int, threads: int
 ) -> None:
     """The k largest |x - center| per channel (sorted), their storage offsets and signs: equal
-    to a top-k over every value of the channel, with blocks that leave a partial last one, and
-    with k above the number of blocks (every block chosen)."""
-    x = _data(layout, offset)[0].to(dtype)
-    rows = torch.from_numpy(kernels._rows(x))
+    to a top-k over every value of the channel -- on Gaussian data (the lists suffice), on rows
+    sorted along the batch (many superblocks hold more than two of the largest groups: read
+    back whole), with ties, far off-centre, with k above the number of groups, on two
+    threads (two chunks of lists)."""
+    x = _data(layout, 1e3 if data == "far off-centre" else 0.0)[0].to(dtype)
+    rows = torch.from_numpy(kernels._rows(x))  # a view of x's storage
+    if data == "sorted":
+        rows.copy_(rows.sort(0).values)
+    elif data == "ties":
+        rows.copy_((rows * 2).round())
     center = rows.double().mean(0).to(dtype)
-    _, hi, lo = kernels.block_extremes(x, block)
-    values, offsets, signs = kernels.top_deviations(x, center, hi, lo, block, k)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        _, tails = kernels.group_tails(x, k)
+        values, offsets, signs = kernels.tail_deviations(x, center, tails, k)
+    finally:
+        torch.set_num_threads(before)
     dev = rows - center
     want = dev.abs().topk(k, dim=0)
     assert torch.equal(values, want.values.t())
     c = x.shape[1]
     assert torch.equal(offsets % c, torch.arange(c).view(c, 1).expand(c, k))
+    assert all(len(set(row.tolist())) == k for row in offsets)
     picked = dev.flatten()[offsets]  # rows are x's storage in order
     assert torch.equal(picked.abs(), values)
     assert torch.equal(picked.sign(), signs)
 
 
-def test_linf_mean_of_many_rows_in_one_block_stays_exact() -> None:
-    """Block sums accumulate in float64 whatever the block's length (one block of 65537 rows,
-    values ~1000: float32 accumulation would miss the mean by ~1e-2), and L-infinity batch norm's
-    fast route uses blocks of a fixed length, so a row count without a divisor in [16, 64] (a
-    prime) keeps the mean exact and the pass parallel."""
+@pytest.mark.parametrize("share", [1e-4, 1.0])
+def test_tail_deviations_with_nan_give_real_offsets(share: float) -> None:
+    """NaN never enters the lists: with NaN in the data (a few, or every value) the search still
+    returns k distinct offsets of the channel (the statistics are NaN; the layer then keeps its
+    running statistics and warns)."""
+    x = _data("nhwc", 0.0)[0]
+    x[torch.rand(x.shape, generator=torch.Generator().manual_seed(3)) < share] = float("nan")
+    x[0, 0, 0, 0] = float("nan")
+    rows = torch.from_numpy(kernels._rows(x))
+    center = rows.double().mean(0).float()
+    _, tails = kernels.group_tails(x, 7)
+    _, offsets, _ = kernels.tail_deviations(x, center, tails, 7)
+    c = x.shape[1]
+    assert torch.equal(offsets % c, torch.arange(c).view(c, 1).expand(c, 7))
+    assert all(len(set(row.tolist())) == 7 for row in offsets)
+    assert 0 <= int(offsets.min()) <= int(offsets.max()) < x.numel()
+
+
+def test_linf_mean_of_many_rows_in_one_superblock_chunk_stays_exact() -> None:
+    """Group sums accumulate in float64 whatever the row count (65537 rows, values ~1000:
+    float32 accumulation would miss the mean by ~1e-2), a prime row count leaving a partial last
+    group."""
     g = torch.Generator().manual_seed(6)
     x = torch.rand(65537, 2, generator=g) + torch.tensor([0.0, 1000.0])
     want = x.double().sum(0)
-    sums = kernels.block_extremes(x, x.shape[0])[0]
+    sums = kernels.group_tails(x, 10)[0]
     # 16-row float32 partial sums: ~1e-9 relative here (a float32 accumulator: ~1e-5)
     assert ((sums - want).abs() / want.abs()).max() <= 1e-8
-    mean, extremes = lp_norm._mean_and_extremes(x)
-    assert extremes is not None
-    assert extremes[0].shape == (-(-x.shape[0] // lp_norm._KERNEL_ROWS), 2)
+    mean, tails = lp_norm._mean_and_tails(x, 10)
+    assert tails is not None
     torch.testing.assert_close(mean.double(), want / x.shape[0], rtol=1e-7, atol=0)
 
 
-def test_top_deviations_of_a_constant_channel() -> None:
+def test_tail_deviations_of_a_constant_channel() -> None:
     """Ties: a constant channel gives k zero deviations at k distinct rows, sign 0."""
     x = _data("nhwc", 0.0)[0]
     x[:, 2] = 1.5
     rows = torch.from_numpy(kernels._rows(x))
     center = rows.double().mean(0).float()
-    _, hi, lo = kernels.block_extremes(x, 16)
-    values, offsets, signs = kernels.top_deviations(x, center, hi, lo, 16, 5)
+    _, tails = kernels.group_tails(x, 5)
+    values, offsets, signs = kernels.tail_deviations(x, center, tails, 5)
     assert torch.equal(values[2], torch.zeros(5))
     assert torch.equal(signs[2], torch.zeros(5))
     assert len(set(offsets[2].tolist())) == 5
     assert (offsets[2] % x.shape[1] == 2).all()
 
 
-def test_block_extremes_and_top_deviations_refuse_what_they_cannot_read() -> None:
+def test_group_tails_and_tail_deviations_refuse_what_they_cannot_read() -> None:
     nchw = _data("nchw", 0.0)[0]
-    with pytest.raises(ValueError, match=r"block_extremes: x and block must be a channels-last"):
-        kernels.block_extremes(nchw, 16)
+    with pytest.raises(ValueError, match=r"group_tails: x and k must be a channels-last"):
+        kernels.group_tails(nchw, 3)
     x = _data("nhwc", 0.0)[0]
-    with pytest.raises(ValueError, match="block 0"):
-        kernels.block_extremes(x, 0)
-    _, hi, lo = kernels.block_extremes(x, 16)
-    center = torch.zeros(x.shape[1])
     with pytest.raises(ValueError, match=r"k 0\. Fix: use the torch route"):
-        kernels.top_deviations(x, center, hi, lo, 16, 0)
-    with pytest.raises(ValueError, match=r"hi and lo must be .*\(block_extremes\(x, 32\)\)"):
-        kernels.top_deviations(x, center, hi, lo, 32, 3)
+        kernels.group_tails(x, 0)
+    _, tails = kernels.group_tails(x, 3)
+    center = torch.zeros(x.shape[1])
+    with pytest.raises(ValueError, match=r"tails and k must be what group_tails\(x, 4\) returned"):
+        kernels.tail_deviations(x, center, tails, 4)
     with pytest.raises(
         ValueError,
         match=r"center must be a \(5,\) tensor \(one value per channel\), got shape \(1,\)",
     ):
-        kernels.top_deviations(x, center[:1], hi, lo, 16, 3)
+        kernels.tail_deviations(x, center[:1], tails, 3)
 
 
 def _instance_oracle(
@@ -467,8 +510,8 @@ def test_two_threads_match_one() -> None:
                     stats = torch.native_group_norm(x, None, None, n, c, x[0, 0].numel(), c, 1e-5)
                     result += kernels.instance_norm_backward(dy, x, *stats[1:], None, True)
                 elif dtype == torch.float32:
-                    extremes = kernels.block_extremes(x, 16)
-                    result += [*extremes, *kernels.top_deviations(x, mean, *extremes[1:], 16, 9)]
+                    sums, tails = kernels.group_tails(x, 9)
+                    result += [sums, *kernels.tail_deviations(x, mean, tails, 9)]
                 results.append(result)
         finally:
             torch.set_num_threads(before)
@@ -694,10 +737,10 @@ def test_l1_batch_norm_through_the_loops(
 
 @pytest.mark.parametrize("layout", ["nhwc", "nc"])
 def test_linf_batch_norm_through_the_loops(monkeypatch: pytest.MonkeyPatch, layout: str) -> None:
-    """The fused L-infinity function on channels-last storage with the loops (sums and block
-    extremes in one read, the top-k search in one loop) against autograd through the composite
+    """The fused L-infinity function on channels-last storage with the loops (sums and the
+    groups' tails in one read, then a few groups read back per channel) against autograd through the composite
     formula (a sort of every channel) in float64."""
-    spy = _Spy(monkeypatch, "block_extremes", "top_deviations")
+    spy = _Spy(monkeypatch, "group_tails", "tail_deviations")
     x32, dy32 = _data(layout, 0.3)
     w32 = torch.rand(x32.shape[1]) + 0.5
     n = x32.numel() // x32.shape[1]
@@ -715,7 +758,7 @@ def test_linf_batch_norm_through_the_loops(monkeypatch: pytest.MonkeyPatch, layo
         return _outputs_and_grads(fn, dtype, x32, w32, dy32)
 
     ours = run(fused, torch.float32)
-    assert spy.calls == ["block_extremes", "top_deviations"]
+    assert spy.calls == ["group_tails", "tail_deviations"]
     assert ours[0].stride() == x32.stride()
     oracle = run(composite, torch.float64)
     for o, r in zip(ours, oracle, strict=True):

@@ -21,9 +21,9 @@ here do each job in one pass over memory, and each is numerically as careful as 
 * the input gradient ``a * dy + b * (x - mean) + k`` (or ``b * sign(x - mean)``) per channel in
   one pass (read ``dy`` and ``x``, write);
 * ``sum |x - mean|`` per channel in one read;
-* on channels-last rows, per-channel sums with the maximum and minimum of each block of rows in
-  one read, and the k largest ``|x - mean|`` per channel from the blocks those extremes single out
-  (L-infinity batch norm's top-k search);
+* on channels-last rows, per-channel sums in one read that also keeps each channel's largest
+  and smallest group extremes, and the k largest ``|x - mean|`` per channel from the few groups
+  of rows those single out (L-infinity batch norm's top-k search);
 * instance norm's backward on channels-first rows: each row's two gradient sums, then its input
   gradient while the row is still in cache.
 
@@ -58,17 +58,17 @@ __all__ = [
     "abs_deviation_sums",
     "available",
     "batch_norm_forward",
-    "block_extremes",
     "ghost_backward",
     "ghost_coefficients",
     "grad_sums",
+    "group_tails",
     "input_grad",
     "instance_norm_backward",
     "lp_coefficients",
     "lp_grad_coefficients",
     "moments",
     "renorm_coefficients",
-    "top_deviations",
+    "tail_deviations",
     "usable",
     "writable_buffers",
 ]
@@ -80,6 +80,12 @@ __all__ = [
 _BLOCK = 2048
 _CL_ROWS = 256
 _BLOCK_BYTES = 1 << 18
+# L-infinity batch norm's top-k search (_cl_tails): rows per group (the unit the search reads
+# back) and groups per superblock (of which two per side enter the lists). Measured at
+# 256x256x14x14, 1 thread: the read 0.91 of torch's statistics pass with 32 groups, 1.43 with 8
+# (the lists' insertions per superblock), 0.95 with 64.
+_TAIL_ROWS = 16
+_TAIL_GROUPS = 32
 # Below this many values the numba call's fixed cost (~5-10 us) is not worth it.
 _MIN_NUMEL = 1 << 14
 _LOCK = threading.Lock()
@@ -514,103 +520,218 @@ def _cl_abs_dev(
             out[1, b, j] = t[j]
 
 
-def _cl_extremes(
-    x: Any, block: int, sums: Any, hi: Any, lo: Any
+def _cl_tails(
+    x: Any,
+    per: int,
+    sums: Any,
+    hv: Any,
+    hg: Any,
+    lv: Any,
+    lg: Any,
+    third_hi: Any,
+    third_lo: Any,
 ) -> None:  # pragma: no cover - numba
-    # sixteen rows per update of the per-channel accumulators (they live in memory: each update
-    # loads and stores them, with one row per update those stores and not the read of x set the
-    # pace): 1.2-1.5 ms against 0.85 ms, torch's channel sum alone 0.8 ms (64x64x32x32 float32)
+    # L-infinity batch norm's one read, per chunk of `per` superblocks (in parallel; chunk p
+    # fills sums[p], hv[p] ...): each channel's sum (float32 over a group of _TAIL_ROWS rows,
+    # float64 across groups) and, for the top-k search, the kk largest group maxima (hv, sorted,
+    # group ids in hg) and smallest group minima (lv, lg). Of each superblock of _TAIL_GROUPS
+    # groups only the two largest (smallest) enter the lists, by a branch-free insertion over
+    # all channels at once; the superblock's third largest maximum (smallest minimum) goes to
+    # third_hi (third_lo): it bounds every group left out. Updates are selects on values loaded
+    # into locals first (re-reading an array element after storing into another produced
+    # wrong group ids in numba's vectorised code), and index whole rows of channels (an offset
+    # into them, to split the channels between threads, stopped the vectorisation: 4x slower)
     nrows, c = x.shape
-    for b in _prange(hi.shape[0]):
-        xs = x[b * block : min(b * block + block, nrows)]
-        h, lo_b, s = hi[b], lo[b], sums[b]  # s: float64, whatever the block's length
-        n = xs.shape[0]
+    kk = hv.shape[1]
+    ngroups = (nrows + _TAIL_ROWS - 1) // _TAIL_ROWS
+    nsb = third_hi.shape[0]
+    for p in _prange(hv.shape[0]):
+        h_v, h_g, l_v, l_g = hv[p], hg[p], lv[p], lg[p]
+        part = _np.empty(c, x.dtype)
+        top = _np.empty(c, x.dtype)
+        bot = _np.empty(c, x.dtype)
+        s1 = _np.empty(c, x.dtype)
+        s2 = _np.empty(c, x.dtype)
+        s3 = _np.empty(c, x.dtype)
+        b1 = _np.empty(c, x.dtype)
+        b2 = _np.empty(c, x.dtype)
+        b3 = _np.empty(c, x.dtype)
+        i1 = _np.empty(c, _np.int32)
+        i2 = _np.empty(c, _np.int32)
+        j1 = _np.empty(c, _np.int32)
+        j2 = _np.empty(c, _np.int32)
+        acc = _np.zeros(c)
+        for q in range(kk):
+            for j in range(c):
+                h_v[q, j] = -_np.inf
+                h_g[q, j] = -1
+                l_v[q, j] = _np.inf
+                l_g[q, j] = -1
+        for sb in range(p * per, min(p * per + per, nsb)):
+            for j in range(c):
+                s1[j] = s2[j] = s3[j] = -_np.inf
+                b1[j] = b2[j] = b3[j] = _np.inf
+                i1[j] = i2[j] = j1[j] = j2[j] = -1
+            for g in range(sb * _TAIL_GROUPS, min(sb * _TAIL_GROUPS + _TAIL_GROUPS, ngroups)):
+                m = g * _TAIL_ROWS
+                if m + _TAIL_ROWS <= nrows:
+                    for j in range(c):
+                        total = hi = lo = x[m, j]
+                        for r in range(1, _TAIL_ROWS):
+                            v = x[m + r, j]
+                            total += v
+                            hi = v if v > hi else hi
+                            lo = v if v < lo else lo
+                        part[j] = total
+                        top[j] = hi
+                        bot[j] = lo
+                else:  # the last, partial group
+                    for j in range(c):
+                        total = hi = lo = x[m, j]
+                        for r in range(m + 1, nrows):
+                            v = x[r, j]
+                            total += v
+                            hi = v if v > hi else hi
+                            lo = v if v < lo else lo
+                        part[j] = total
+                        top[j] = hi
+                        bot[j] = lo
+                gid = _np.int32(g)
+                for j in range(c):
+                    acc[j] += float(part[j])
+                for j in range(c):
+                    v, a1, a2, a3, n1, n2 = top[j], s1[j], s2[j], s3[j], i1[j], i2[j]
+                    u1 = v > a1
+                    u2 = v > a2
+                    s3[j] = a2 if u2 else (v if v > a3 else a3)
+                    s2[j] = a1 if u1 else (v if u2 else a2)
+                    i2[j] = n1 if u1 else (gid if u2 else n2)
+                    s1[j] = v if u1 else a1
+                    i1[j] = gid if u1 else n1
+                for j in range(c):
+                    v, a1, a2, a3, n1, n2 = bot[j], b1[j], b2[j], b3[j], j1[j], j2[j]
+                    u1 = v < a1
+                    u2 = v < a2
+                    b3[j] = a2 if u2 else (v if v < a3 else a3)
+                    b2[j] = a1 if u1 else (v if u2 else a2)
+                    j2[j] = n1 if u1 else (gid if u2 else n2)
+                    b1[j] = v if u1 else a1
+                    j1[j] = gid if u1 else n1
+            for j in range(c):
+                third_hi[sb, j] = s3[j]
+                third_lo[sb, j] = b3[j]
+            # the superblock's two largest (smallest) into the sorted lists: each level keeps
+            # the larger (smaller) of its entry and the carried value and carries the other down
+            for cand in range(4):
+                upper = cand < 2
+                vals = s1 if cand == 0 else (s2 if cand == 1 else (b1 if cand == 2 else b2))
+                vids = i1 if cand == 0 else (i2 if cand == 1 else (j1 if cand == 2 else j2))
+                lst = h_v if upper else l_v
+                lid = h_g if upper else l_g
+                for q in range(kk):
+                    for j in range(c):
+                        h, hid, v, vid = lst[q, j], lid[q, j], vals[j], vids[j]
+                        up = (v > h) if upper else (v < h)
+                        lst[q, j] = v if up else h
+                        lid[q, j] = vid if up else hid
+                        vals[j] = h if up else v
+                        vids[j] = hid if up else vid
         for j in range(c):
-            h[j] = xs[0, j]
-            lo_b[j] = xs[0, j]
-            s[j] = 0.0
-        for m in range(0, n - 15, 16):
-            for j in range(c):
-                total = top = bottom = xs[m, j]
-                for g in range(1, 16):
-                    v = xs[m + g, j]
-                    total += v
-                    top = v if v > top else top
-                    bottom = v if v < bottom else bottom
-                s[j] += float(total)
-                h[j] = h[j] if h[j] >= top else top
-                lo_b[j] = lo_b[j] if lo_b[j] <= bottom else bottom
-        for m in range(n - n % 16, n):
-            for j in range(c):
-                v = xs[m, j]
-                s[j] += float(v)
-                h[j] = h[j] if h[j] >= v else v
-                lo_b[j] = lo_b[j] if lo_b[j] <= v else v
+            sums[p, j] = acc[j]
 
 
-def _cl_top_deviations(
+def _cl_tail_search(
     x: Any,
     center: Any,
-    hi: Any,
-    lo: Any,
-    block: int,
-    width: int,
+    hv: Any,
+    hg: Any,
+    lv: Any,
+    lg: Any,
+    third_hi: Any,
+    third_lo: Any,
+    per: int,
     top: Any,
     offsets: Any,
     signs: Any,
 ) -> None:  # pragma: no cover - numba
-    # per channel: the k blocks of rows with the largest max |x - mu| (from their extremes), then
-    # the k largest |x - mu| among those blocks' values; both kept sorted by insertion (strictly
-    # larger values enter: the first of equal values stays), so a pass costs O(values + k^2)
-    # the ranking reads the blocks' extremes row by row, ``width`` contiguous channels at a time
-    # (a channel column at a time, (blocks, C) read with a stride of C values: 1 thread at
-    # 256x256x14x14 0.79 -> 0.58 of a statistics pass), chunks of channels in parallel
+    # per channel (in parallel): the k largest |x - mu|, kept sorted by insertion (strictly
+    # larger values enter: the first of equal values stays), reading the groups in _cl_tails'
+    # lists (every chunk's, both sides) in order of the largest |x - mu| they can hold (a list
+    # group's maximum - mu, or mu - its minimum) until the next can hold no larger value -- after
+    # every group of a superblock whose third value could beat its chunk's last list entry. With
+    # NaN in the data (NaN never enters the lists) fewer than k values may be found: then every
+    # other group, so that each entry is real
     nrows, c = x.shape
-    nblocks = hi.shape[0]
     k = top.shape[1]
-    kb = min(k, nblocks)
-    for chunk in _prange((c + width - 1) // width):
-        j0 = chunk * width
-        j1 = min(j0 + width, c)
-        worst = _np.empty((j1 - j0, kb), x.dtype)
-        chosen = _np.empty((j1 - j0, kb), _np.int64)
-        filled = _np.zeros(j1 - j0, _np.int64)
-        for i in range(nblocks):
-            for j in range(j0, j1):
-                mu = center[j]
-                w = max(hi[i, j] - mu, mu - lo[i, j])
-                t = j - j0
-                if filled[t] < kb or w > worst[t, kb - 1]:
-                    p = filled[t] if filled[t] < kb else kb - 1
-                    while p > 0 and w > worst[t, p - 1]:
-                        worst[t, p] = worst[t, p - 1]
-                        chosen[t, p] = chosen[t, p - 1]
+    chunks, kk = hv.shape[0], hv.shape[1]
+    ngroups = (nrows + _TAIL_ROWS - 1) // _TAIL_ROWS
+    nsb = third_hi.shape[0]
+    for j in _prange(c):
+        seen = _np.zeros(ngroups, _np.bool_)
+        cand = _np.empty(ngroups + 2 * chunks * kk, _np.int64)
+        bound = _np.empty(ngroups + 2 * chunks * kk, x.dtype)
+        mu = center[j]
+        best = top[j]
+        where = offsets[j]
+        sign = signs[j]
+        n = 0
+        for sb in range(nsb):  # groups the lists may have left out: first, unbounded
+            p = sb // per
+            if third_hi[sb, j] > hv[p, kk - 1, j] or third_lo[sb, j] < lv[p, kk - 1, j]:
+                for g in range(sb * _TAIL_GROUPS, min(sb * _TAIL_GROUPS + _TAIL_GROUPS, ngroups)):
+                    cand[n] = g
+                    bound[n] = _np.inf
+                    n += 1
+        first = n
+        for p in range(chunks):
+            for q in range(2 * kk):
+                g = hg[p, q, j] if q < kk else lg[p, q - kk, j]
+                if g < 0:
+                    continue
+                b = hv[p, q, j] - mu if q < kk else mu - lv[p, q - kk, j]
+                i = n  # insertion by bound, largest first
+                while i > first and b > bound[i - 1]:
+                    cand[i] = cand[i - 1]
+                    bound[i] = bound[i - 1]
+                    i -= 1
+                cand[i] = g
+                bound[i] = b
+                n += 1
+        count = 0
+        i = 0
+        everything = False
+        while True:
+            if i == n:  # fewer than k values (NaN data): every other group, once
+                if count == k or everything:
+                    break
+                everything = True
+                for g in range(ngroups):
+                    if not seen[g]:
+                        cand[n] = g
+                        bound[n] = _np.inf
+                        n += 1
+                continue
+            g = cand[i]
+            if count == k and bound[i] <= best[k - 1]:
+                break
+            i += 1
+            if seen[g]:
+                continue
+            seen[g] = True
+            for r in range(g * _TAIL_ROWS, min(g * _TAIL_ROWS + _TAIL_ROWS, nrows)):
+                z = x[r, j] - mu
+                a = abs(z)
+                if count < k or a > best[k - 1]:
+                    p = count if count < k else k - 1
+                    while p > 0 and a > best[p - 1]:
+                        best[p] = best[p - 1]
+                        where[p] = where[p - 1]
+                        sign[p] = sign[p - 1]
                         p -= 1
-                    worst[t, p] = w
-                    chosen[t, p] = i
-                    filled[t] = min(filled[t] + 1, kb)
-        for j in range(j0, j1):  # each channel's k largest |x - mu| in its chosen blocks
-            mu = center[j]
-            best = top[j]
-            where = offsets[j]
-            sign = signs[j]
-            count = 0
-            for q in range(kb):
-                start = chosen[j - j0, q] * block
-                for r in range(start, min(start + block, nrows)):
-                    z = x[r, j] - mu
-                    a = abs(z)
-                    if count < k or a > best[k - 1]:
-                        p = count if count < k else k - 1
-                        while p > 0 and a > best[p - 1]:
-                            best[p] = best[p - 1]
-                            where[p] = where[p - 1]
-                            sign[p] = sign[p - 1]
-                            p -= 1
-                        best[p] = a
-                        where[p] = r * c + j
-                        sign[p] = 1.0 if z > 0 else (-1.0 if z < 0 else z)
-                        count = min(count + 1, k)
+                    best[p] = a
+                    where[p] = r * c + j
+                    sign[p] = 1.0 if z > 0 else (-1.0 if z < 0 else z)
+                    count = min(count + 1, k)
 
 
 def _rows_instance_grad(
@@ -965,7 +1086,7 @@ def _check_per_channel(
 
 
 def _channel_vector(t: Tensor, x: Tensor) -> Any:
-    """``t`` (a per-channel vector, or block extremes) as a contiguous numpy array of ``x``'s dtype
+    """``t`` (a per-channel vector) as a contiguous numpy array of ``x``'s dtype
     (no copy when it is one already)."""
     t = t.detach()
     if t.dtype != x.dtype or not t.is_contiguous():
@@ -1195,76 +1316,81 @@ def abs_deviation_sums(
     return total[0], total[1] if mode == 2 else None
 
 
-def block_extremes(x: Tensor, block: int) -> tuple[Tensor, Tensor, Tensor]:
-    """``(sums, hi, lo)`` of a channels-last (or ``(N, C)``) ``x`` in one read: the per-channel
-    sum (float64; float32 partial sums over 16 rows, accumulated in float64) and the maximum and
-    minimum of each block of ``block`` consecutive rows, ``(ceil(M / block), C)`` in ``x``'s dtype
-    (L-infinity batch norm's top-k search; requires :func:`usable`). A NaN reaches the channel's
-    sum (the extremes may skip it)."""
+def group_tails(x: Tensor, k: int) -> tuple[Tensor, tuple[Any, ...]]:
+    """``(sums, tails)`` of a channels-last (or ``(N, C)``) ``x`` in one read (requires
+    :func:`usable` and ``1 <= k <=`` values per channel): the per-channel sums (float64;
+    float32 partial sums over groups of ``_TAIL_ROWS`` rows) and what :func:`tail_deviations`
+    needs to find each channel's ``k`` largest ``|x - mean|`` afterwards without reading more
+    than a few groups: the ``min(k, groups)`` largest group maxima and smallest group minima
+    with their group ids (of each superblock of ``_TAIL_GROUPS`` groups the two largest and two
+    smallest enter), and each superblock's third largest maximum and third smallest minimum,
+    which bound every group left out. A NaN reaches the sums (the tails skip it)."""
     _require(x)
-    if storage_layout(x) == "first" or block < 1:
+    rows = _rows(x)
+    m, c = rows.shape
+    if storage_layout(x) == "first" or not 1 <= k <= m:
         fail(
             ValueError,
-            "normlab.functional._kernels.block_extremes",
-            "x and block",
-            "a channels-last or (N, C) tensor and a block of at least one row",
-            f"strides {x.stride()} for shape {tuple(x.shape)}, block {block}",
-            "use torch's amax/amin over blocks of channels-first rows",
+            "normlab.functional._kernels.group_tails",
+            "x and k",
+            "a channels-last or (N, C) tensor and 1 <= k <= values per channel",
+            f"strides {x.stride()} for shape {tuple(x.shape)}, k {k}",
+            "use the torch route for channels-first tensors; pass k = min(k, values per channel)",
         )
-    rows = _rows(x)
-    nblocks = -(-rows.shape[0] // block)
-    sums = torch.empty(nblocks, rows.shape[1], dtype=torch.float64)
-    hi, lo = torch.empty(2, nblocks, rows.shape[1], dtype=x.dtype)
-    _call("_cl_extremes", rows, block, sums.numpy(), hi.numpy(), lo.numpy())
-    return sums.sum(0), hi, lo
+    groups = -(-m // _TAIL_ROWS)
+    kk = min(k, groups)
+    superblocks = -(-groups // _TAIL_GROUPS)
+    # one chunk of superblocks per thread, each with its own lists
+    threads = min(torch.get_num_threads(), _numba().config.NUMBA_NUM_THREADS)
+    per = -(-superblocks // max(1, threads))
+    chunks = -(-superblocks // per)
+    sums = torch.empty(chunks, c, dtype=torch.float64)
+    hv, lv = _np.empty((2, chunks, kk, c), rows.dtype)
+    hg, lg = _np.empty((2, chunks, kk, c), _np.int32)
+    third_hi, third_lo = _np.empty((2, superblocks, c), rows.dtype)
+    tails = (hv, hg, lv, lg, third_hi, third_lo)
+    _call("_cl_tails", rows, per, sums.numpy(), *tails)
+    return sums.sum(0), tails
 
 
-def top_deviations(
-    x: Tensor, center: Tensor, hi: Tensor, lo: Tensor, block: int, k: int
+def tail_deviations(
+    x: Tensor, center: Tensor, tails: tuple[Any, ...], k: int
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(values, offsets, signs)``, each ``(C, k)``, sorted by value: the ``k`` largest
     ``|x - center|`` of each channel of a channels-last (or ``(N, C)``) ``x``, their offsets in
-    ``x``'s storage and the signs of ``x - center`` there. ``hi``/``lo`` are the extremes of each
-    block of ``block`` rows (:func:`block_extremes`): only the ``k`` blocks with the largest
-    ``max |x - center|`` are read. ``center`` and ``values`` in ``x``'s dtype (what the torch
-    route computes); requires :func:`usable` and ``1 <= k <=`` values per channel."""
+    ``x``'s storage and the signs of ``x - center`` there, from the ``tails`` that
+    :func:`group_tails` returned for the same ``x`` and ``k``. The ``k`` largest ``|x - center|``
+    lie among the ``k`` largest and the ``k`` smallest values, which lie in the groups with the
+    largest maxima and smallest minima: only those groups are read (and every group of a
+    superblock whose third value does not rule it out). ``center`` and ``values`` in ``x``'s
+    dtype (what the torch route computes); equal values: the first found stays."""
     _require(x)
     rows = _rows(x)
-    nblocks = -(-rows.shape[0] // max(block, 1))
-    if storage_layout(x) == "first" or block < 1 or not 1 <= k <= rows.shape[0]:
+    m, c = rows.shape
+    _check_per_channel("tail_deviations", c, False, center=center)
+    groups = -(-m // _TAIL_ROWS)
+    superblocks = -(-groups // _TAIL_GROUPS)
+    chunks = tails[0].shape[0] if tails and tails[0].ndim == 3 else 0
+    per = -(-superblocks // max(1, chunks))
+    lists = (chunks, min(k, groups), c)
+    shapes = [lists] * 4 + [(superblocks, c)] * 2
+    if not 1 <= k <= m or chunks != -(-superblocks // per) or [t.shape for t in tails] != shapes:
         fail(
             ValueError,
-            "normlab.functional._kernels.top_deviations",
-            "x, block and k",
-            "a channels-last or (N, C) tensor, a block of at least one row and 1 <= k <= rows",
-            f"strides {x.stride()} for shape {tuple(x.shape)}, block {block}, k {k}",
-            "use the torch route for channels-first tensors; pass k = min(k, values per channel)",
+            "normlab.functional._kernels.tail_deviations",
+            "tails and k",
+            f"what group_tails(x, {k}) returned, and 1 <= k <= {m}",
+            f"k {k}, shapes {[t.shape for t in tails]}",
+            "pass the tails group_tails returned for the same x and k",
         )
-    _check_per_channel("top_deviations", rows.shape[1], False, center=center)
-    extremes = [_channel_vector(t, x) for t in (hi, lo)]
-    if any(e.shape != (nblocks, rows.shape[1]) for e in extremes):
-        fail(
-            ValueError,
-            "normlab.functional._kernels.top_deviations",
-            "hi and lo",
-            f"({nblocks}, {rows.shape[1]}) block extremes (block_extremes(x, {block}))",
-            f"shapes {tuple(hi.shape)} and {tuple(lo.shape)}",
-            "pass the extremes block_extremes returned for the same block",
-        )
-    c = rows.shape[1]
     values, signs = torch.empty(2, c, k, dtype=x.dtype)
     offsets = torch.empty(c, k, dtype=torch.int64)
-    # channels per parallel chunk: all of them on one thread (the ranking then reads the blocks'
-    # extremes in storage order), else a share per thread in whole cache lines
-    threads = min(torch.get_num_threads(), _numba().config.NUMBA_NUM_THREADS)
-    width = c if threads <= 1 else max(16, -(-c // (16 * threads)) * 16)
     _call(
-        "_cl_top_deviations",
+        "_cl_tail_search",
         rows,
         _channel_vector(center, x),
-        *extremes,
-        block,
-        width,
+        *tails,
+        per,
         values.numpy(),
         offsets.numpy(),
         signs.numpy(),

@@ -512,24 +512,18 @@ def _row_block(x: Tensor) -> int:
     return _block(x.numel() // x.shape[1], 16, 64)
 
 
-# Rows per block of the fast extra's top-k search on channels-last storage (any row count: the
-# loops take a partial last block); the torch route needs a divisor (_row_block)
-_KERNEL_ROWS = 64
-
-
-def _mean_and_extremes(x: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+def _mean_and_tails(x: Tensor, k: int) -> tuple[Tensor, tuple[Any, ...] | None]:
     """The per-channel mean (``x``'s dtype) and, on channels-last storage with the fast extra,
-    each block of ``_KERNEL_ROWS`` rows' maximum and minimum from the same read
-    (:func:`kernels.block_extremes`)."""
+    from the same read what the top-k search needs (:func:`kernels.group_tails`)."""
     count = x.numel() // x.shape[1]
     if storage_layout(x) == "first" or not kernels.usable(x):
         return channel_sums(x) / count, None
-    sums, hi, lo = kernels.block_extremes(x, _KERNEL_ROWS)
-    return (sums / count).to(x.dtype), (hi, lo)
+    sums, tails = kernels.group_tails(x, k)
+    return (sums / count).to(x.dtype), tails
 
 
 def _top_deviations(
-    x: Tensor, mean: Tensor, k: int, extremes: tuple[Tensor, Tensor] | None = None
+    x: Tensor, mean: Tensor, k: int, tails: tuple[Any, ...] | None = None
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The ``k`` largest ``|x - mean|`` per channel without sorting the data: ``(values, offsets,
     signs)``, each ``(C, k)``, with the storage offsets of those values in ``x`` and the signs of
@@ -537,16 +531,17 @@ def _top_deviations(
 
     The values are cut into blocks (:func:`_block`; contiguous runs of positions on channels-first
     storage, runs of rows on channels-last storage); each block's largest deviation is
-    ``max(max(x) - mean, mean - min(x))`` (two fast reductions, or on channels-last storage
-    ``extremes``: the blocks' maxima and minima, ``(blocks, C)`` each, from
-    :func:`_mean_and_extremes`); the ``k`` largest values of a channel all lie in its ``k`` blocks
-    with the largest such maxima (any value outside them is exceeded by at least one value in
-    each of those ``k`` blocks), so top-k runs only on those ``k`` blocks' values.
+    ``max(max(x) - mean, mean - min(x))`` (two fast reductions); the ``k`` largest values of a
+    channel all lie in its ``k`` blocks with the largest such maxima (any value outside them is
+    exceeded by at least one value in each of those ``k`` blocks), so top-k runs only on those
+    ``k`` blocks' values. On channels-last storage with the fast extra, ``tails`` (from
+    :func:`_mean_and_tails`, gathered during the mean's read) name the few groups of rows to
+    read back (:func:`kernels.tail_deviations`).
     """
     c = x.shape[1]
     centre = mean.to(x.dtype).view(c, 1)
-    if extremes is not None:  # the fast extra (channels-last): block search and top-k in one loop
-        return kernels.top_deviations(x, centre.view(c), *extremes, _KERNEL_ROWS, k)
+    if tails is not None:  # the fast extra (channels-last): a few groups per channel read back
+        return kernels.tail_deviations(x, centre.view(c), tails, k)
     channel = torch.arange(c, device=x.device).view(c, 1)
     flat = torch.as_strided(x, (x.numel(),), (1,))  # the storage, in order
     if storage_layout(x) == "first":  # storage (N, C, positions): blocks along the positions
@@ -581,8 +576,8 @@ class LinfBatchNormTrain(torch.autograd.Function):
     """Training-mode L-infinity (top-k) batch norm, ``y = weight * (x - mu) / D + bias`` with
     ``D = K * mean(top_k |x - mu|) + eps`` per channel, with its own backward: the top-k search
     reads ``x`` twice (block maxima and minima, :func:`_top_deviations`; on channels-last storage
-    with the fast extra, once for them and the mean together) instead of sorting an
-    activation-sized copy, and the gradient is one per-channel multiply-add over ``dy`` plus a
+    with the fast extra once, with the mean, and then a few groups of rows per channel) instead
+    of sorting an activation-sized copy, and the gradient is one per-channel multiply-add over ``dy`` plus a
     sparse correction at the ``k`` selected values of each channel. Saves ``x`` and per-channel
     statistics (and the ``(C, k)`` selection).
 
@@ -604,8 +599,8 @@ class LinfBatchNormTrain(torch.autograd.Function):
         running: _Running = None,
         owner: str = "L-infinity batch norm",
     ) -> tuple[Tensor, Tensor, Tensor]:
-        mean, extremes = _mean_and_extremes(x)
-        top, offsets, signs = _top_deviations(x, mean, k, extremes)
+        mean, tails = _mean_and_tails(x, k)
+        top, offsets, signs = _top_deviations(x, mean, k, tails)
         # the L-inf divisor is ~1.4 std with Hoffer's constant C(n) (docs of linf_constant), so
         # ~1.4 / C(n) std without it: ~8 std is 6 divisors, or 6 C(n) divisors
         within = 6.0 * min(1.0, constant / linf_constant(x.numel() // x.shape[1]))
