@@ -250,6 +250,10 @@ def test_batch_norm_forward_moves_the_running_statistics() -> None:
         ulp = torch.finfo(dtype).eps
         torch.testing.assert_close(rm.double(), want_mean, rtol=2 * ulp, atol=2 * ulp)
         torch.testing.assert_close(rv.double(), want_var, rtol=2 * ulp, atol=0)
+        # bit for bit what the route without the loop stores (no fused multiply-add)
+        NF.update_running_stats_(old_mean, old_var, mean, var, count, 0.3)
+        assert torch.equal(rm, old_mean)
+        assert torch.equal(rv, old_var)
     bad = x.clone()
     bad[0, 1, 0, 0] = float("nan")
     rm, rv = torch.zeros(c), torch.ones(c)
@@ -300,8 +304,7 @@ def test_group_tails_against_torch(shape: tuple[int, ...], dtype: torch.dtype, k
     assert sums.dtype == torch.float64
     bound = (F32_REL if dtype == torch.float32 else 1e-14) * x.double().abs().sum(_dims(x))
     assert ((sums - want_sums).abs() <= bound).all()
-    assert hv.shape[0] == 1  # one chunk on one thread
-    hi, lo = torch.from_numpy(hv[0]), torch.from_numpy(lv[0])
+    hi, lo = torch.from_numpy(hv), torch.from_numpy(lv)  # the chunks' lists merged
     covered = (torch.from_numpy(third_hi) <= hi[-1]).all(0) & (
         torch.from_numpy(third_lo) >= lo[-1]
     ).all(0)
@@ -309,7 +312,7 @@ def test_group_tails_against_torch(shape: tuple[int, ...], dtype: torch.dtype, k
     assert torch.equal(hi[:, covered], want_hi[:, covered])
     assert torch.equal(lo[:, covered], want_lo[:, covered])
     groups = rows.split(kernels._TAIL_ROWS)
-    ids = torch.from_numpy(hg[0]).long()
+    ids = torch.from_numpy(hg).long()
     for j in torch.nonzero(covered).flatten().tolist():
         maxima = torch.stack([groups[g][:, j].max() for g in ids[:, j].tolist()])
         assert torch.equal(maxima, hi[:, j])
@@ -351,6 +354,28 @@ def test_tail_deviations_against_a_full_sort(
     picked = dev.flatten()[offsets]  # rows are x's storage in order
     assert torch.equal(picked.abs(), values)
     assert torch.equal(picked.sign(), signs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_tails_do_not_depend_on_the_thread_count(dtype: torch.dtype) -> None:
+    """The read's chunks are fixed by the size alone: on tied data (which of equal values the
+    search keeps decides L-infinity's input gradient) and in float64 (the sums' last bits) one
+    thread and two give the same sums, values, offsets and signs."""
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(64, 8, 16, 16, generator=g, dtype=dtype) * 2).round()
+    x = x.contiguous(memory_format=torch.channels_last)
+    center = torch.from_numpy(kernels._rows(x)).double().mean(0).to(dtype)
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            sums, tails = kernels.group_tails(x, 10)
+            results.append((sums, *kernels.tail_deviations(x, center, tails, 10)))
+    finally:
+        torch.set_num_threads(before)
+    for one, two in zip(*results, strict=True):
+        assert torch.equal(one, two)
 
 
 @pytest.mark.parametrize("share", [1e-4, 1.0])

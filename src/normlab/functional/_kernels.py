@@ -86,6 +86,11 @@ _BLOCK_BYTES = 1 << 18
 # (the lists' insertions per superblock), 0.95 with 64.
 _TAIL_ROWS = 16
 _TAIL_GROUPS = 32
+# Parallel chunks of superblocks in that read (fewer for fewer superblocks): a number fixed by
+# the size alone, so that the lists (and so which of equal values the search keeps) and the
+# float64 sums do not depend on the number of threads; 8 balance 2 or 4 threads (fixed chunks
+# of 8 or 32 superblocks: 1.03-1.06x the time at one of the two shapes, A/B).
+_TAIL_CHUNKS = 8
 # Below this many values the numba call's fixed cost (~5-10 us) is not worth it.
 _MIN_NUMEL = 1 << 14
 _LOCK = threading.Lock()
@@ -97,6 +102,7 @@ _IN_ORDER = frozenset({"_rows_normalize"})
 # (numba's default raises ZeroDivisionError: e.g. batch renorm with a zero running std).
 _EXACT = frozenset(
     {
+        "_running_epilogue",
         "_ghost_epilogue",
         "_ghost_grad_epilogue",
         "_lp_epilogue",
@@ -271,11 +277,7 @@ def _rows_normalize(
     stats: Any,
     saved: Any,
     out: Any,
-    running_mean: Any,
-    running_var: Any,
-    momentum: float,
-    bessel: float,
-) -> bool:  # pragma: no cover - numba
+) -> None:  # pragma: no cover - numba
     c = stats.shape[1]
     samples = row_mean.shape[0] // c
     length = rows.shape[1]
@@ -302,18 +304,6 @@ def _rows_normalize(
         # the mean in two parts: x - mean_hi (data's dtype) is exact near the mean, the rest
         # of the mean moves into the offset (so a constant channel gives bias exactly)
         offset[j] = bias[j] - (total_mean - float(saved[0, j])) * a
-    # the running statistics (none: empty arrays), torch's rule with the unbiased variance, in
-    # float64; written only if every channel's result is finite
-    updated: bool = running_mean.shape[0] != 0
-    keep = 1.0 - momentum
-    for j in range(running_mean.shape[0]):
-        m_new = keep * float(running_mean[j]) + momentum * stats[0, j]
-        v_new = keep * float(running_var[j]) + (momentum * bessel) * stats[1, j]
-        updated = updated and _np.isfinite(m_new) and _np.isfinite(v_new)
-    if updated:
-        for j in range(c):
-            running_mean[j] = keep * float(running_mean[j]) + momentum * stats[0, j]
-            running_var[j] = keep * float(running_var[j]) + (momentum * bessel) * stats[1, j]
     for r in _prange(rows.shape[0]):
         # centred: far off-centre data keep their digits (x * scale + shift would round at
         # |mean| * scale, x - float32(mean) at |mean| * 6e-8)
@@ -324,7 +314,6 @@ def _rows_normalize(
         os = out[r]
         for i in range(xs.shape[0]):
             os[i] = (xs[i] - m) * a + b
-    return updated
 
 
 def _cl_moments(rows: Any, block: int, mean: Any, m2: Any) -> None:  # pragma: no cover - numba
@@ -532,7 +521,7 @@ def _cl_tails(
     third_lo: Any,
 ) -> None:  # pragma: no cover - numba
     # L-infinity batch norm's one read, per chunk of `per` superblocks (in parallel; chunk p
-    # fills sums[p], hv[p] ...): each channel's sum (float32 over a group of _TAIL_ROWS rows,
+    # fills sums[p], hv[p] ...; then all go into chunk 0's, in order): each channel's sum (float32 over a group of _TAIL_ROWS rows,
     # float64 across groups) and, for the top-k search, the kk largest group maxima (hv, sorted,
     # group ids in hg) and smallest group minima (lv, lg). Of each superblock of _TAIL_GROUPS
     # groups only the two largest (smallest) enter the lists, by a branch-free insertion over
@@ -625,24 +614,38 @@ def _cl_tails(
             for j in range(c):
                 third_hi[sb, j] = s3[j]
                 third_lo[sb, j] = b3[j]
-            # the superblock's two largest (smallest) into the sorted lists: each level keeps
-            # the larger (smaller) of its entry and the carried value and carries the other down
-            for cand in range(4):
-                upper = cand < 2
-                vals = s1 if cand == 0 else (s2 if cand == 1 else (b1 if cand == 2 else b2))
-                vids = i1 if cand == 0 else (i2 if cand == 1 else (j1 if cand == 2 else j2))
-                lst = h_v if upper else l_v
-                lid = h_g if upper else l_g
-                for q in range(kk):
-                    for j in range(c):
-                        h, hid, v, vid = lst[q, j], lid[q, j], vals[j], vids[j]
-                        up = (v > h) if upper else (v < h)
-                        lst[q, j] = v if up else h
-                        lid[q, j] = vid if up else hid
-                        vals[j] = h if up else v
-                        vids[j] = hid if up else vid
+            # the superblock's two largest (smallest) into the sorted lists
+            _insert(h_v, h_g, s1, i1, True)
+            _insert(h_v, h_g, s2, i2, True)
+            _insert(l_v, l_g, b1, j1, False)
+            _insert(l_v, l_g, b2, j2, False)
         for j in range(c):
             sums[p, j] = acc[j]
+    # the chunks' lists and sums into chunk 0's, in chunk order: the same result on any number
+    # of threads
+    for p in range(1, hv.shape[0]):
+        for q in range(kk):
+            _insert(hv[0], hg[0], hv[p, q], hg[p, q], True)
+            _insert(lv[0], lg[0], lv[p, q], lg[p, q], False)
+        for j in range(c):
+            sums[0, j] += sums[p, j]
+
+
+def _insert_sorted(
+    lst: Any, lid: Any, vals: Any, vids: Any, upper: bool
+) -> None:  # pragma: no cover - numba
+    # one value per channel (vals, ids vids) into the channels' sorted lists (lst, ids lid;
+    # descending if upper, else ascending), the last entry dropping out: each level keeps the
+    # larger (smaller) of its entry and the carried value and carries the other down -- branch
+    # free, vectorised over the channels (vals and vids are overwritten)
+    for q in range(lst.shape[0]):
+        for j in range(lst.shape[1]):
+            h, hid, v, vid = lst[q, j], lid[q, j], vals[j], vids[j]
+            up = (v > h) if upper else (v < h)
+            lst[q, j] = v if up else h
+            lid[q, j] = vid if up else hid
+            vals[j] = h if up else v
+            vids[j] = hid if up else vid
 
 
 def _cl_tail_search(
@@ -654,54 +657,52 @@ def _cl_tail_search(
     lg: Any,
     third_hi: Any,
     third_lo: Any,
-    per: int,
     top: Any,
     offsets: Any,
     signs: Any,
 ) -> None:  # pragma: no cover - numba
     # per channel (in parallel): the k largest |x - mu|, kept sorted by insertion (strictly
     # larger values enter: the first of equal values stays), reading the groups in _cl_tails'
-    # lists (every chunk's, both sides) in order of the largest |x - mu| they can hold (a list
-    # group's maximum - mu, or mu - its minimum) until the next can hold no larger value -- after
-    # every group of a superblock whose third value could beat its chunk's last list entry. With
+    # lists (both sides) in order of the largest |x - mu| they can hold (a list group's maximum
+    # - mu, or mu - its minimum) until the next can hold no larger value -- after every group of
+    # a superblock whose third value could beat the list's last entry (any group left out of the
+    # lists lies below one of the two). With
     # NaN in the data (NaN never enters the lists) fewer than k values may be found: then every
     # other group, so that each entry is real
     nrows, c = x.shape
     k = top.shape[1]
-    chunks, kk = hv.shape[0], hv.shape[1]
+    kk = hv.shape[0]
     ngroups = (nrows + _TAIL_ROWS - 1) // _TAIL_ROWS
     nsb = third_hi.shape[0]
     for j in _prange(c):
         seen = _np.zeros(ngroups, _np.bool_)
-        cand = _np.empty(ngroups + 2 * chunks * kk, _np.int64)
-        bound = _np.empty(ngroups + 2 * chunks * kk, x.dtype)
+        cand = _np.empty(ngroups + 2 * kk, _np.int64)
+        bound = _np.empty(ngroups + 2 * kk, x.dtype)
         mu = center[j]
         best = top[j]
         where = offsets[j]
         sign = signs[j]
         n = 0
         for sb in range(nsb):  # groups the lists may have left out: first, unbounded
-            p = sb // per
-            if third_hi[sb, j] > hv[p, kk - 1, j] or third_lo[sb, j] < lv[p, kk - 1, j]:
+            if third_hi[sb, j] > hv[kk - 1, j] or third_lo[sb, j] < lv[kk - 1, j]:
                 for g in range(sb * _TAIL_GROUPS, min(sb * _TAIL_GROUPS + _TAIL_GROUPS, ngroups)):
                     cand[n] = g
                     bound[n] = _np.inf
                     n += 1
         first = n
-        for p in range(chunks):
-            for q in range(2 * kk):
-                g = hg[p, q, j] if q < kk else lg[p, q - kk, j]
-                if g < 0:
-                    continue
-                b = hv[p, q, j] - mu if q < kk else mu - lv[p, q - kk, j]
-                i = n  # insertion by bound, largest first
-                while i > first and b > bound[i - 1]:
-                    cand[i] = cand[i - 1]
-                    bound[i] = bound[i - 1]
-                    i -= 1
-                cand[i] = g
-                bound[i] = b
-                n += 1
+        for q in range(2 * kk):
+            g = hg[q, j] if q < kk else lg[q - kk, j]
+            if g < 0:
+                continue
+            b = hv[q, j] - mu if q < kk else mu - lv[q - kk, j]
+            i = n  # insertion by bound, largest first
+            while i > first and b > bound[i - 1]:
+                cand[i] = cand[i - 1]
+                bound[i] = bound[i - 1]
+                i -= 1
+            cand[i] = g
+            bound[i] = b
+            n += 1
         count = 0
         i = 0
         everything = False
@@ -790,6 +791,26 @@ def _rows_instance_grad(
 
 
 # --- per-channel epilogues (serial, compiled in order: they match the torch routes' float64 math) --
+
+
+def _running_epilogue(
+    stats: Any, running_mean: Any, running_var: Any, momentum: float, bessel: float
+) -> bool:  # pragma: no cover - numba
+    # batch norm's running statistics from the batch's float64 mean and biased variance (stats
+    # (2, C)): torch's rule with the variance times bessel, in float64 and rounded as
+    # update_running_stats_ rounds (no fused multiply-add: in _EXACT); written only if every
+    # result is finite
+    keep = 1.0 - momentum
+    c = stats.shape[1]
+    for j in range(c):
+        m = keep * float(running_mean[j]) + momentum * stats[0, j]
+        v = keep * float(running_var[j]) + (momentum * bessel) * stats[1, j]
+        if not (_np.isfinite(m) and _np.isfinite(v)):
+            return False
+    for j in range(c):
+        running_mean[j] = keep * float(running_mean[j]) + momentum * stats[0, j]
+        running_var[j] = keep * float(running_var[j]) + (momentum * bessel) * stats[1, j]
+    return True
 
 
 def _ghost_epilogue(
@@ -1010,8 +1031,10 @@ def _renorm_epilogue(
     return True
 
 
-# numba.prange once numba is imported (a name the loops resolve at compile time)
+# numba.prange once numba is imported, and the loops' shared insertion compiled (names the
+# loops resolve at compile time)
 _prange: Callable[..., Any] = range
+_insert: Callable[..., Any] = _insert_sorted
 
 
 @functools.cache
@@ -1020,9 +1043,10 @@ def _compiled(name: str, parallel: bool) -> Any:
     numba's cache key (signature, bytecode, closure) ignores ``parallel``, so with both cached one
     would load the other's machine code (a "serial" call starting numba's thread pool). Where no
     cache directory is writable (a read-only install) the loops are compiled in every process."""
-    global _prange
+    global _prange, _insert
     numba = _numba()
     _prange = numba.prange
+    _insert = numba.njit(_insert_sorted, inline="always", fastmath=_FASTMATH, nogil=True)
     fastmath: Any = _FASTMATH - {"reassoc"} if name in _IN_ORDER else _FASTMATH
     options = {"parallel": parallel, "fastmath": fastmath, "nogil": True}
     if name in _EXACT:
@@ -1153,9 +1177,10 @@ def batch_norm_forward(
     :func:`moments`, then -- pooled per channel by Chan's rule in float64 --
     ``(x - mean_hi) * scale + offset`` in one more pass (``mean_hi`` the mean in ``x``'s dtype,
     the rest of the mean folded into ``offset``). With ``running = (running_mean, running_var,
-    momentum, bessel)`` (buffers passing :func:`writable_buffers`) the second loop also moves the
-    running statistics by torch's rule, the variance times ``bessel`` (float64 math; written
-    only if every result is finite; the version counters move).
+    momentum, bessel)`` (buffers passing :func:`writable_buffers`) one serial loop then moves the
+    running statistics by torch's rule, the variance times ``bessel`` (float64 math rounded as
+    :func:`normlab.functional.update_running_stats_` rounds; written only if every result is
+    finite; the version counters move).
 
     Returns ``(finite, updated, mean, var, save_mean, save_invstd)``: ``finite`` is ``False`` if
     NaN/Inf in ``x`` made the statistics (and ``out``) non-finite; ``updated`` whether the running
@@ -1194,8 +1219,7 @@ def batch_norm_forward(
         _np.full(c, fill, rows.dtype) if t is None else _channel_vector(t, x)
         for t, fill in ((weight, 1.0), (bias, 0.0))
     ]
-    momentum, bessel = (0.0, 1.0) if running is None else running[2:]
-    updated = _call(
+    _call(
         "_rows_normalize",
         row_mean,
         row_m2,
@@ -1205,12 +1229,14 @@ def batch_norm_forward(
         stats.numpy(),
         saved.numpy(),
         _rows(out),
-        *((_EMPTY, _EMPTY) if running is None else (t.numpy() for t in buffers)),
-        momentum,
-        bessel,
     )
-    if updated:
-        increment_version(buffers)
+    updated = False
+    if running is not None:
+        updated = _epilogue(
+            "_running_epilogue", stats.numpy(), *(t.numpy() for t in buffers), *running[2:]
+        )
+        if updated:
+            increment_version(buffers)
     finite = bool(_np.isfinite(stats.numpy()).all())
     return finite, bool(updated), stats[0], stats[1], saved[0], saved[1]
 
@@ -1345,17 +1371,15 @@ def group_tails(x: Tensor, k: int) -> tuple[Tensor, tuple[Any, ...]]:
     groups = -(-m // _TAIL_ROWS)
     kk = min(k, groups)
     superblocks = -(-groups // _TAIL_GROUPS)
-    # one chunk of superblocks per thread, each with its own lists
-    threads = min(torch.get_num_threads(), _numba().config.NUMBA_NUM_THREADS)
-    per = -(-superblocks // max(1, threads))
+    # chunks of superblocks (in parallel), each with its own lists, merged in order
+    per = -(-superblocks // min(superblocks, _TAIL_CHUNKS))
     chunks = -(-superblocks // per)
     sums = torch.empty(chunks, c, dtype=torch.float64)
     hv, lv = _np.empty((2, chunks, kk, c), rows.dtype)
     hg, lg = _np.empty((2, chunks, kk, c), _np.int32)
     third_hi, third_lo = _np.empty((2, superblocks, c), rows.dtype)
-    tails = (hv, hg, lv, lg, third_hi, third_lo)
-    _call("_cl_tails", rows, per, sums.numpy(), *tails)
-    return sums.sum(0), tails
+    _call("_cl_tails", rows, per, sums.numpy(), hv, hg, lv, lg, third_hi, third_lo)
+    return sums[0], (hv[0], hg[0], lv[0], lg[0], third_hi, third_lo)
 
 
 def tail_deviations(
@@ -1374,12 +1398,8 @@ def tail_deviations(
     m, c = rows.shape
     _check_per_channel("tail_deviations", c, False, center=center)
     groups = -(-m // _TAIL_ROWS)
-    superblocks = -(-groups // _TAIL_GROUPS)
-    chunks = tails[0].shape[0] if tails and tails[0].ndim == 3 else 0
-    per = -(-superblocks // max(1, chunks))
-    lists = (chunks, min(k, groups), c)
-    shapes = [lists] * 4 + [(superblocks, c)] * 2
-    if not 1 <= k <= m or chunks != -(-superblocks // per) or [t.shape for t in tails] != shapes:
+    shapes = [(min(k, groups), c)] * 4 + [(-(-groups // _TAIL_GROUPS), c)] * 2
+    if not 1 <= k <= m or [t.shape for t in tails] != shapes:
         fail(
             ValueError,
             "normlab.functional._kernels.tail_deviations",
@@ -1395,7 +1415,6 @@ def tail_deviations(
         rows,
         _channel_vector(center, x),
         *tails,
-        per,
         values.numpy(),
         offsets.numpy(),
         signs.numpy(),
