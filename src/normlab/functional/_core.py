@@ -41,6 +41,7 @@ __all__ = [
     "NonFiniteStatisticsWarning",
     "apply_affine",
     "apply_function",
+    "bessel_factor",
     "channel_affine",
     "channel_view_shape",
     "channels_last_format",
@@ -336,6 +337,12 @@ def finite_statistics(*stats: Tensor, owner: str) -> bool:
     return not bad
 
 
+def bessel_factor(count: int) -> float:
+    """``count / (count - 1)``: the biased variance of ``count`` values times it is the unbiased
+    one (1 for a single value, which has no unbiased variance)."""
+    return count / (count - 1) if count > 1 else 1.0
+
+
 def update_running_stats_(
     running_mean: Tensor,
     running_var: Tensor,
@@ -354,7 +361,7 @@ def update_running_stats_(
     A 0-dim tensor ``momentum`` (cumulative averages under ``torch.compile``) is applied as
     ``running + momentum * (batch - running)``.
     """
-    bessel = count / (count - 1) if count > 1 else 1.0
+    bessel = bessel_factor(count)
     if not isinstance(momentum, Tensor) and _update_in_numpy_(
         running_mean, running_var, mean, var, bessel, momentum
     ):

@@ -38,6 +38,7 @@ from torch import Tensor
 from normlab.functional import _kernels as kernels
 from normlab.functional._core import (
     FULL_PRECISION,
+    bessel_factor,
     channel_affine,
     channels_last_format,
     pool_moments,
@@ -234,9 +235,9 @@ def batch_moments(x: Tensor) -> tuple[Tensor, Tensor]:
 class BatchNormTrain(torch.autograd.Function):
     """``y = (x - mu_B) / sqrt(var_B + eps) * weight + bias`` with batch statistics over all dims but 1.
 
-    ``apply(x, weight, bias, eps, mean=None, var=None, running=None, owner)`` returns ``(y, mean, var)``; ``mean`` and
-    the biased ``var`` are float64 per-channel batch statistics (not differentiable), for the
-    running-statistics update. They are computed here (channels-first input that passes
+    ``apply(x, weight, bias, eps, mean=None, var=None, running=None, owner)`` returns
+    ``(y, mean, var)``; ``mean`` and the biased ``var`` are float64 per-channel batch statistics
+    (not differentiable), for the running-statistics update. They are computed here (channels-first input that passes
     :func:`use_fast_batch_stats`: the fast extra's fused forward,
     :func:`normlab.functional._kernels.batch_norm_forward`, else :func:`_batch_moments`) unless
     given -- from :func:`batch_moments` of
@@ -245,8 +246,8 @@ class BatchNormTrain(torch.autograd.Function):
 
     ``running = (running_mean, running_var, momentum)``: those buffers are moved towards the
     batch's statistics here (:func:`normlab.functional.update_running_stats_`'s rule and
-    non-finite policy; ``owner`` names the layer in its warning) -- by the fused forward's own
-    loop where it can (one epilogue instead of ~10 small ops after the pass).
+    non-finite policy; ``owner`` names the layer in its warning) -- by the fused forward's
+    epilogue where it can (one serial loop instead of ~10 small ops after the pass).
     """
 
     @staticmethod
@@ -273,7 +274,7 @@ class BatchNormTrain(torch.autograd.Function):
                 and not isinstance(running[2], Tensor)
                 and kernels.writable_buffers(*running[:2])
             ):
-                fused = (*running[:2], running[2], count / (count - 1) if count > 1 else 1.0)
+                fused = (*running[:2], running[2], bessel_factor(count))
             finite, updated, mean, var, save_mean, save_invstd = kernels.batch_norm_forward(
                 x, weight, bias, eps, out, fused
             )

@@ -521,8 +521,8 @@ def _cl_tails(
     third_lo: Any,
 ) -> None:  # pragma: no cover - numba
     # L-infinity batch norm's one read, per chunk of `per` superblocks (in parallel; chunk p
-    # fills sums[p], hv[p] ...; then all go into chunk 0's, in order): each channel's sum (float32 over a group of _TAIL_ROWS rows,
-    # float64 across groups) and, for the top-k search, the kk largest group maxima (hv, sorted,
+    # fills sums[p], hv[p] ...; then all go into chunk 0's, in order): each channel's sum
+    # (float32 over a group of _TAIL_ROWS rows, float64 across groups) and, for the top-k search, the kk largest group maxima (hv, sorted,
     # group ids in hg) and smallest group minima (lv, lg). Of each superblock of _TAIL_GROUPS
     # groups only the two largest (smallest) enter the lists, by a branch-free insertion over
     # all channels at once; the superblock's third largest maximum (smallest minimum) goes to
@@ -666,9 +666,8 @@ def _cl_tail_search(
     # lists (both sides) in order of the largest |x - mu| they can hold (a list group's maximum
     # - mu, or mu - its minimum) until the next can hold no larger value -- after every group of
     # a superblock whose third value could beat the list's last entry (any group left out of the
-    # lists lies below one of the two). With
-    # NaN in the data (NaN never enters the lists) fewer than k values may be found: then every
-    # other group, so that each entry is real
+    # lists lies below one of the two). With NaN in the data (NaN never enters the lists) fewer
+    # than k values may be found: then every other group, so that each entry is real
     nrows, c = x.shape
     k = top.shape[1]
     kk = hv.shape[0]
@@ -799,7 +798,7 @@ def _running_epilogue(
     # batch norm's running statistics from the batch's float64 mean and biased variance (stats
     # (2, C)): torch's rule with the variance times bessel, in float64 and rounded as
     # update_running_stats_ rounds (no fused multiply-add: in _EXACT); written only if every
-    # result is finite
+    # result is finite. Also inlined into _ghost_epilogue (as _update_running)
     keep = 1.0 - momentum
     c = stats.shape[1]
     for j in range(c):
@@ -837,8 +836,7 @@ def _ghost_epilogue(
         total += sizes[g]
     finite = True
     if running_mean.shape[0] != 0:
-        new_mean = _np.empty(c)
-        new_var = _np.empty(c)
+        pooled = _np.empty((2, c))
         for j in range(c):
             mu = 0.0
             for g in range(groups):
@@ -847,13 +845,9 @@ def _ghost_epilogue(
             for g in range(groups):
                 d = float(stats[g, 0, j]) - mu
                 m2 += sizes[g] / total * (float(stats[g, 1, j]) + d * d)
-            new_mean[j] = (1.0 - momentum) * float(running_mean[j]) + momentum * mu
-            new_var[j] = (1.0 - momentum) * float(running_var[j]) + momentum * bessel * m2
-            finite = finite and _np.isfinite(new_mean[j]) and _np.isfinite(new_var[j])
-        if finite:
-            for j in range(c):
-                running_mean[j] = new_mean[j]
-                running_var[j] = new_var[j]
+            pooled[0, j] = mu
+            pooled[1, j] = m2
+        finite = _update_running(pooled, running_mean, running_var, momentum, bessel)
     # each batch's coefficients once, then copied row by row (writing them channel by channel,
     # one strided column per channel, took ~10x longer: 0.4 ms for 256 samples x 256 channels)
     row = 0
@@ -1031,10 +1025,11 @@ def _renorm_epilogue(
     return True
 
 
-# numba.prange once numba is imported, and the loops' shared insertion compiled (names the
-# loops resolve at compile time)
+# numba.prange once numba is imported, and the loops' shared pieces compiled to be inlined
+# (names the loops resolve at compile time)
 _prange: Callable[..., Any] = range
 _insert: Callable[..., Any] = _insert_sorted
+_update_running: Callable[..., Any] = _running_epilogue
 
 
 @functools.cache
@@ -1043,10 +1038,13 @@ def _compiled(name: str, parallel: bool) -> Any:
     numba's cache key (signature, bytecode, closure) ignores ``parallel``, so with both cached one
     would load the other's machine code (a "serial" call starting numba's thread pool). Where no
     cache directory is writable (a read-only install) the loops are compiled in every process."""
-    global _prange, _insert
+    global _prange, _insert, _update_running
     numba = _numba()
     _prange = numba.prange
     _insert = numba.njit(_insert_sorted, inline="always", fastmath=_FASTMATH, nogil=True)
+    _update_running = numba.njit(
+        _running_epilogue, inline="always", fastmath=False, error_model="numpy", nogil=True
+    )
     fastmath: Any = _FASTMATH - {"reassoc"} if name in _IN_ORDER else _FASTMATH
     options = {"parallel": parallel, "fastmath": fastmath, "nogil": True}
     if name in _EXACT:

@@ -30,6 +30,7 @@ from torch import Tensor
 from normlab.functional import _kernels as kernels
 from normlab.functional._core import (
     apply_function,
+    bessel_factor,
     channel_affine,
     channels_last_format,
     finite_statistics,
@@ -92,7 +93,7 @@ def ghost_batch_norm_channels_last(
     running = None
     if running_mean is not None and running_var is not None:
         count = x.numel() // x.shape[1]
-        running = (running_mean, running_var, momentum, count / (count - 1))
+        running = (running_mean, running_var, momentum, bessel_factor(count))
     y: Tensor = apply_function(_GhostChannelsLast, x, weight, bias, eps, sizes, running, owner)
     return y
 
