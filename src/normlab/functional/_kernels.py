@@ -593,24 +593,8 @@ def _cl_tails(
                 gid = _np.int32(g)
                 for j in range(c):
                     acc[j] += float(part[j])
-                for j in range(c):
-                    v, a1, a2, a3, n1, n2 = top[j], s1[j], s2[j], s3[j], i1[j], i2[j]
-                    u1 = v > a1
-                    u2 = v > a2
-                    s3[j] = a2 if u2 else (v if v > a3 else a3)
-                    s2[j] = a1 if u1 else (v if u2 else a2)
-                    i2[j] = n1 if u1 else (gid if u2 else n2)
-                    s1[j] = v if u1 else a1
-                    i1[j] = gid if u1 else n1
-                for j in range(c):
-                    v, a1, a2, a3, n1, n2 = bot[j], b1[j], b2[j], b3[j], j1[j], j2[j]
-                    u1 = v < a1
-                    u2 = v < a2
-                    b3[j] = a2 if u2 else (v if v < a3 else a3)
-                    b2[j] = a1 if u1 else (v if u2 else a2)
-                    j2[j] = n1 if u1 else (gid if u2 else n2)
-                    b1[j] = v if u1 else a1
-                    j1[j] = gid if u1 else n1
+                _rank(top, gid, s1, s2, s3, i1, i2, True)
+                _rank(bot, gid, b1, b2, b3, j1, j2, False)
             for j in range(c):
                 third_hi[sb, j] = s3[j]
                 third_lo[sb, j] = b3[j]
@@ -629,6 +613,23 @@ def _cl_tails(
             _insert(lv[0], lg[0], lv[p, q], lg[p, q], False)
         for j in range(c):
             sums[0, j] += sums[p, j]
+
+
+def _rank_three(
+    vals: Any, gid: Any, first: Any, second: Any, third: Any, id1: Any, id2: Any, upper: bool
+) -> None:  # pragma: no cover - numba
+    # each channel's value of group gid against the three largest (smallest if not upper) so
+    # far, with the groups of the first two -- branch-free selects, vectorised over the channels
+    for j in range(vals.shape[0]):
+        v, a1, a2, a3, n1, n2 = vals[j], first[j], second[j], third[j], id1[j], id2[j]
+        u1 = (v > a1) if upper else (v < a1)
+        u2 = (v > a2) if upper else (v < a2)
+        u3 = (v > a3) if upper else (v < a3)
+        third[j] = a2 if u2 else (v if u3 else a3)
+        second[j] = a1 if u1 else (v if u2 else a2)
+        id2[j] = n1 if u1 else (gid if u2 else n2)
+        first[j] = v if u1 else a1
+        id1[j] = gid if u1 else n1
 
 
 def _insert_sorted(
@@ -1029,6 +1030,7 @@ def _renorm_epilogue(
 # (names the loops resolve at compile time)
 _prange: Callable[..., Any] = range
 _insert: Callable[..., Any] = _insert_sorted
+_rank: Callable[..., Any] = _rank_three
 _update_running: Callable[..., Any] = _running_epilogue
 
 
@@ -1038,10 +1040,11 @@ def _compiled(name: str, parallel: bool) -> Any:
     numba's cache key (signature, bytecode, closure) ignores ``parallel``, so with both cached one
     would load the other's machine code (a "serial" call starting numba's thread pool). Where no
     cache directory is writable (a read-only install) the loops are compiled in every process."""
-    global _prange, _insert, _update_running
+    global _prange, _insert, _rank, _update_running
     numba = _numba()
     _prange = numba.prange
     _insert = numba.njit(_insert_sorted, inline="always", fastmath=_FASTMATH, nogil=True)
+    _rank = numba.njit(_rank_three, inline="always", fastmath=_FASTMATH, nogil=True)
     _update_running = numba.njit(
         _running_epilogue, inline="always", fastmath=False, error_model="numpy", nogil=True
     )
