@@ -574,6 +574,25 @@ def test_usable_only_for_layouts_the_loops_read(monkeypatch: pytest.MonkeyPatch)
     assert kernels.available()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("layout", ["nhwc", "nc"])
+def test_sign_counts_with_ties_and_nan(layout: str, dtype: torch.dtype) -> None:
+    """The channels-last read's sign count: values equal to the centre count 0, as sign() says
+    (integers: exact); a NaN counts 0 too, while its channel's deviation sum comes out NaN."""
+    x, _ = _data(layout, 0.0)
+    x = (x * 2).round_().to(dtype)  # integers: many values equal the integer centres
+    mean = torch.arange(x.shape[1], dtype=torch.float64) % 3 - 1.0
+    x[1, 2].view(-1)[0] = float("nan")
+    dev, counts = kernels.abs_deviation_sums(x, mean, signs=True)
+    z = x.double() - _view(x, mean)
+    want = z.sign().nan_to_num(0.0).sum(_dims(x))
+    assert (z == 0).sum() > x.numel() // 20  # ties are common
+    assert counts is not None
+    torch.testing.assert_close(counts, want, rtol=0, atol=0)
+    assert dev[2].isnan()
+    assert dev[[0, 1, 3]].isfinite().all()
+
+
 @pytest.mark.parametrize("layout", ["nchw", "nhwc", "nc"])
 def test_non_finite_data_reach_every_sum(layout: str) -> None:
     """No fast-math assumption drops a NaN/Inf: in the loops' own results the channel holding it

@@ -485,8 +485,12 @@ def _cl_abs_dev(
     x: Any, center: Any, mode: int, block: int, out: Any
 ) -> None:  # pragma: no cover - numba
     # per block of rows into out[0, b]: sum x (mode 0), or sum |x - center| (1), and with it
-    # sum sign(x - center) into out[1, b] (2: the sign count makes the loop 1.3-1.6x slower)
+    # sum sign(x - center) into out[1, b] (2), counted by two compares (a NaN counts 0: its
+    # channel's deviation sum is NaN anyway); np.sign's chain of tests made the loop 1.2-1.25x
+    # slower, the compares 1.0-1.06x (A/B against mode 1, 1 thread)
     nrows, c = x.shape
+    one = _np.ones(1, x.dtype)[0]
+    zero = _np.zeros(1, x.dtype)[0]
     for b in _prange(out.shape[1]):
         xs = x[b * block : min(b * block + block, nrows)]
         s = _np.zeros(c, x.dtype)
@@ -497,7 +501,7 @@ def _cl_abs_dev(
                 for j in range(c):
                     z = xm[j] - center[j]
                     s[j] += abs(z)
-                    t[j] += _np.sign(z)
+                    t[j] += (one if z > zero else zero) - (one if z < zero else zero)
             elif mode == 1:
                 for j in range(c):
                     s[j] += abs(xm[j] - center[j])
