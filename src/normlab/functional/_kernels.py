@@ -201,6 +201,7 @@ def _block_rows(c: int, itemsize: int) -> int:
 
 
 # --- the loops (plain Python; compiled on first use, serial and parallel) --------------------------
+# (``_np.float64(v)`` widens a float32 value; numba types ``float(v)`` as float32 for float32 ``v``)
 
 
 def _rows_moments(
@@ -214,7 +215,7 @@ def _rows_moments(
         s = zero
         for i in range(head):
             s += xs[i]
-        shifts[j] = float(s) / head
+        shifts[j] = _np.float64(s) / head
     for r in _prange(nrows):
         k = shifts[r % c]
         t1 = 0.0
@@ -227,14 +228,14 @@ def _rows_moments(
                 d = xs[i] - k
                 s1 += d
                 s2 += d * d
-            t1 += float(s1)
-            t2 += float(s2)
+            t1 += _np.float64(s1)
+            t2 += _np.float64(s2)
         mz = t1 / length
         m2z = t2 - t1 * mz
         # the shift within one std of the row's mean: False for NaN, and an overflowed sum of
         # squares (+inf) goes to the two-pass too, whose centred squares stay finite
         if mz * mz * length <= m2z < _np.inf:
-            mean[r] = float(k) + mz
+            mean[r] = _np.float64(k) + mz
             m2[r] = m2z
             continue
         # far from the shift: the corrected two-pass on blocks (the block re-read from L1)
@@ -248,7 +249,7 @@ def _rows_moments(
             s = zero
             for i in range(n):
                 s += xs[i]
-            guesses[r] = float(s) / n  # the block mean in the data's dtype (row r's own slot)
+            guesses[r] = _np.float64(s) / n  # the block mean in the data's dtype (row r's own slot)
             guess = guesses[r]
             corr = zero
             sq = zero
@@ -256,8 +257,8 @@ def _rows_moments(
                 d = xs[i] - guess
                 corr += d
                 sq += d * d
-            b_mean = float(guess) + float(corr) / n
-            b_m2 = float(sq) - float(corr) * float(corr) / n
+            b_mean = _np.float64(guess) + _np.float64(corr) / n
+            b_m2 = _np.float64(sq) - _np.float64(corr) * _np.float64(corr) / n
             new = count + n
             delta = b_mean - total_mean
             total_mean += delta * n / new
@@ -303,7 +304,7 @@ def _rows_normalize(
         scale[j] = a
         # the mean in two parts: x - mean_hi (data's dtype) is exact near the mean, the rest
         # of the mean moves into the offset (so a constant channel gives bias exactly)
-        offset[j] = bias[j] - (total_mean - float(saved[0, j])) * a
+        offset[j] = bias[j] - (total_mean - _np.float64(saved[0, j])) * a
     for r in _prange(rows.shape[0]):
         # centred: far off-centre data keep their digits (x * scale + shift would round at
         # |mean| * scale, x - float32(mean) at |mean| * 6e-8)
@@ -328,7 +329,7 @@ def _cl_moments(rows: Any, block: int, mean: Any, m2: Any) -> None:  # pragma: n
                 s[j] += xm[j]
         guess = _np.empty(c, rows.dtype)
         for j in range(c):
-            guess[j] = float(s[j]) / n
+            guess[j] = _np.float64(s[j]) / n
         corr = _np.zeros(c, rows.dtype)
         sq = _np.zeros(c, rows.dtype)
         for m in range(n):
@@ -338,9 +339,9 @@ def _cl_moments(rows: Any, block: int, mean: Any, m2: Any) -> None:  # pragma: n
                 corr[j] += d
                 sq[j] += d * d
         for j in range(c):
-            cj = float(corr[j])
-            mean[b, j] = float(guess[j]) + cj / n
-            m2[b, j] = float(sq[j]) - cj * cj / n
+            cj = _np.float64(corr[j])
+            mean[b, j] = _np.float64(guess[j]) + cj / n
+            m2[b, j] = _np.float64(sq[j]) - cj * cj / n
 
 
 def _rows_grad_sums(
@@ -368,9 +369,9 @@ def _rows_grad_sums(
                 q += g * z
                 if signs:  # loop-invariant: LLVM unswitches it
                     t += _np.sign(z)
-            total_dy += float(s)
-            total_dyz += float(q)
-            total_sign += float(t)
+            total_dy += _np.float64(s)
+            total_dyz += _np.float64(q)
+            total_sign += _np.float64(t)
         sums[0, r] = total_dy
         sums[1, r] = total_dyz
         sums[2, r] = total_sign
@@ -477,7 +478,7 @@ def _rows_abs_dev(x: Any, center: Any, block: int, out: Any) -> None:  # pragma:
             s = zero
             for i in range(xs.shape[0]):
                 s += abs(xs[i] - mu)
-            total += float(s)
+            total += _np.float64(s)
         out[r] = total
 
 
@@ -596,7 +597,7 @@ def _cl_tails(
                         bot[j] = lo
                 gid = _np.int32(g)
                 for j in range(c):
-                    acc[j] += float(part[j])
+                    acc[j] += _np.float64(part[j])
                 _rank(top, gid, s1, s2, s3, i1, i2, True)
                 _rank(bot, gid, b1, b2, b3, j1, j2, False)
             for j in range(c):
@@ -775,13 +776,13 @@ def _rows_instance_grad(
                 g = gs[i]
                 s += g
                 q += g * (xs[i] - mu)
-            total_dy += float(s)
-            total_dyz += float(q)
+            total_dy += _np.float64(s)
+            total_dyz += _np.float64(q)
         sums[0, r] = total_dy
         sums[1, r] = total_dyz
         if need_x:
-            rs = float(rstd[r])
-            a = float(weight[r % c]) * rs
+            rs = _np.float64(rstd[r])
+            a = _np.float64(weight[r % c]) * rs
             coef = _np.empty(3, x.dtype)  # in x's dtype: the loop below vectorises
             coef[0] = a
             coef[1] = -a * rs * rs * total_dyz / length
@@ -807,13 +808,13 @@ def _running_epilogue(
     keep = 1.0 - momentum
     c = stats.shape[1]
     for j in range(c):
-        m = keep * float(running_mean[j]) + momentum * stats[0, j]
-        v = keep * float(running_var[j]) + (momentum * bessel) * stats[1, j]
+        m = keep * _np.float64(running_mean[j]) + momentum * stats[0, j]
+        v = keep * _np.float64(running_var[j]) + (momentum * bessel) * stats[1, j]
         if not (_np.isfinite(m) and _np.isfinite(v)):
             return False
     for j in range(c):
-        running_mean[j] = keep * float(running_mean[j]) + momentum * stats[0, j]
-        running_var[j] = keep * float(running_var[j]) + (momentum * bessel) * stats[1, j]
+        running_mean[j] = keep * _np.float64(running_mean[j]) + momentum * stats[0, j]
+        running_var[j] = keep * _np.float64(running_var[j]) + (momentum * bessel) * stats[1, j]
     return True
 
 
@@ -845,11 +846,11 @@ def _ghost_epilogue(
         for j in range(c):
             mu = 0.0
             for g in range(groups):
-                mu += sizes[g] / total * float(stats[g, 0, j])
+                mu += sizes[g] / total * _np.float64(stats[g, 0, j])
             m2 = 0.0
             for g in range(groups):
-                d = float(stats[g, 0, j]) - mu
-                m2 += sizes[g] / total * (float(stats[g, 1, j]) + d * d)
+                d = _np.float64(stats[g, 0, j]) - mu
+                m2 += sizes[g] / total * (_np.float64(stats[g, 1, j]) + d * d)
             pooled[0, j] = mu
             pooled[1, j] = m2
         finite = _update_running(pooled, running_mean, running_var, momentum, bessel)
@@ -858,12 +859,12 @@ def _ghost_epilogue(
     row = 0
     for g in range(groups):
         for j in range(c):
-            inv = 1.0 / _np.sqrt(float(stats[g, 1, j]) + eps)
+            inv = 1.0 / _np.sqrt(_np.float64(stats[g, 1, j]) + eps)
             stats[g, 1, j] = inv
-            s = inv if weight.shape[0] == 0 else inv * float(weight[j])
-            t = -float(stats[g, 0, j]) * s
+            s = inv if weight.shape[0] == 0 else inv * _np.float64(weight[j])
+            t = -_np.float64(stats[g, 0, j]) * s
             if bias.shape[0] != 0:
-                t += float(bias[j])
+                t += _np.float64(bias[j])
             out[row, j] = s
             out[n + row, j] = t
         for i in range(row + 1, row + sizes[g]):
@@ -887,12 +888,12 @@ def _ghost_grad_epilogue(
     for g in range(groups):
         count = sizes[g] * positions
         for j in range(c):
-            inv = float(stats[g, 1, j])
-            dz = float(sums[g, 0, j])
-            d = float(sums[g, 1, j])
+            inv = _np.float64(stats[g, 1, j])
+            dz = _np.float64(sums[g, 0, j])
+            d = _np.float64(sums[g, 1, j])
             grad_w[j] += dz
             grad_b[j] += d
-            aj = inv if weight.shape[0] == 0 else float(weight[j]) * inv
+            aj = inv if weight.shape[0] == 0 else _np.float64(weight[j]) * inv
             out[0, g, j] = stats[g, 0, j]
             out[1, g, j] = aj
             out[2, g, j] = -aj * inv * (dz / count)
@@ -961,8 +962,8 @@ def _lp_grad_epilogue(
     # the weight's (S / D) and bias's (sum(dy)) gradients
     c = denom.shape[0]
     for j in range(c):
-        d = float(denom[j])
-        g = 1.0 if weight.shape[0] == 0 else float(weight[j])
+        d = _np.float64(denom[j])
+        g = 1.0 if weight.shape[0] == 0 else _np.float64(weight[j])
         dz = sums[0, j]
         alpha = g / d
         beta = -g * dz / (d * d) * factor
@@ -995,12 +996,12 @@ def _renorm_epilogue(
     eps, r_max, d_max = limits[0], limits[1], limits[2]
     finite = True
     for j in range(c):
-        mean = float(stats[0, j])
-        var = float(stats[1, j])
+        mean = _np.float64(stats[0, j])
+        var = _np.float64(stats[1, j])
         std = _np.sqrt(var + eps)
-        sigma = float(running_std[j])
+        sigma = _np.float64(running_std[j])
         r = min(max(std / sigma, 1.0 / r_max), r_max)
-        d = min(max((mean - float(running_mean[j])) / sigma, -d_max), d_max)
+        d = min(max((mean - _np.float64(running_mean[j])) / sigma, -d_max), d_max)
         out[5, j] = r
         out[6, j] = d
         if weight.shape[0] == 0:
@@ -1012,9 +1013,9 @@ def _renorm_epilogue(
         if bias.shape[0] != 0:
             new_bias = new_bias + bias[j]
         inv = 1.0 / _np.sqrt(var + eps)
-        scale = inv * float(out[4, j])
+        scale = inv * _np.float64(out[4, j])
         out[0, j] = scale
-        out[1, j] = -mean * scale + float(new_bias)
+        out[1, j] = -mean * scale + _np.float64(new_bias)
         out[2, j] = mean
         out[3, j] = inv
         finite = finite and _np.isfinite(mean) and _np.isfinite(var)
@@ -1022,9 +1023,9 @@ def _renorm_epilogue(
         return False
     step = _np.empty(2, running_mean.dtype)  # each change in the buffers' dtype
     for j in range(c):
-        mean = float(stats[0, j])
-        step[0] = mean - float(running_mean[j])
-        step[1] = _np.sqrt(float(stats[1, j]) + eps) - float(running_std[j])
+        mean = _np.float64(stats[0, j])
+        step[0] = mean - _np.float64(running_mean[j])
+        step[1] = _np.sqrt(_np.float64(stats[1, j]) + eps) - _np.float64(running_std[j])
         running_mean[j] = running_mean[j] + momentum[0] * step[0]
         running_std[j] = running_std[j] + momentum[0] * step[1]
     return True
