@@ -11,7 +11,8 @@ here do each job in one pass over memory, and each is numerically as careful as 
   channels-last) by the corrected two-pass
   algorithm (Chan, Golub & LeVeque 1983) on cache-sized blocks (a row block of ``_BLOCK``
   values, or up to ``_CL_ROWS`` channels-last rows) whose second pass reads the block from L1/L2;
-  block sums accumulate in the data's dtype (vectorised), blocks are combined in float64 (Chan's
+  block sums accumulate in the data's dtype (vectorised; channels-last centred sums over
+  ``_CL_PART`` rows at a time, then in float64), blocks are combined in float64 (Chan's
   rule; float64 data far off-centre lose a little there, from pooling absolute means: ~8e-10
   relative error of the variance at 1e8 std);
 * batch norm's training forward on channels-first tensors: those moments, then the output
@@ -79,6 +80,8 @@ __all__ = [
 # float32 error grows as sqrt(rows) * eps: ~1e-6 relative), and at most _BLOCK_BYTES per block.
 _BLOCK = 2048
 _CL_ROWS = 256
+# rows per float32 partial of the channels-last moments' centred sums (see _cl_moments)
+_CL_PART = 32
 _BLOCK_BYTES = 1 << 18
 # L-infinity batch norm's top-k search (_cl_tails): rows per group (the unit the search reads
 # back) and groups per superblock (of which two per side enter the lists). Measured at
@@ -330,18 +333,32 @@ def _cl_moments(rows: Any, block: int, mean: Any, m2: Any) -> None:  # pragma: n
         guess = _np.empty(c, rows.dtype)
         for j in range(c):
             guess[j] = _np.float64(s[j]) / n
-        corr = _np.zeros(c, rows.dtype)
-        sq = _np.zeros(c, rows.dtype)
-        for m in range(n):
-            xm = xs[m]
+        # the centred sums in float32 over _CL_PART rows at a time, then in float64: on tied
+        # data (few distinct squares) the float32 roundings add up instead of cancelling --
+        # over 256 rows 2.2e-6 relative error of the variance, 2.9e-7 over 32 (1.01-1.09x the
+        # read's time; float64 accumulators 1.11-1.18x)
+        corr = _np.zeros(c)
+        sq = _np.zeros(c)
+        part_corr = _np.empty(c, rows.dtype)
+        part_sq = _np.empty(c, rows.dtype)
+        for start in range(0, n, _CL_PART):
+            part = xs[start : min(start + _CL_PART, n)]
             for j in range(c):
-                d = xm[j] - guess[j]
-                corr[j] += d
-                sq[j] += d * d
+                part_corr[j] = 0
+                part_sq[j] = 0
+            for m in range(part.shape[0]):
+                xm = part[m]
+                for j in range(c):
+                    d = xm[j] - guess[j]
+                    part_corr[j] += d
+                    part_sq[j] += d * d
+            for j in range(c):
+                corr[j] += _np.float64(part_corr[j])
+                sq[j] += _np.float64(part_sq[j])
         for j in range(c):
-            cj = _np.float64(corr[j])
+            cj = corr[j]
             mean[b, j] = _np.float64(guess[j]) + cj / n
-            m2[b, j] = _np.float64(sq[j]) - cj * cj / n
+            m2[b, j] = sq[j] - cj * cj / n
 
 
 def _rows_grad_sums(
