@@ -260,8 +260,9 @@ def _rows_moments(
                 d = xs[i] - guess
                 corr += d
                 sq += d * d
-            b_mean = _np.float64(guess) + _np.float64(corr) / n
-            b_m2 = _np.float64(sq) - _np.float64(corr) * _np.float64(corr) / n
+            cb = _np.float64(corr)
+            b_mean = _np.float64(guess) + cb / n
+            b_m2 = _np.float64(sq) - cb * cb / n
             new = count + n
             delta = b_mean - total_mean
             total_mean += delta * n / new
