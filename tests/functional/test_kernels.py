@@ -767,9 +767,10 @@ def test_l1_batch_norm_through_the_loops(
 ) -> None:
     """The fused L1 function with the loops (absolute deviations, three gradient sums in one read,
     the input gradient in one pass; "from-memory": channels-last channel sums from the loop, as
-    above the L3 size) against autograd through the composite formula in float64."""
+    for large tensors of many channels) against autograd through the composite formula in float64."""
     if large:
-        monkeypatch.setattr(lp_norm, "_SUMS_FROM_MEMORY", 0)
+        monkeypatch.setattr(lp_norm, "_LOOP_SUMS_BYTES", 0)
+        monkeypatch.setattr(lp_norm, "_LOOP_SUMS_CHANNELS", 1)
     spy = _Spy(monkeypatch, "abs_deviation_sums", "grad_sums", "input_grad")
     x32, dy32 = _data(layout, 0.3)
     w32 = torch.rand(x32.shape[1]) + 0.5
@@ -795,6 +796,25 @@ def test_l1_batch_norm_through_the_loops(
     oracle = run(composite, torch.float64)
     for o, r in zip(ours, oracle, strict=True):
         assert ((o.double() - r).norm() / r.norm()).item() <= 1e-5
+
+
+@pytest.mark.parametrize(
+    ("channels", "large", "loop"), [(64, True, True), (32, True, False), (64, False, False)]
+)
+def test_l1_channel_sums_from_the_loop_only_for_many_channels(
+    monkeypatch: pytest.MonkeyPatch, channels: int, large: bool, loop: bool
+) -> None:
+    """L1's channel mean comes from the loop for large channels-last tensors of at least
+    ``_LOOP_SUMS_CHANNELS`` channels (torch's reduction is faster for fewer), from torch's sum
+    otherwise; equal to the float64 mean either way."""
+    if large:
+        monkeypatch.setattr(lp_norm, "_LOOP_SUMS_BYTES", 0)
+    spy = _Spy(monkeypatch, "abs_deviation_sums")
+    x = torch.randn(8, channels, 8, 8).contiguous(memory_format=torch.channels_last) + 2.0
+    count = x.numel() // channels
+    mean = lp_norm._channel_mean(x, count)
+    assert spy.calls == (["abs_deviation_sums"] if loop else [])
+    torch.testing.assert_close(mean.double(), x.double().mean((0, 2, 3)), rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("layout", ["nhwc", "nc"])

@@ -357,17 +357,24 @@ def _channel_chunks(x: Tensor) -> tuple[tuple[Tensor, ...], list[int], list[int]
     return torch.split(rows, per), dims, view
 
 
-# Channels-last tensors larger than this many bytes (this machine's 32 MiB L3: they are read
-# from memory) get their channel sums from the fast extra's loop, 0.67-0.68x the time of torch's
-# sum over dims (0, 2, 3) at 256x256x14x14 (51 MB) -- but 1.35-1.47x at 64x64x32x32 (16.8 MB),
-# where torch's sum reads the tensor from the L3 cache faster (in-process A/B, 1 thread).
-_SUMS_FROM_MEMORY = 32 << 20
+# Channels-last tensors of at least this many channels and more than this many bytes get their
+# channel sums from the fast extra's loop (in-process A/B against torch's sum over dims (0, 2, 3),
+# 1 thread, 2026-12-04): 0.43-0.49x at 256x256x14x14 (51 MB), 0.57-0.59x at 128x64x32x32 and
+# 64x128x32x32, 0.83-0.95x at 64x64x32x32 (16.8 MB, in this machine's 32 MiB L3), 0.96x at
+# 48x64x32x32 (12.6 MB). Not for fewer channels, where torch's reduction is fast and the loop's
+# short rows are not: 2.2x at 128x32x32x32 and 256x32x28x28, 1.6x at 128x16x64x64 (33.5 MB); nor
+# for small tensors (1.4-1.5x at 16-32x64x32x32, and the call's fixed cost: 3-7x below 1 MB).
+# Inside a training step the input comes from memory more often than in a forward-only loop: L1
+# forward+backward at 64x64x32x32 0.94x with the loop's sums (forward alone 0.91x).
+_LOOP_SUMS_BYTES = 12 << 20
+_LOOP_SUMS_CHANNELS = 64
 
 
 def _channel_mean(x: Tensor, count: int) -> Tensor:
     """The per-channel mean of ``x`` (``count`` values each) in its dtype."""
     if (
-        x.numel() * x.element_size() > _SUMS_FROM_MEMORY
+        x.numel() * x.element_size() > _LOOP_SUMS_BYTES
+        and x.shape[1] >= _LOOP_SUMS_CHANNELS
         and storage_layout(x) == "last"
         and kernels.usable(x)
     ):
