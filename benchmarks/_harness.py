@@ -77,15 +77,49 @@ def compare(
 
 
 def machine() -> str:
-    """One line naming the CPU, threads and torch build (for the table's header)."""
+    """One line naming the CPU (with its family, model, vector width and caches: one "AMD EPYC"
+    name covers Zen 4 (family 25) and Zen 5 (family 26) hosts, on which the fast extra's loops
+    compare differently with torch's kernels), threads and torch build (for the table's
+    header)."""
     cpu = platform.processor() or platform.machine()
+    fields: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        cpu = names[0] if names else cpu
+            for line in f:
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    return f"{cpu}, torch {torch.__version__}, {torch.get_num_threads()} thread(s)"
+    cpu = fields.get("model name", cpu)
+    details = []
+    if "cpu family" in fields:
+        details.append(f"family {fields['cpu family']} model {fields.get('model', '?')}")
+    flags = fields.get("flags", "").split()
+    if flags:
+        details.append(
+            "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+        )
+    caches = _caches()
+    if caches:
+        details.append(caches)
+    described = f"{cpu} ({', '.join(details)})" if details else cpu
+    return f"{described}, torch {torch.__version__}, {torch.get_num_threads()} thread(s)"
+
+
+def _caches() -> str:
+    """CPU 0's data and unified cache sizes from sysfs ("L1d 32K, L2 1024K, L3 32768K"), or ""."""
+    root = Path("/sys/devices/system/cpu/cpu0/cache")
+    sizes = []
+    for index in sorted(root.glob("index*")):
+        try:
+            level = (index / "level").read_text().strip()
+            kind = (index / "type").read_text().strip()
+            size = (index / "size").read_text().strip()
+        except OSError:
+            continue
+        if kind != "Instruction":
+            sizes.append(f"L{level}{'d' if kind == 'Data' else ''} {size}")
+    return ", ".join(sizes)
 
 
 def emit(lines: list[str], out: Path | None) -> int:

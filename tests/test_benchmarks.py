@@ -145,3 +145,16 @@ def test_overhead_benchmark_smoke(tmp_path: Path) -> None:
         "| BatchNorm2d eval | NCHW |",
     ):
         assert text in table
+
+
+def test_machine_line_names_the_cpu_generation() -> None:
+    """The tables' header names the CPU's family, vector width and caches where the OS says them
+    (one model name covers hosts on which the loops compare differently with torch)."""
+    harness = _load("_harness")
+    line = harness.machine()
+    assert f"torch {__import__('torch').__version__}" in line
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists() and "cpu family" in cpuinfo.read_text():
+        assert "family " in line
+    if Path("/sys/devices/system/cpu/cpu0/cache/index0/size").exists():
+        assert "L1d " in line or "L2 " in line
