@@ -158,3 +158,27 @@ def test_machine_line_names_the_cpu_generation() -> None:
         assert "family " in line
     if Path("/sys/devices/system/cpu/cpu0/cache/index0/size").exists():
         assert "L1d " in line or "L2 " in line
+
+
+def test_pairs_benchmark_smoke(tmp_path: Path) -> None:
+    pairs = _load("pairs")
+    out = tmp_path / "pairs.md"
+    threads = __import__("torch").get_num_threads()
+    argv = ["l1", "BatchNorm2d eval", "--shapes", "4x8x4x4", "--pairs", "3", "--inner", "1"]
+    assert pairs.main([*argv, "--out", str(out)]) == 0
+    table = out.read_text()
+    assert "| L1BatchNorm vs BN2d | 4x8x4x4 | channels_last | **" in table
+    assert "| BatchNorm2d eval | 4x8x4x4 | channels_last | **" in table
+    assert "| - | - |" in table  # eval: forward only
+    assert __import__("torch").get_num_threads() == threads  # restored
+
+
+def test_pairs_benchmark_refuses_unknown_names_and_counts(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    pairs = _load("pairs")
+    with pytest.raises(SystemExit, match=r"no layer matches \['nosuchnorm'\].*pass e.g. L1"):
+        pairs.main(["nosuchnorm"])
+    with pytest.raises(SystemExit):
+        pairs.main(["l1", "--pairs", "0"])
+    assert "--pairs and --inner must be at least 1; got 0 and 3" in capsys.readouterr().err
