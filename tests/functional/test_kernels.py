@@ -288,11 +288,20 @@ def _tails_oracle(rows: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("k", [1, 10])  # (with k near the number of groups the lists cannot
 # cover them: test_tail_deviations_against_a_full_sort reads those superblocks back)
-def test_group_tails_against_torch(shape: tuple[int, ...], dtype: torch.dtype, k: int) -> None:
+@pytest.mark.parametrize("rowwise", [False, True], ids=["down-channels", "in-rows"])
+def test_group_tails_against_torch(
+    monkeypatch: pytest.MonkeyPatch,
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    k: int,
+    rowwise: bool,
+) -> None:
     """L-infinity batch norm's one read: the sums to float rounding; where the superblocks'
     third values rule out every group left out of the lists (most channels of Gaussian data
     with 128 superblocks or more), the lists are exactly the k largest group maxima and smallest
-    group minima, with their groups' ids (the last group partial for the (N, C) shape)."""
+    group minima, with their groups' ids (the last group partial for the (N, C) shape); groups
+    read down the channels or row after row (``_TAIL_ROWWISE_BYTES``)."""
+    monkeypatch.setattr(kernels, "_TAIL_ROWWISE_BYTES", 0 if rowwise else 1 << 62)
     g = torch.Generator().manual_seed(11)
     x = (torch.randn(shape, generator=g, dtype=torch.float64) * 2 + 0.3).to(dtype)
     if x.dim() == 4:
@@ -356,11 +365,53 @@ def test_tail_deviations_against_a_full_sort(
     assert torch.equal(picked.sign(), signs)
 
 
+@pytest.mark.parametrize("layout", ["nhwc", "ndhwc", "nc"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_tails_do_not_depend_on_the_thread_count(dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("data", ["gaussian", "sorted", "ties", "far off-centre"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_tails_read_in_rows_as_down_the_channels(
+    monkeypatch: pytest.MonkeyPatch, layout: str, dtype: torch.dtype, data: str, threads: int
+) -> None:
+    """Large tensors read each group row after row (``_TAIL_ROWWISE_BYTES``), small ones down
+    the channels: the same lists, group ids, superblock bounds and search results, and sums
+    within float rounding of float64 (tested against torch above for the channel order). With
+    NaN in a group the two orders may keep different extremes (both valid: see the next test)."""
+    x = _data(layout, 1e3 if data == "far off-centre" else 0.2)[0].to(dtype)
+    rows = torch.from_numpy(kernels._rows(x))
+    if data == "sorted":
+        rows.copy_(rows.sort(0).values)
+    elif data == "ties":
+        rows.copy_((rows * 2).round())
+    center = rows.double().mean(0).to(dtype)
+    before = torch.get_num_threads()
+    results = []
+    try:
+        torch.set_num_threads(threads)
+        for bytes_from in (1 << 62, 0):  # down the channels, then in rows
+            monkeypatch.setattr(kernels, "_TAIL_ROWWISE_BYTES", bytes_from)
+            sums, tails = kernels.group_tails(x, 10)
+            found = kernels.tail_deviations(x, center, tails, 10)
+            results.append((sums, [torch.from_numpy(t) for t in tails], found))
+    finally:
+        torch.set_num_threads(before)
+    (sums_c, tails_c, found_c), (sums_r, tails_r, found_r) = results
+    for one, two in zip([*tails_c, *found_c], [*tails_r, *found_r], strict=True):
+        assert torch.equal(one, two)
+    want = rows.double().sum(0)
+    bound = (F32_REL if dtype == torch.float32 else 1e-14) * rows.double().abs().sum(0)
+    for sums in (sums_c, sums_r):
+        assert ((sums - want).abs() <= bound).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("rowwise", [False, True], ids=["down-channels", "in-rows"])
+def test_tails_do_not_depend_on_the_thread_count(
+    monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, rowwise: bool
+) -> None:
     """The read's chunks are fixed by the size alone: on tied data (which of equal values the
     search keeps decides L-infinity's input gradient) and in float64 (the sums' last bits) one
-    thread and two give the same sums, values, offsets and signs."""
+    thread and two give the same sums, values, offsets and signs (either order of the read)."""
+    monkeypatch.setattr(kernels, "_TAIL_ROWWISE_BYTES", 0 if rowwise else 1 << 62)
     g = torch.Generator().manual_seed(5)
     x = (torch.randn(64, 8, 16, 16, generator=g, dtype=dtype) * 2).round()
     x = x.contiguous(memory_format=torch.channels_last)
@@ -378,11 +429,15 @@ def test_tails_do_not_depend_on_the_thread_count(dtype: torch.dtype) -> None:
         assert torch.equal(one, two)
 
 
-@pytest.mark.parametrize("share", [1e-4, 1.0])
-def test_tail_deviations_with_nan_give_real_offsets(share: float) -> None:
+@pytest.mark.parametrize("share", [1e-4, 1e-2, 1.0])
+@pytest.mark.parametrize("rowwise", [False, True], ids=["down-channels", "in-rows"])
+def test_tail_deviations_with_nan_give_real_offsets(
+    monkeypatch: pytest.MonkeyPatch, share: float, rowwise: bool
+) -> None:
     """NaN never enters the lists: with NaN in the data (a few, or every value) the search still
     returns k distinct offsets of the channel (the statistics are NaN; the layer then keeps its
-    running statistics and warns)."""
+    running statistics and warns), whichever order the read takes."""
+    monkeypatch.setattr(kernels, "_TAIL_ROWWISE_BYTES", 0 if rowwise else 1 << 62)
     x = _data("nhwc", 0.0)[0]
     x[torch.rand(x.shape, generator=torch.Generator().manual_seed(3)) < share] = float("nan")
     x[0, 0, 0, 0] = float("nan")
