@@ -161,16 +161,42 @@ def test_machine_line_names_the_cpu_generation() -> None:
 
 
 def test_pairs_benchmark_smoke(tmp_path: Path) -> None:
+    import torch
+
     pairs = _load("pairs")
     out = tmp_path / "pairs.md"
-    threads = __import__("torch").get_num_threads()
-    argv = ["l1", "BatchNorm2d eval", "--shapes", "4x8x4x4", "--pairs", "3", "--inner", "1"]
-    assert pairs.main([*argv, "--out", str(out)]) == 0
+    argv = ["l1", "BatchNorm2d eval", "--shapes", "4x8x4x4", "--inner", "1", "--threads", "1"]
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert pairs.main([*argv, "--pairs", "3", "--out", str(out)]) == 0
+        assert torch.get_num_threads() == 2  # restored
+        assert pairs.main([*argv, "--pairs", "1", "--format", "nchw"]) == 0
+    finally:
+        torch.set_num_threads(before)
     table = out.read_text()
     assert "| L1BatchNorm vs BN2d | 4x8x4x4 | channels_last | **" in table
     assert "| BatchNorm2d eval | 4x8x4x4 | channels_last | **" in table
     assert "| - | - |" in table  # eval: forward only
-    assert __import__("torch").get_num_threads() == threads  # restored
+
+
+def test_pairs_alternate_which_side_runs_first() -> None:
+    pairs = _load("pairs")
+    order: list[str] = []
+    pairs.paired(lambda: order.append("torch"), lambda: order.append("ours"), 4, 1)
+    # a warm-up call of each, then pairs torch-first and ours-first in turn
+    assert order == [
+        "torch",
+        "ours",
+        "torch",
+        "ours",
+        "ours",
+        "torch",
+        "torch",
+        "ours",
+        "ours",
+        "torch",
+    ]
 
 
 def test_pairs_benchmark_refuses_unknown_names_and_counts(
@@ -181,4 +207,13 @@ def test_pairs_benchmark_refuses_unknown_names_and_counts(
         pairs.main(["nosuchnorm"])
     with pytest.raises(SystemExit):
         pairs.main(["l1", "--pairs", "0"])
-    assert "--pairs and --inner must be at least 1; got 0 and 3" in capsys.readouterr().err
+    assert "--pairs, --inner and --threads must be at least 1; got 0, 3 and 1" in (
+        capsys.readouterr().err
+    )
+    for bad in ("64-64", "4x8x4", "4x0x4x4"):
+        with pytest.raises(SystemExit):
+            pairs.main(["l1", "--shapes", bad])
+        assert (
+            f"--shapes: each shape must be N x C x H x W, positive ints joined by 'x' for --format channels_last; got '{bad}'"
+            in (capsys.readouterr().err)
+        )

@@ -365,24 +365,34 @@ def test_tail_deviations_against_a_full_sort(
     assert torch.equal(picked.sign(), signs)
 
 
-@pytest.mark.parametrize("layout", ["nhwc", "ndhwc", "nc"])
+@pytest.mark.parametrize("layout", ["nhwc", "ndhwc", "nc", "wide"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("data", ["gaussian", "sorted", "ties", "far off-centre"])
+@pytest.mark.parametrize("data", ["gaussian", "sorted", "ties", "far off-centre", "nan"])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_tails_read_in_rows_as_down_the_channels(
     monkeypatch: pytest.MonkeyPatch, layout: str, dtype: torch.dtype, data: str, threads: int
 ) -> None:
     """Large tensors read each group row after row (``_TAIL_ROWWISE_BYTES``), small ones down
     the channels: the same lists, group ids, superblock bounds and search results, and sums
-    within float rounding of float64 (tested against torch above for the channel order). With
-    NaN in a group the two orders may keep different extremes (both valid: see the next test)."""
-    x = _data(layout, 1e3 if data == "far off-centre" else 0.2)[0].to(dtype)
+    within float rounding of float64 (tested against torch above for the channel order) -- with
+    NaN in groups' first and later rows too ("wide": 72 channels, past the vectorised loop's
+    64-channel body, and a partial last group)."""
+    if layout == "wide":
+        g = torch.Generator().manual_seed(8)
+        x = (torch.randn(1029, 72, generator=g, dtype=torch.float64) * 1.5 + 0.2).float()
+    else:
+        x = _data(layout, 0.2)[0]
+    x = (x + (1e3 if data == "far off-centre" else 0.0)).to(dtype)
     rows = torch.from_numpy(kernels._rows(x))
     if data == "sorted":
         rows.copy_(rows.sort(0).values)
     elif data == "ties":
         rows.copy_((rows * 2).round())
-    center = rows.double().mean(0).to(dtype)
+    elif data == "nan":
+        pick = torch.rand(rows.shape, generator=torch.Generator().manual_seed(4)) < 0.01
+        pick[:: kernels._TAIL_ROWS * 3] = True  # whole first rows of some groups
+        rows[pick] = float("nan")
+    center = rows.double().nanmean(0).to(dtype)
     before = torch.get_num_threads()
     results = []
     try:
@@ -396,11 +406,32 @@ def test_tails_read_in_rows_as_down_the_channels(
         torch.set_num_threads(before)
     (sums_c, tails_c, found_c), (sums_r, tails_r, found_r) = results
     for one, two in zip([*tails_c, *found_c], [*tails_r, *found_r], strict=True):
-        assert torch.equal(one, two)
+        torch.testing.assert_close(one, two, rtol=0, atol=0, equal_nan=True)
     want = rows.double().sum(0)
     bound = (F32_REL if dtype == torch.float32 else 1e-14) * rows.double().abs().sum(0)
     for sums in (sums_c, sums_r):
-        assert ((sums - want).abs() <= bound).all()
+        assert ((sums - want).abs() <= bound)[~want.isnan()].all()
+        assert torch.equal(sums.isnan(), want.isnan())
+
+
+def test_group_tails_read_in_rows_from_the_size_threshold(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``group_tails`` reads row after row from ``_TAIL_ROWWISE_BYTES`` bytes up, down the
+    channels below."""
+    x = _data("nhwc", 0.0)[0]
+    nbytes = x.numel() * x.element_size()
+    seen: list[bool] = []
+    call = kernels._call
+
+    def spy(name: str, *args: object) -> object:
+        if name == "_cl_tails":
+            seen.append(bool(args[2]))
+        return call(name, *args)
+
+    monkeypatch.setattr(kernels, "_call", spy)
+    for threshold in (nbytes, nbytes + 1):
+        monkeypatch.setattr(kernels, "_TAIL_ROWWISE_BYTES", threshold)
+        kernels.group_tails(x, 3)
+    assert seen == [True, False]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

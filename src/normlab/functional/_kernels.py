@@ -561,14 +561,14 @@ def _cl_tails(
     # (float32 over a group of _TAIL_ROWS rows, float64 across groups) and, for the top-k
     # search, the kk largest group maxima (hv, sorted, group ids in hg) and smallest group minima
     # (lv, lg); a whole group is read row after row if rowwise, else down the channels (see
-    # _TAIL_ROWWISE_BYTES; the same extremes, the sums rounded in another order). Of each
-    # superblock of _TAIL_GROUPS
-    # groups only the two largest (smallest) enter the lists, by a branch-free insertion over
-    # all channels at once; the superblock's third largest maximum (smallest minimum) goes to
-    # third_hi (third_lo): it bounds every group left out. Updates are selects on values loaded
-    # into locals first (re-reading an array element after storing into another produced
-    # wrong group ids in numba's vectorised code), and index whole rows of channels (an offset
-    # into them, to split the channels between threads, stopped the vectorisation: 4x slower)
+    # _TAIL_ROWWISE_BYTES; the sums rounded in another order). Of each superblock of
+    # _TAIL_GROUPS groups only the two largest (smallest) enter the lists, by a branch-free
+    # insertion over all channels at once; the superblock's third largest maximum (smallest
+    # minimum) goes to third_hi (third_lo): it bounds every group left out. Updates are selects
+    # on values loaded into locals first (re-reading an array element after storing into
+    # another produced wrong group ids in numba's vectorised code), and index whole rows of
+    # channels (an offset into them, to split the channels between threads, stopped the
+    # vectorisation: 4x slower)
     nrows, c = x.shape
     kk = hv.shape[1]
     ngroups = (nrows + _TAIL_ROWS - 1) // _TAIL_ROWS
@@ -605,8 +605,9 @@ def _cl_tails(
                 i1[j] = i2[j] = j1[j] = j2[j] = -1
             for g in range(sb * _TAIL_GROUPS, min(sb * _TAIL_GROUPS + _TAIL_GROUPS, ngroups)):
                 m = g * _TAIL_ROWS
-                # two loops: with the constant trip count the group's loop vectorises (one loop
-                # with a trip count of min(rows left, _TAIL_ROWS) made the read 3.5x slower)
+                # whole groups apart from the last, partial one: with the constant trip count
+                # the group's loop vectorises (one loop with a trip count of min(rows left,
+                # _TAIL_ROWS) made the read 3.5x slower)
                 if rowwise and m + _TAIL_ROWS <= nrows:
                     # row after row, in storage order (see _TAIL_ROWWISE_BYTES)
                     for j in range(c):
@@ -617,8 +618,8 @@ def _cl_tails(
                     for r in range(m + 1, m + _TAIL_ROWS):
                         xr = x[r]
                         for j in range(c):
-                            v, hi, lo = xr[j], top[j], bot[j]
-                            part[j] += v
+                            v, total, hi, lo = xr[j], part[j], top[j], bot[j]
+                            part[j] = total + v
                             top[j] = v if v > hi else hi
                             bot[j] = v if v < lo else lo
                 elif m + _TAIL_ROWS <= nrows:  # down each channel's 16 rows, vector by vector

@@ -357,7 +357,7 @@ def _channel_chunks(x: Tensor) -> tuple[tuple[Tensor, ...], list[int], list[int]
     return torch.split(rows, per), dims, view
 
 
-# Channels-last tensors of at least this many channels and more than this many bytes get their
+# Channels-last tensors of at least this many channels and at least this many bytes get their
 # channel sums from the fast extra's loop (in-process A/B against torch's sum over dims (0, 2, 3),
 # 1 thread, 2026-12-04): 0.43-0.49x at 256x256x14x14 (51 MB), 0.57-0.59x at 128x64x32x32 and
 # 64x128x32x32, 0.83-0.95x at 64x64x32x32 (16.8 MB, in this machine's 32 MiB L3), 0.96x at
@@ -373,7 +373,7 @@ _LOOP_SUMS_CHANNELS = 64
 def _channel_mean(x: Tensor, count: int) -> Tensor:
     """The per-channel mean of ``x`` (``count`` values each) in its dtype."""
     if (
-        x.numel() * x.element_size() > _LOOP_SUMS_BYTES
+        x.numel() * x.element_size() >= _LOOP_SUMS_BYTES
         and x.shape[1] >= _LOOP_SUMS_CHANNELS
         and storage_layout(x) == "last"
         and kernels.usable(x)
