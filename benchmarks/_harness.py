@@ -77,10 +77,10 @@ def compare(
 
 
 def machine() -> str:
-    """One line naming the CPU (with its family, model, vector width and caches: one "AMD EPYC"
-    name covers Zen 4 (family 25) and Zen 5 (family 26) hosts, on which the fast extra's loops
-    compare differently with torch's kernels), threads and torch build (for the table's
-    header)."""
+    """One line naming the CPU (with its family, model, vector instruction set and caches: one
+    "AMD EPYC" name covers Zen 4 (family 25) and Zen 5 (family 26) hosts, on which the fast
+    extra's loops compare differently with torch's kernels), threads and torch build (for the
+    table's header)."""
     cpu = platform.processor() or platform.machine()
     fields: dict[str, str] = {}
     try:

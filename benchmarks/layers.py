@@ -114,6 +114,20 @@ VARIANTS = [
 ]
 
 
+def build(spec: Layer, shape: tuple[int, ...]) -> tuple[nn.Module, nn.Module]:
+    """``(ours, theirs)`` of ``spec`` for inputs of ``shape``, in the spec's mode; eval rows get
+    realistic running statistics on both sides (means within 0.1 of 0, variances 0.9-1.1)."""
+    c = shape[1]
+    ours = spec.ours(c, shape).train(spec.training)
+    theirs = spec.theirs(c, shape).train(spec.training)
+    if not spec.training:
+        with torch.no_grad():
+            for m in (ours, theirs):
+                m.running_mean.uniform_(-0.1, 0.1)  # type: ignore[operator]
+                m.running_var.uniform_(0.9, 1.1)  # type: ignore[operator]
+    return ours, theirs
+
+
 def _renorm(c: int) -> nn.Module:
     """Batch renorm past its warm-up, so that r and d are computed and applied."""
     layer = nl.BatchRenorm2d(c, warmup_steps=0, r_max_steps=0, d_max_steps=0)
@@ -178,16 +192,8 @@ def bench_shape(
         "| layer | normlab ms | torch.nn ms | ratio | normlab GB/s | torch GB/s |",
         "|---|---|---|---|---|---|",
     ]
-    c = shape[1]
     for spec in LAYERS + (VARIANTS if variants else []):
-        ours, theirs = (
-            spec.ours(c, shape).train(spec.training),
-            spec.theirs(c, shape).train(spec.training),
-        )
-        if spec.name.startswith("BatchNorm2d eval"):  # realistic running statistics
-            for m in (ours, theirs):
-                m.running_mean.uniform_(-0.1, 0.1)
-                m.running_var.uniform_(0.9, 1.1)
+        ours, theirs = build(spec, shape)
         t_ours, t_theirs = compare(_fwd(ours, x), _fwd(theirs, x), min_time)
         lines.append(_row(f"{spec.name} fwd", t_ours, t_theirs, 2 * size))
         if spec.training:
@@ -196,7 +202,7 @@ def bench_shape(
         print(lines[-1], file=sys.stderr, flush=True)
     # issue #9's bandwidth target, read against a copy timed alternately with the forward (the
     # copy above is timed once, before the table: the host's drift in between moves the GB/s)
-    bn = nl.BatchNorm2d(c).train()
+    bn = nl.BatchNorm2d(shape[1]).train()
     t_bn, t_copy = compare(_fwd(bn, x), lambda: out.copy_(x), min_time)
     lines.append(
         f"\nBatchNorm2d train forward, timed alternately with `y.copy_(x)`: "

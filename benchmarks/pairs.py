@@ -2,10 +2,11 @@
 
 On a shared host the machine's speed drifts within seconds (other guests' memory traffic, CPU
 steal): blocked timings taken one after the other (``run_all.py``, ``layers.py``) then disagree
-by 10-40 % between runs. Here each pair is a few calls of torch.nn's layer immediately followed
-by the same number of normlab's, and the ratio is taken per pair, so both sides of one ratio see
-the same host; the table gives the median of those ratios and their quartiles. This is the
-measure behind the A/B numbers in commit messages and issue notes.
+by 10-40 % between runs. Here each pair is a few calls of one layer immediately followed by the
+same number of the other's (torch.nn first in even pairs, normlab first in odd ones: A B, B A,
+...), and the ratio is taken per pair, so both sides of one ratio see the same host; the table
+gives the median of those ratios and their quartiles. This is the measure behind the A/B numbers
+in commit messages and issue notes.
 
 Usage::
 
@@ -31,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _harness import emit, fix_allocator, machine
-from layers import LAYERS, VARIANTS, Layer, _fwd, _fwd_bwd
+from layers import LAYERS, VARIANTS, Layer, _fwd, _fwd_bwd, build
 
 
 def paired(
@@ -39,21 +40,24 @@ def paired(
 ) -> tuple[float, float, float, float, float]:
     """``(median, first quartile, third quartile)`` of the per-pair ratios ``ours / theirs``, then
     the median seconds per call of each (``theirs``, ``ours``); ``inner`` calls per side per
-    pair, after one warm-up call of each."""
+    pair, ``theirs`` first in even pairs and ``ours`` first in odd ones, after one warm-up call
+    of each."""
     theirs()
     ours()
     ratios, t_theirs, t_ours = [], [], []
-    for _ in range(pairs):
+    for i in range(pairs):
+        first, second = (theirs, ours) if i % 2 == 0 else (ours, theirs)
         start = time.perf_counter()
         for _ in range(inner):
-            theirs()
+            first()
         middle = time.perf_counter()
         for _ in range(inner):
-            ours()
+            second()
         end = time.perf_counter()
-        t_theirs.append((middle - start) / inner)
-        t_ours.append((end - middle) / inner)
-        ratios.append((end - middle) / (middle - start))
+        a, b = (middle - start, end - middle) if i % 2 == 0 else (end - middle, middle - start)
+        t_theirs.append(a / inner)
+        t_ours.append(b / inner)
+        ratios.append(b / a)
     q1, median, q3 = statistics.quantiles(ratios, n=4) if pairs > 1 else ratios * 3
     return median, q1, q3, statistics.median(t_theirs), statistics.median(t_ours)
 
@@ -82,6 +86,8 @@ def _cell(result: tuple[float, float, float, float, float]) -> str:
 def rows(
     layers: Sequence[Layer], shapes: Sequence[tuple[int, ...]], fmt: str, pairs: int, inner: int
 ) -> list[str]:
+    """The table's lines: one row per shape and layer, forward and (training layers)
+    forward+backward, on seeded random input of the memory format ``fmt``."""
     lines = [
         "| layer | shape | format | fwd ratio [quartiles] | fwd ms normlab / torch.nn "
         "| fwd+bwd ratio [quartiles] | fwd+bwd ms normlab / torch.nn |",
@@ -95,8 +101,7 @@ def rows(
             x = x.contiguous(memory_format=torch.channels_last)
             gy = gy.contiguous(memory_format=torch.channels_last)
         for spec in layers:
-            ours = spec.ours(shape[1], shape).train(spec.training)
-            theirs = spec.theirs(shape[1], shape).train(spec.training)
+            ours, theirs = build(spec, shape)
             forward = _cell(paired(_fwd(theirs, x), _fwd(ours, x), pairs, inner))
             both = "- | -"
             if spec.training:
@@ -119,27 +124,43 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, help="also write the markdown table to this file")
     args = parser.parse_args(argv)
-    if args.pairs < 1 or args.inner < 1:
+    if min(args.pairs, args.inner, args.threads) < 1:
         parser.error(
-            f"--pairs and --inner must be at least 1; got {args.pairs} and {args.inner}: "
-            "pass positive counts"
+            "--pairs, --inner and --threads must be at least 1; got "
+            f"{args.pairs}, {args.inner} and {args.threads}: pass positive counts"
         )
     layers = select(args.names)
-    shapes = [tuple(int(v) for v in spec.split("x")) for spec in args.shapes]
+    shapes = [_shape(parser, spec, args.format) for spec in args.shapes]
     threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
-    fixed = fix_allocator()
-    header = [
-        f"Measured {datetime.date.today()} on {machine()}; allocator fix "
-        f"{'on' if fixed else 'OFF'}; {args.pairs} pairs of {args.inner} call(s) per side, "
-        "torch.nn first in each. Ratio = normlab / torch.nn per pair: median [quartiles].",
-        "",
-    ]
     try:
+        torch.set_num_threads(args.threads)
+        fixed = fix_allocator()
+        header = [
+            f"Measured {datetime.date.today()} on {machine()}; allocator fix "
+            f"{'on' if fixed else 'OFF'}; {args.pairs} pairs of {args.inner} call(s) per side, "
+            "alternately torch.nn and normlab first. Ratio = normlab / torch.nn per pair: "
+            "median [quartiles].",
+            "",
+        ]
         table = rows(layers, shapes, args.format, args.pairs, args.inner)
     finally:
         torch.set_num_threads(threads)
     return emit(header + table, args.out)
+
+
+def _shape(parser: argparse.ArgumentParser, spec: str, fmt: str) -> tuple[int, ...]:
+    """``"64x64x32x32"`` as a tuple of positive ints (4 of them for channels_last), else
+    ``parser.error``."""
+    parts = spec.split("x")
+    if all(p.isdigit() and int(p) > 0 for p in parts) and (
+        len(parts) == 4 if fmt == "channels_last" else len(parts) >= 2
+    ):
+        return tuple(int(p) for p in parts)
+    wanted = "N x C x H x W" if fmt == "channels_last" else "N x C x ..."
+    parser.error(
+        f"--shapes: each shape must be {wanted}, positive ints joined by 'x' for --format "
+        f"{fmt}; got {spec!r}: pass e.g. 64x64x32x32"
+    )
 
 
 if __name__ == "__main__":

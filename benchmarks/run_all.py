@@ -38,7 +38,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _harness import Timing, compare, emit, fix_allocator, machine
-from layers import LAYERS, VARIANTS, Layer, _fwd, _fwd_bwd
+from layers import LAYERS, VARIANTS, Layer, _fwd, _fwd_bwd, build
 from normlab.experiments.config import RunConfig
 from normlab.experiments.models import build_model
 
@@ -75,12 +75,7 @@ def layer_rows(
     )
     rows = []
     for spec in specs:
-        ours = spec.ours(shape[1], shape).train(spec.training)
-        theirs = spec.theirs(shape[1], shape).train(spec.training)
-        if not spec.training:  # realistic running statistics for eval rows
-            for m in (ours, theirs):
-                m.running_mean.uniform_(-0.1, 0.1)  # type: ignore[operator]
-                m.running_var.uniform_(0.9, 1.1)  # type: ignore[operator]
+        ours, theirs = build(spec, shape)
         fwd = compare(_fwd(ours, x), _fwd(theirs, x), min_time)
         if spec.training:
             both: tuple[Timing, Timing] | None = compare(
