@@ -114,6 +114,19 @@ VARIANTS = [
 ]
 
 
+def inputs(
+    shape: tuple[int, ...], channels_last: bool, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The seeded ``(x, dy)`` every layer table times: standard normal, of ``dtype``, in the
+    channels-last memory format if asked."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g).to(dtype)
+    gy = torch.randn(shape, generator=g).to(dtype)
+    if channels_last:
+        x, gy = (t.contiguous(memory_format=torch.channels_last) for t in (x, gy))
+    return x, gy
+
+
 def build(spec: Layer, shape: tuple[int, ...]) -> tuple[nn.Module, nn.Module]:
     """``(ours, theirs)`` of ``spec`` for inputs of ``shape``, in the spec's mode; eval rows get
     realistic running statistics on both sides (means within 0.1 of 0, variances 0.9-1.1)."""
@@ -177,11 +190,7 @@ def _row(name: str, ours: Timing, theirs: Timing, traffic: float) -> str:
 def bench_shape(
     shape: tuple[int, ...], min_time: float, channels_last: bool, variants: bool = True
 ) -> list[str]:
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(shape, generator=g)
-    gy = torch.randn(shape, generator=g)
-    if channels_last:
-        x, gy = (t.contiguous(memory_format=torch.channels_last) for t in (x, gy))
+    x, gy = inputs(shape, channels_last)
     size = x.numel() * x.element_size()
     out = torch.empty_like(x)
     copy = time_fn(lambda: out.copy_(x), min_time)

@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _harness import emit, fix_allocator, machine
-from layers import LAYERS, VARIANTS, Layer, _fwd, _fwd_bwd, build
+from layers import LAYERS, VARIANTS, Layer, _fwd, _fwd_bwd, build, inputs
 
 
 def paired(
@@ -94,12 +94,7 @@ def rows(
         "|---|---|---|---|---|---|---|",
     ]
     for shape in shapes:
-        g = torch.Generator().manual_seed(0)
-        x = torch.randn(shape, generator=g)
-        gy = torch.randn(shape, generator=g)
-        if fmt == "channels_last":
-            x = x.contiguous(memory_format=torch.channels_last)
-            gy = gy.contiguous(memory_format=torch.channels_last)
+        x, gy = inputs(shape, fmt == "channels_last")
         for spec in layers:
             ours, theirs = build(spec, shape)
             forward = _cell(paired(_fwd(theirs, x), _fwd(ours, x), pairs, inner))

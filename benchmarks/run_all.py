@@ -38,7 +38,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _harness import Timing, compare, emit, fix_allocator, machine
-from layers import LAYERS, VARIANTS, Layer, _fwd, _fwd_bwd, build
+from layers import LAYERS, VARIANTS, Layer, _fwd, _fwd_bwd, build, inputs
 from normlab.experiments.config import RunConfig
 from normlab.experiments.models import build_model
 
@@ -64,11 +64,7 @@ def layer_rows(
     channels_last: bool,
     min_time: float,
 ) -> list[str]:
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(shape, generator=g).to(dtype)
-    gy = torch.randn(shape, generator=g).to(dtype)
-    if channels_last:
-        x, gy = (t.contiguous(memory_format=torch.channels_last) for t in (x, gy))
+    x, gy = inputs(shape, channels_last, dtype)
     size = x.numel() * x.element_size()
     label = f"{'x'.join(map(str, shape))} | {str(dtype).removeprefix('torch.')} | " + (
         "channels_last" if channels_last else "NCHW"
