@@ -274,6 +274,12 @@ def test_batch_norm_forward_moves_the_running_statistics() -> None:
         )
 
 
+def _tails_order(monkeypatch: pytest.MonkeyPatch, rowwise: bool) -> None:
+    """Make ``group_tails`` read every group row after row (``rowwise``) or down the channels,
+    whatever the tensor's size (``_TAIL_ROWWISE_BYTES``)."""
+    monkeypatch.setattr(kernels, "_TAIL_ROWWISE_BYTES", 0 if rowwise else 1 << 62)
+
+
 def _tails_oracle(rows: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:
     """Per-channel float64 sums and the k largest group maxima and smallest group minima (groups
     of ``_TAIL_ROWS`` rows, the last may be partial), by torch's reductions."""
@@ -301,7 +307,7 @@ def test_group_tails_against_torch(
     with 128 superblocks or more), the lists are exactly the k largest group maxima and smallest
     group minima, with their groups' ids (the last group partial for the (N, C) shape); groups
     read down the channels or row after row (``_TAIL_ROWWISE_BYTES``)."""
-    monkeypatch.setattr(kernels, "_TAIL_ROWWISE_BYTES", 0 if rowwise else 1 << 62)
+    _tails_order(monkeypatch, rowwise)
     g = torch.Generator().manual_seed(11)
     x = (torch.randn(shape, generator=g, dtype=torch.float64) * 2 + 0.3).to(dtype)
     if x.dim() == 4:
@@ -397,8 +403,8 @@ def test_tails_read_in_rows_as_down_the_channels(
     results = []
     try:
         torch.set_num_threads(threads)
-        for bytes_from in (1 << 62, 0):  # down the channels, then in rows
-            monkeypatch.setattr(kernels, "_TAIL_ROWWISE_BYTES", bytes_from)
+        for rowwise in (False, True):
+            _tails_order(monkeypatch, rowwise)
             sums, tails = kernels.group_tails(x, 10)
             found = kernels.tail_deviations(x, center, tails, 10)
             results.append((sums, [torch.from_numpy(t) for t in tails], found))
@@ -442,7 +448,7 @@ def test_tails_do_not_depend_on_the_thread_count(
     """The read's chunks are fixed by the size alone: on tied data (which of equal values the
     search keeps decides L-infinity's input gradient) and in float64 (the sums' last bits) one
     thread and two give the same sums, values, offsets and signs (either order of the read)."""
-    monkeypatch.setattr(kernels, "_TAIL_ROWWISE_BYTES", 0 if rowwise else 1 << 62)
+    _tails_order(monkeypatch, rowwise)
     g = torch.Generator().manual_seed(5)
     x = (torch.randn(64, 8, 16, 16, generator=g, dtype=dtype) * 2).round()
     x = x.contiguous(memory_format=torch.channels_last)
@@ -468,7 +474,7 @@ def test_tail_deviations_with_nan_give_real_offsets(
     """NaN never enters the lists: with NaN in the data (a few, or every value) the search still
     returns k distinct offsets of the channel (the statistics are NaN; the layer then keeps its
     running statistics and warns), whichever order the read takes."""
-    monkeypatch.setattr(kernels, "_TAIL_ROWWISE_BYTES", 0 if rowwise else 1 << 62)
+    _tails_order(monkeypatch, rowwise)
     x = _data("nhwc", 0.0)[0]
     x[torch.rand(x.shape, generator=torch.Generator().manual_seed(3)) < share] = float("nan")
     x[0, 0, 0, 0] = float("nan")

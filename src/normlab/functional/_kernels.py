@@ -518,7 +518,8 @@ def _cl_abs_dev(
     # per block of rows into out[0, b]: sum x (mode 0), or sum |x - center| (1), and with it
     # sum sign(x - center) into out[1, b] (2), counted by two compares (a NaN counts 0: its
     # channel's deviation sum is NaN anyway); np.sign's chain of tests made the loop 1.2-1.25x
-    # slower, the compares 1.0-1.06x (A/B against mode 1, 1 thread)
+    # slower, the compares 1.0-1.06x (A/B against mode 1, 1 thread; a later A/B on the Zen 4
+    # host read mode 2 at 1.2-1.5x mode 1: the two accumulator rows' loads and stores per row)
     nrows, c = x.shape
     one = _np.ones(1, x.dtype)[0]
     zero = _np.zeros(1, x.dtype)[0]
