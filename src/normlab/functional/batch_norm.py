@@ -16,10 +16,12 @@ from normlab._checks import (
 )
 from normlab.functional import _kernels as kernels
 from normlab.functional._core import (
+    all_finite,
     apply_function,
     channels_last_format,
     compiling,
     finite_statistics,
+    on_device_only,
     relayout,
     stats_dtype,
     store_running_stats_,
@@ -179,7 +181,12 @@ def batch_norm_unchecked(
     # than copies in and out: BatchNorm1d on 128x128 takes ~16 us of which ~11 us are torch's.)
     kept = torch.cat((running_mean, running_var))
     y = _native_batch_norm(input, weight, bias, running_mean, running_var, True, momentum, eps)
-    if not finite_statistics(running_var, owner=owner):
+    if on_device_only(running_var):  # an accelerator: the choice stays on the device, no sync
+        with torch.no_grad():
+            ok = all_finite(running_var)
+            for buffer, old in ((running_mean, kept[:c]), (running_var, kept[c:])):
+                torch.where(ok, buffer.data, old, out=buffer.data)
+    elif not finite_statistics(running_var, owner=owner):
         running_mean.data.copy_(kept[:c])
         running_var.data.copy_(kept[c:])
     return y
@@ -321,8 +328,9 @@ def instance_norm_unchecked(
         fix="instance norm needs a feature map larger than 1 element; use BatchNorm or "
         "LayerNorm for 1x1 features",
     )
-    if fmt is not None and positions * c >= _MIN_SAMPLE_CL and not compiling():
-        # Channels-last: one sample is a channels-last (1, C, *) tensor whose batch statistics
+    cpu = input.device.type == "cpu"
+    if fmt is not None and positions * c >= _MIN_SAMPLE_CL and cpu and not compiling():
+        # Channels-last on the CPU: one sample is a channels-last (1, C, *) tensor whose batch statistics
         # are its instance statistics: torch's read-only statistics kernel per sample, then one
         # multiply-add into a channels-last output; the input gradient stays channels-last too
         # (PerGroupBatchNorm, a group per sample).
@@ -333,10 +341,20 @@ def instance_norm_unchecked(
         # channels-last input it is slower than a copy plus the channels-first kernel, and its
         # float32 weight gradient is ~40x less accurate (tests/nn/test_parity.py); small
         # channels-last samples take that route too, converted back (torch's instance norm
-        # returns channels-first).
+        # returns channels-first), as do all channels-last ones on accelerators (a kernel
+        # launch per sample cost 26x torch.nn's time on an H200).
         first = relayout(input, torch.contiguous_format)
+        # torch's group-norm kernel takes low-precision input with float32 parameters on the
+        # CPU only: elsewhere it computes in the parameters' dtype and returns the input's
+        # (torch.nn's instance norm, batch norm on a reshape, returns the input's dtype too)
+        mixed = not cpu and weight is not None and weight.dtype != first.dtype
         if _fused_instance_backward(first, weight, bias):
             y, mean, rstd = InstanceNormTrain.apply(first, weight, bias, eps)  # type: ignore[no-untyped-call]
+        elif mixed:
+            assert weight is not None
+            wide = first.to(weight.dtype)
+            y, mean, rstd = torch.native_group_norm(wide, weight, bias, n, c, positions, c, eps)
+            y = y.to(first.dtype)
         else:
             y, mean, rstd = torch.native_group_norm(first, weight, bias, n, c, positions, c, eps)
         if fmt is not None:

@@ -10,8 +10,8 @@ from normlab.functional._core import (
     apply_function,
     channels_last_format,
     compiling,
-    finite_statistics,
     pool_moments,
+    store_if_finite_,
     update_running_stats_,
 )
 from normlab.functional._fast import (
@@ -173,12 +173,15 @@ def batch_renorm_unchecked(
         y = apply_function(BatchNormTrain, input, new_weight, new_bias, eps, mean, var)[0]
     else:
         y = batch_norm_unchecked(input, None, None, new_weight, new_bias, True, 0.0, eps, owner)
-    if not finite_statistics(mean, var, owner=owner):
-        return y
     with torch.no_grad():
         std = torch.sqrt(var + eps)
-        running_mean.add_((mean - running_mean.double()).to(running_mean.dtype), alpha=momentum)
-        running_std.add_((std - running_std.double()).to(running_std.dtype), alpha=momentum)
+        new_mean = torch.add(
+            running_mean, (mean - running_mean.double()).to(running_mean.dtype), alpha=momentum
+        )
+        new_std = torch.add(
+            running_std, (std - running_std.double()).to(running_std.dtype), alpha=momentum
+        )
+        store_if_finite_(((running_mean, new_mean), (running_std, new_std)), mean, var, owner=owner)
     return y
 
 
@@ -264,6 +267,8 @@ def ghost_batch_norm_unchecked(
                 batch_norm_unchecked(tail, None, None, weight, bias, True, 0.0, eps, owner)
             )
         y = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+        # CUDA autocast runs group norm in float32; batch norm returns the input's dtype
+        y = y.to(input.dtype)
     if training and running_mean is not None and running_var is not None:
         if stats is not None:  # pooled from the virtual batches (Chan et al.)
             counts = torch.tensor(sizes, dtype=torch.float64, device=stats[1].device)

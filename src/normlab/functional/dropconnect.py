@@ -294,7 +294,8 @@ def _per_sample(
         key = -1 if conv is None else _rng.register(conv)
         y: Tensor = _per_sample_op(x, weight, bias, keep, seed, key, groups)
     else:
-        seed_value = int(torch.randint(0, 2**62, (1,), generator=generator).item())
+        where = None if generator is None else generator.device  # a seeded draw's own device
+        seed_value = int(torch.randint(0, 2**62, (1,), generator=generator, device=where).item())
         y = _PerSampleDropConnect.apply(x, weight, bias, keep, seed_value, conv, groups)  # type: ignore[no-untyped-call]
     fmt = channels_last_format(x)  # the grouped convolution's output is channels-first
     return y if fmt is None else y.contiguous(memory_format=fmt)

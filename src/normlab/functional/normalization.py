@@ -17,6 +17,7 @@ from normlab._checks import (
     check_trailing_shape,
     check_values_per_channel,
 )
+from normlab.functional._core import channels_last_format
 
 __all__ = ["channel_layer_norm", "channel_layer_norm_unchecked", "group_norm", "layer_norm"]
 
@@ -118,4 +119,8 @@ def group_norm(
             what="values per group",
             fix="use fewer groups, or LayerNorm over more features; one value has no variance",
         )
-    return F.group_norm(input, num_groups, weight, bias, eps)
+    y = F.group_norm(input, num_groups, weight, bias, eps)
+    fmt = channels_last_format(input)
+    if fmt is not None and not y.is_contiguous(memory_format=fmt):
+        y = y.contiguous(memory_format=fmt)  # CUDA's kernel returns channels-first; the CPU's not
+    return y

@@ -33,6 +33,7 @@ from normlab._checks import (
 
 __all__ = [
     "AffineNorm",
+    "HostMirror",
     "InputChecks",
     "RunningStatsNorm",
     "bias_kwarg",
@@ -55,6 +56,45 @@ NormFn = Callable[
     ],
     Tensor,
 ]
+
+
+class HostMirror:
+    """Python copies of small tensors' values (a schedule, a step count), read from their device
+    again only when the tensor object, its storage or its version counter changed since the last
+    read -- a ``load_state_dict``, a ``.to()``, any in-place write. A module that decides
+    something from a buffer's value then makes no host sync per call on accelerators (each one
+    drains the device's queue of work). Tensors without a version counter (inference tensors)
+    are read every time."""
+
+    def __init__(self) -> None:
+        self._seen: dict[str, tuple[Tensor, int, int, list[float]]] = {}
+
+    @staticmethod
+    def _key(t: Tensor) -> tuple[int, int] | None:
+        try:
+            return t.data_ptr(), t._version
+        except RuntimeError:  # an inference tensor: no version counter
+            return None
+
+    def read(self, name: str, t: Tensor) -> list[float]:
+        """``t``'s values as floats (flattened), from the copy if ``t`` is unchanged."""
+        key, seen = self._key(t), self._seen.get(name)
+        if key is not None and seen is not None and seen[0] is t and seen[1:3] == key:
+            return seen[3]
+        values = [float(v) for v in t.detach().reshape(-1).tolist()]
+        if key is not None:
+            self._seen[name] = (t, *key, values)
+        return values
+
+    def wrote(self, name: str, t: Tensor, update: Callable[[list[float]], list[float]]) -> None:
+        """The caller has just changed ``t`` in place with one op, mapping its values by
+        ``update``: if the copy was current before that op, it follows (the next read needs no
+        sync); otherwise the next read reads ``t``."""
+        key, seen = self._key(t), self._seen.get(name)
+        if key is None or seen is None or seen[0] is not t:
+            return
+        if seen[1:3] == (key[0], key[1] - 1):
+            self._seen[name] = (t, *key, update(seen[3]))
 
 
 def check_norm_args(

@@ -19,11 +19,17 @@ from normlab.functional import _rng
 from normlab.functional._core import (
     channel_view_shape,
     channels_last_format,
-    finite_statistics,
+    store_if_finite_,
 )
 from normlab.functional.batch_norm import batch_norm_unchecked
 from normlab.functional.batch_variants import batch_renorm_unchecked, ghost_batch_norm_unchecked
-from normlab.nn._base import InputChecks, RunningStatsNorm, check_norm_args, is_traced
+from normlab.nn._base import (
+    HostMirror,
+    InputChecks,
+    RunningStatsNorm,
+    check_norm_args,
+    is_traced,
+)
 
 __all__ = [
     "BatchRenorm1d",
@@ -167,6 +173,7 @@ class _BatchRenorm(InputChecks, nn.Module):
         self.register_buffer(
             "renorm_schedule", torch.tensor(schedule, dtype=torch.float64, device=device)
         )
+        self._host = HostMirror()
 
     def reset_running_stats(self) -> None:
         self.running_mean.zero_()
@@ -196,8 +203,9 @@ class _BatchRenorm(InputChecks, nn.Module):
         data-dependent guards that stop ``fullgraph=True`` compilation)."""
         if torch.compiler.is_compiling():
             return self._traced_limits()
-        r_max, d_max, warmup, r_end, d_end = self.renorm_schedule.tolist()
-        t = float(self.num_batches_tracked)
+        host = self._mirror()
+        r_max, d_max, warmup, r_end, d_end = host.read("renorm_schedule", self.renorm_schedule)
+        t = host.read("num_batches_tracked", self.num_batches_tracked)[0]
 
         def ramp(final: float, neutral: float, end: float) -> float:
             if t < warmup:
@@ -207,6 +215,14 @@ class _BatchRenorm(InputChecks, nn.Module):
             return float(neutral + (final - neutral) * min(1.0, (t - warmup) / (end - warmup)))
 
         return ramp(r_max, 1.0, r_end), ramp(d_max, 0.0, d_end)
+
+    def _mirror(self) -> HostMirror:
+        """The buffers' values on the host (:class:`~normlab.nn._base.HostMirror`; made here for
+        modules unpickled from before it existed)."""
+        host = self.__dict__.get("_host")
+        if host is None:
+            host = self._host = HostMirror()
+        return host
 
     def _traced_limits(self) -> tuple[Tensor, Tensor]:
         """:meth:`current_limits` in tensor ops, for ``torch.compile``."""
@@ -239,6 +255,10 @@ class _BatchRenorm(InputChecks, nn.Module):
         )
         if self.training:
             self.num_batches_tracked.add_(1)
+            if not torch.compiler.is_compiling():
+                self._mirror().wrote(
+                    "num_batches_tracked", self.num_batches_tracked, lambda t: [t[0] + 1]
+                )
         return y
 
     def extra_repr(self) -> str:
@@ -401,7 +421,9 @@ class NoisyBatchNorm(RunningStatsNorm, _TorchBatchNorm):
     every step -- the instrument of "batch norm helps even with covariate shift injected after
     it". ``per="element"`` (default) draws ``m``, ``s`` for every ``(c, *position)``,
     ``per="channel"`` once per channel. Evaluation applies no noise (``eval_noise=True`` keeps
-    it). The noise comes from the layer's own generator (``seed``), so runs are reproducible; set
+    it). The noise comes from the layer's own generator (``seed``), so runs are reproducible (on
+    an accelerator the activation-sized draws are made there, from a device generator that the
+    layer's own seeds at each step: reproducible too, a different stream from the CPU's); set
     ``hold_noise = True`` to draw at the next call and reuse that noise in the calls after it
     (e.g. across the step sizes of a landscape probe) -- only then does the layer keep it.
 
@@ -527,10 +549,22 @@ class NoisyBatchNorm(RunningStatsNorm, _TorchBatchNorm):
             fmt = torch.contiguous_format
             if per_element and channels_last:  # not stored != noise_shape: C == H == W
                 fmt = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
-            m, s = (torch.empty(noise_shape, dtype=torch.float32, memory_format=fmt) for _ in "ms")
+            where, fill = torch.device("cpu"), g
+            if torch.device(device).type != "cpu":
+                # On an accelerator the noise is drawn there (drawn here and copied over it
+                # cost ~500x BatchNorm2d's forward on an H200), by a generator of that device
+                # seeded from this layer's own at each step: reproducible, but not the CPU's
+                # stream. A fresh generator per step: nothing device-bound is kept on the layer.
+                seed = int(torch.randint(0, 2**62, (1,), generator=g))
+                where = torch.device(device)
+                fill = torch.Generator(where).manual_seed(seed)
+            m, s = (
+                torch.empty(noise_shape, dtype=torch.float32, device=where, memory_format=fmt)
+                for _ in "ms"
+            )
             order = tuple(back.index(d) for d in range(len(back)))  # noise dims -> stored dims
-            m.permute(order).uniform_(mu - self.mean_spread, mu + self.mean_spread, generator=g)
-            s.permute(order).normal_(sigma, self.std_spread, generator=g)
+            m.permute(order).uniform_(mu - self.mean_spread, mu + self.mean_spread, generator=fill)
+            s.permute(order).normal_(sigma, self.std_spread, generator=fill)
         return s.to(device=device, dtype=dtype), m.to(device=device, dtype=dtype)
 
     def forward(self, input: Tensor) -> Tensor:
@@ -595,10 +629,12 @@ class MeanOnlyBatchNorm(InputChecks, nn.Module):
             dims = [0, *range(2, input.dim())]
             mean = input.mean(dims)
             with torch.no_grad():
-                if finite_statistics(mean, owner=type(self).__name__):
-                    self.running_mean.lerp_(
-                        mean.detach().to(self.running_mean.dtype), self.momentum
-                    )
+                new = torch.lerp(
+                    self.running_mean, mean.detach().to(self.running_mean.dtype), self.momentum
+                )
+                store_if_finite_(
+                    ((self.running_mean, new),), mean.detach(), owner=type(self).__name__
+                )
                 self.num_batches_tracked.add_(1)
         else:
             mean = self.running_mean
