@@ -1,0 +1,200 @@
+"""The layers on a GPU: every layer in tests/nn/specs.py on CUDA against the same layer on the CPU
+in float64, channels_last kept, float16 autocast against torch.nn, and torch.compile on CUDA.
+
+Skipped where no CUDA device is present (CI has none). ``NORMLAB_TEST_DEVICE=cpu`` runs the same
+checks on the CPU (float32 against float64), which checks the tests themselves on any machine.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+import torch._dynamo
+from torch import nn
+
+import normlab.nn as nl
+from tests.nn.specs import SPECS, LayerSpec
+
+DEVICE = os.environ.get("NORMLAB_TEST_DEVICE", "cuda")
+pytestmark = [
+    pytest.mark.skipif(
+        DEVICE == "cuda" and not torch.cuda.is_available(), reason="no CUDA device here"
+    ),
+    # inductor's first import in a process calls a deprecated torch.jit API
+    pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning"),
+]
+
+EXACT = [s for s in SPECS if not s.stochastic]
+STOCHASTIC = [s for s in SPECS if s.stochastic]
+FOUR_D = [s for s in EXACT if any(len(shape) == 4 for shape in s.shapes)]
+
+
+def _input(shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g, dtype=torch.float64) * 2 + 0.5
+
+
+def _step(layer: nn.Module, x: torch.Tensor, gy: torch.Tensor) -> list[torch.Tensor]:
+    """Output, input and parameter gradients, and buffers after one call, on the CPU in float64."""
+    x = x.detach().clone().requires_grad_()
+    y = layer(x)
+    params = [p for p in layer.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(y, [x, *params], gy.to(y.dtype), allow_unused=True)
+    out = [y.detach(), *(g for g in grads if g is not None), *layer.buffers()]
+    return [t.detach().cpu().double() if t.is_floating_point() else t.cpu() for t in out]
+
+
+def _close(ours: list[torch.Tensor], ref: list[torch.Tensor]) -> None:
+    assert len(ours) == len(ref)
+    for a, b in zip(ours, ref, strict=True):
+        if a.is_floating_point():
+            # float32 against float64: relative error ~1e-6 per op; gradients through the
+            # statistics lose a few more digits on inputs of a few values per channel
+            torch.testing.assert_close(a, b, rtol=2e-4, atol=5e-5)
+        else:
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("spec", EXACT, ids=[s.id for s in EXACT])
+def test_layer_on_device_matches_float64_on_cpu(spec: LayerSpec) -> None:
+    """Two training steps (outputs, gradients, running statistics) and an eval step."""
+    for shape in spec.shapes:
+        ref = spec.make().double()
+        ours = copy.deepcopy(ref).float().to(DEVICE)
+        gy = _input(shape, 1)
+        for i, training in enumerate((True, True, False)):
+            ref.train(training)
+            ours.train(training)
+            x = _input(shape, 10 + i)
+            expected = _step(ref, x, gy)
+            got = _step(ours, x.float().to(DEVICE), gy.float().to(DEVICE))
+            _close(got, expected)
+
+
+@pytest.mark.parametrize("spec", FOUR_D, ids=[s.id for s in FOUR_D])
+def test_channels_last_on_device_keeps_format_and_values(spec: LayerSpec) -> None:
+    shape = next(s for s in spec.shapes if len(s) == 4)
+    layer = spec.make().to(DEVICE).train()
+    twin = copy.deepcopy(layer)
+    x = _input(shape, 2).float().to(DEVICE)
+    gy = _input(shape, 3).float().to(DEVICE)
+    cl = torch.channels_last
+    with torch.no_grad():
+        assert copy.deepcopy(layer)(x.contiguous(memory_format=cl)).is_contiguous(memory_format=cl)
+    _close(
+        _step(twin, x.contiguous(memory_format=cl), gy.contiguous(memory_format=cl)),
+        _step(layer, x, gy),
+    )
+
+
+COUNTERPARTS = [s for s in EXACT if s.torch_make is not None]
+
+
+@pytest.mark.parametrize("spec", COUNTERPARTS, ids=[s.id for s in COUNTERPARTS])
+@pytest.mark.parametrize("low", [False, True], ids=["float32-input", "low-input"])
+def test_autocast_matches_torch_nn(spec: LayerSpec, low: bool) -> None:
+    """Under autocast (float16 on CUDA, bfloat16 on the CPU) every layer returns the dtype
+    torch.nn's returns (CUDA autocast runs group and layer norm in float32, batch and instance
+    norm in the input's dtype), with close values; the buffers stay float32 and move as torch's."""
+    dtype = torch.float16 if DEVICE == "cuda" else torch.bfloat16
+    shape = spec.shapes[-1]
+    x = _input(shape, 4).float().to(DEVICE)
+    if low:
+        x = x.to(dtype)
+    ours, ref = spec.make().to(DEVICE), spec.torch_make().to(DEVICE)
+    ref.load_state_dict(ours.state_dict())
+    for training in (True, False):
+        ours.train(training)
+        ref.train(training)
+        with torch.autocast(DEVICE, dtype=dtype):
+            y, yr = ours(x), ref(x)
+        assert y.dtype == yr.dtype
+        torch.testing.assert_close(y.float(), yr.float(), rtol=2e-2, atol=2e-2)
+    for (name, b), br in zip(ours.named_buffers(), ref.buffers(), strict=True):
+        assert b.dtype == br.dtype, name
+        if b.is_floating_point():
+            assert b.dtype == torch.float32, name
+            torch.testing.assert_close(b, br, rtol=1e-2, atol=1e-2)
+
+
+STATEFUL = [s for s in EXACT if s.stateful]
+
+
+@pytest.mark.parametrize("spec", STATEFUL, ids=[s.id for s in STATEFUL])
+@pytest.mark.filterwarnings("ignore::normlab.functional.NonFiniteStatisticsWarning")
+def test_non_finite_batch_leaves_running_statistics_on_device(spec: LayerSpec) -> None:
+    """A NaN in a training batch changes no running statistic (on accelerators without a host
+    sync: the choice is a torch.where on the device); a finite batch then updates them."""
+    shape = spec.shapes[-1]
+    layer = spec.make().to(DEVICE).train()
+    layer(_input(shape, 7).float().to(DEVICE))
+    before = [b.clone() for b in layer.buffers() if b.is_floating_point()]
+    x = _input(shape, 8).float()
+    x.view(-1)[3] = float("nan")
+    layer(x.to(DEVICE))
+    after = [b for b in layer.buffers() if b.is_floating_point()]
+    for a, b in zip(after, before, strict=True):
+        assert torch.equal(a, b)
+    layer(_input(shape, 9).float().to(DEVICE))
+    assert any(not torch.equal(a, b) for a, b in zip(layer.buffers(), before, strict=False))
+
+
+@pytest.mark.parametrize("spec", STOCHASTIC, ids=[s.id for s in STOCHASTIC])
+def test_stochastic_layer_trains_on_device_with_the_global_generator(spec: LayerSpec) -> None:
+    """Unseeded, a stochastic layer trains on the device and repeats under the same global seed;
+    its eval output is deterministic. (Seeded layers draw on the CPU: see the next test.)"""
+    layer = spec.make()
+    if getattr(layer, "generator", None) is not None:
+        layer.generator = None
+    layer = layer.to(DEVICE).train()
+    shape = spec.shapes[-1]
+    x = _input(shape, 5).float().to(DEVICE)
+    with torch.no_grad():
+        gy = _input(tuple(copy.deepcopy(layer)(x).shape), 6).float().to(DEVICE)
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(7)
+        runs.append(_step(copy.deepcopy(layer), x, gy))
+    for a, b in zip(*runs, strict=True):
+        assert not a.is_floating_point() or a.isfinite().all()
+        assert torch.equal(a, b)
+    layer.eval()
+    with torch.no_grad():
+        torch.manual_seed(8)
+        first = layer(x)
+        torch.manual_seed(8)
+        torch.testing.assert_close(layer(x), first, rtol=0, atol=0)
+
+
+def test_seeded_layer_on_device_says_to_use_the_global_generator() -> None:
+    if DEVICE == "cpu":
+        pytest.skip("seeded layers draw on the CPU")
+    layer = nl.Dropout(0.3, seed=0).train()
+    with pytest.raises(ValueError, match="seed=None"):
+        layer(torch.ones(4, 3, device=DEVICE))
+
+
+COMPILED = ["bn2d", "gn", "l1", "linf", "renorm2d", "ghost"]
+
+
+@pytest.mark.parametrize("spec_id", COMPILED)
+def test_compiled_on_device_matches_eager(spec_id: str) -> None:
+    spec = next(s for s in SPECS if s.id == spec_id)
+    shape = spec.shapes[-1]
+    torch._dynamo.reset()
+    eager = spec.make().to(DEVICE)
+    compiled_layer = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_layer, fullgraph=True, dynamic=False)
+    gy = _input(shape, 3).float().to(DEVICE)
+    for i, training in enumerate((True, False, True)):
+        eager.train(training)
+        compiled_layer.train(training)
+        x = _input(shape, 20 + i).float().to(DEVICE)
+        got, expected = _step(compiled, x, gy), _step(eager, x, gy)
+        assert len(got) == len(expected)
+        for a, b in zip(got, expected, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=5e-5)
+    torch._dynamo.reset()
