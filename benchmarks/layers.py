@@ -40,18 +40,25 @@ class TorchChannelLayerNorm(nn.LayerNorm):
 class TorchNoisyBatchNorm(nn.BatchNorm2d):
     """Santurkar et al.'s noisy batch norm as a torch.nn user writes it: BatchNorm2d, then
     per-element noise ``s * y + m`` with ``m ~ U(mu_t +- 0.1)``, ``s ~ N(sigma_t, 0.1)`` drawn by
-    torch's in-place generators from a generator of its own (the cheapest way in plain torch)."""
+    torch's in-place generators from a generator of its own (the cheapest way in plain torch), on
+    the activations' device (the levels on the CPU)."""
 
     def __init__(self, c: int) -> None:
         super().__init__(c)
         self.generator = torch.Generator().manual_seed(0)
+        self.device_generators: dict[torch.device, torch.Generator] = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = super().forward(x)
         mu, sigma = torch.rand(2, generator=self.generator).tolist()
         mu, sigma = mu - 0.5, 1.0 + 0.25 * sigma
-        m = torch.empty_like(y).uniform_(mu - 0.1, mu + 0.1, generator=self.generator)
-        s = torch.empty_like(y).normal_(sigma, 0.1, generator=self.generator)
+        g = self.generator
+        if y.device.type != "cpu":
+            g = self.device_generators.setdefault(
+                y.device, torch.Generator(y.device).manual_seed(0)
+            )
+        m = torch.empty_like(y).uniform_(mu - 0.1, mu + 0.1, generator=g)
+        s = torch.empty_like(y).normal_(sigma, 0.1, generator=g)
         return torch.addcmul(m, s, y)
 
 

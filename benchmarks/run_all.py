@@ -5,6 +5,7 @@ Usage::
     python benchmarks/run_all.py                  # the README table (a few minutes)
     python benchmarks/run_all.py --quick          # smoke run: small shapes, short timings
     python benchmarks/run_all.py --out table.md   # also write the markdown
+    python benchmarks/run_all.py --device cuda    # the same table on a GPU, against cuDNN
 
 Layer rows: layer x shape x dtype x memory format; time ratio normlab / torch.nn (forward, and
 forward+backward) measured alternately in the same run, 1 thread, median of
@@ -20,6 +21,11 @@ random numbers are the layer's purpose and most of its cost).
 Model rows: one SGD training step (forward, cross-entropy, backward, optimizer step) of the
 reference VGG-style CNN (VGG-4 width 16, 1x28x28 input) and MLP (3 x 128, 784 inputs), batch 128,
 with normlab's norm layers vs the same model with torch.nn's (same weights), 1 and 2 threads.
+
+``--device cuda``: the same rows on the GPU; float16 rows instead of bfloat16 (autocast's CUDA
+type); peak memory from the CUDA allocator's statistics; model rows at batch 128 and 1024 in place
+of the thread counts; and a last section listing each normlab layer's host synchronisations in one
+training forward+backward (``torch.cuda.set_sync_debug_mode``), which stall the GPU's queue.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import copy
 import datetime
 import math
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -48,6 +55,16 @@ def peak_mib(layer: nn.Module, x: torch.Tensor, gy: torch.Tensor) -> float:
     from torch.distributed._tools.mem_tracker import MemTracker
 
     x = x.detach().clone().requires_grad_()
+    if x.is_cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        layer(x).backward(gy)
+        torch.cuda.synchronize()
+        extra = torch.cuda.max_memory_allocated() - before
+        layer.zero_grad(set_to_none=True)
+        held = sum(t.numel() * t.element_size() for t in (x, gy, *layer.parameters()))
+        return (extra + held) / 2**20
     tracker = MemTracker()
     tracker.track_external(layer, x, gy)
     with tracker:
@@ -63,30 +80,47 @@ def layer_rows(
     dtype: torch.dtype,
     channels_last: bool,
     min_time: float,
+    device: str = "cpu",
 ) -> list[str]:
-    x, gy = inputs(shape, channels_last, dtype)
+    x, gy = (t.to(device) for t in inputs(shape, channels_last, dtype))
+    # CUDA's low-precision rows run under autocast, as users do (torch.nn's group norm, say, takes
+    # float16 input with float32 parameters there only through autocast's float32 cast)
+    cast = device == "cuda" and dtype != torch.float32
     size = x.numel() * x.element_size()
     label = f"{'x'.join(map(str, shape))} | {str(dtype).removeprefix('torch.')} | " + (
         "channels_last" if channels_last else "NCHW"
     )
     rows = []
     for spec in specs:
-        ours, theirs = build(spec, shape)
-        fwd = compare(_fwd(ours, x), _fwd(theirs, x), min_time)
+        ours, theirs = (m.to(device) for m in build(spec, shape))
+        fwd = compare(_cast(_fwd(ours, x), cast), _cast(_fwd(theirs, x), cast), min_time)
         if spec.training:
             both: tuple[Timing, Timing] | None = compare(
-                _fwd_bwd(ours, x, gy), _fwd_bwd(theirs, x, gy), min_time
+                _cast(_fwd_bwd(ours, x, gy), cast), _cast(_fwd_bwd(theirs, x, gy), cast), min_time
             )
             assert both is not None
             gbs = f"{5 * size / both[0].median / 1e9:.1f}"
             ratio_both = _ratio(*both)
-            memory = f"{peak_mib(ours, x, gy):.1f} / {peak_mib(theirs, x, gy):.1f}"
+            with torch.autocast("cuda", dtype=torch.float16, enabled=cast):
+                memory = f"{peak_mib(ours, x, gy):.1f} / {peak_mib(theirs, x, gy):.1f}"
         else:
             gbs = f"{2 * size / fwd[0].median / 1e9:.1f} (fwd)"
             ratio_both, memory = "-", "-"
         rows.append(f"| {spec.name} | {label} | {_ratio(*fwd)} | {ratio_both} | {gbs} | {memory} |")
         print(rows[-1], file=sys.stderr, flush=True)
     return rows
+
+
+def _cast(fn: Callable[[], object], cast: bool) -> Callable[[], object]:
+    """``fn`` under CUDA float16 autocast if ``cast``."""
+    if not cast:
+        return fn
+
+    def run() -> object:
+        with torch.autocast("cuda", dtype=torch.float16):
+            return fn()
+
+    return run
 
 
 def _ratio(ours: Timing, theirs: Timing) -> str:
@@ -128,7 +162,34 @@ def _train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[
     return step
 
 
-def model_rows(min_time: float, threads: tuple[int, ...], batch: int) -> list[str]:
+def host_syncs(specs: list[Layer], shape: tuple[int, ...]) -> list[str]:
+    """Each layer's host synchronisations in one CUDA training forward+backward, counted from
+    ``torch.cuda.set_sync_debug_mode("warn")``'s warnings (torch.nn's layers make none)."""
+    x, gy = (t.cuda() for t in inputs(shape, False))
+    rows = []
+    for spec in specs:
+        if not spec.training:
+            continue
+        ours = build(spec, shape)[0].cuda()
+        run = _fwd_bwd(ours, x, gy)
+        run()  # first call: lazy initialisation
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                run()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        where = sorted({str(w.message).splitlines()[0][:80] for w in caught})
+        rows.append(f"| {spec.name} | {len(caught)} | {'; '.join(where) or '-'} |")
+        print(rows[-1], file=sys.stderr, flush=True)
+    return rows
+
+
+def model_rows(
+    min_time: float, threads: tuple[int, ...], batch: int, device: str = "cpu"
+) -> list[str]:
     cases = [
         ("VGG-4 CNN, BN", RunConfig(arch="vgg", norm="batch", width=16), (1, 28, 28)),
         ("VGG-4 CNN, GN", RunConfig(arch="vgg", norm="group", width=16), (1, 28, 28)),
@@ -141,8 +202,9 @@ def model_rows(min_time: float, threads: tuple[int, ...], batch: int) -> list[st
         theirs = _torch_norms(ours).train()
         assert any(type(m).__module__.startswith("normlab.") for m in ours.modules())
         assert not any(type(m).__module__.startswith("normlab.") for m in theirs.modules())
-        x = torch.randn(batch, *shape, generator=g)
-        y = torch.randint(0, 10, (batch,), generator=g)
+        ours, theirs = ours.to(device), theirs.to(device)
+        x = torch.randn(batch, *shape, generator=g).to(device)
+        y = torch.randint(0, 10, (batch,), generator=g).to(device)
         for n in threads:
             torch.set_num_threads(n)
             t_ours, t_theirs = compare(_train_step(ours, x, y), _train_step(theirs, x, y), min_time)
@@ -156,6 +218,10 @@ def model_rows(min_time: float, threads: tuple[int, ...], batch: int) -> list[st
     return rows
 
 
+def _shape(spec: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in spec.split("x"))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -164,14 +230,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-time", type=float, default=0.4, help="seconds per comparison")
     parser.add_argument("--quick", action="store_true", help="smoke run: one small shape")
     parser.add_argument("--out", type=Path, help="also write the markdown to this file")
+    parser.add_argument(
+        "--device", choices=["cpu", "cuda"], default="cpu", help="where the tensors live"
+    )
     args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device: expected a machine with a CUDA device, got none; use --device cpu")
     if args.quick:
         args.shapes, args.min_time = ["8x16x8x8"], 0.02
     torch.set_num_threads(1)
     fixed = fix_allocator()
+    where = machine()
+    if args.device == "cuda":
+        where = (
+            f"{torch.cuda.get_device_name()} (cuDNN {torch.backends.cudnn.version()}, CUDA "
+            f"{torch.version.cuda}), host {where}"
+        )
     lines = [
-        f"Measured {datetime.date.today()} on {machine()}; allocator fix "
-        f"{'on' if fixed else 'OFF'}; `python benchmarks/run_all.py --min-time {args.min_time}` "
+        f"Measured {datetime.date.today()} on {where}; allocator fix "
+        f"{'on' if fixed else 'OFF'}; `python benchmarks/run_all.py --min-time {args.min_time} --device {args.device}` "
         "(seconds per comparison). Ratio = normlab time / torch.nn time, same run; < 1 is faster; "
         "± its spread (the two timings' relative IQRs in quadrature).",
         "",
@@ -179,18 +256,42 @@ def main(argv: list[str] | None = None) -> int:
         "peak MiB fwd+bwd (normlab / torch) |",
         "|---|---|---|---|---|---|---|---|",
     ]
+    low = torch.float16 if args.device == "cuda" else torch.bfloat16
+    # first (seconds), so that a run stopped at its time limit still reports them
+    syncs = host_syncs(LAYERS + VARIANTS, _shape(args.shapes[0])) if args.device == "cuda" else []
     for spec in args.shapes:
-        shape = tuple(int(v) for v in spec.split("x"))
-        for dtype in (torch.float32, torch.bfloat16):
+        shape = _shape(spec)
+        for dtype in (torch.float32, low):
             for channels_last in (False, True):
                 variants = VARIANTS if dtype == torch.float32 else []
-                lines += layer_rows(LAYERS + variants, shape, dtype, channels_last, args.min_time)
+                lines += layer_rows(
+                    LAYERS + variants, shape, dtype, channels_last, args.min_time, args.device
+                )
+    batch = 16 if args.quick else 128
     lines += [
         "",
-        "| model (one SGD step, batch 128) | threads | normlab ms | torch.nn ms | ratio |",
+        f"| model (one SGD step, batch {batch}) | threads | normlab ms | torch.nn ms | ratio |",
         "|---|---|---|---|---|",
     ]
-    lines += model_rows(args.min_time * 2, (1, 2), 16 if args.quick else 128)
+    if args.device == "cuda":
+        lines += model_rows(args.min_time * 2, (1,), batch, "cuda")
+        lines += [
+            "",
+            f"| model (one SGD step, batch {8 * batch}) | threads | normlab ms | torch.nn ms | "
+            "ratio |",
+            "|---|---|---|---|---|",
+        ]
+        lines += model_rows(args.min_time * 2, (1,), 8 * batch, "cuda")
+        lines += [
+            "",
+            f"Host synchronisations in one training forward+backward, {args.shapes[0]} float32:",
+            "",
+            "| layer | syncs | where (first line of each warning) |",
+            "|---|---|---|",
+        ]
+        lines += syncs
+    else:
+        lines += model_rows(args.min_time * 2, (1, 2), batch)
     return emit(lines, args.out)
 
 
