@@ -25,9 +25,10 @@ Numerics (the fine print every variant inherits):
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +40,7 @@ __all__ = [
     "FULL_PRECISION",
     "Moments",
     "NonFiniteStatisticsWarning",
+    "accelerator_routes",
     "all_finite",
     "apply_affine",
     "apply_function",
@@ -51,6 +53,7 @@ __all__ = [
     "keepdim_shape",
     "moments",
     "normalize",
+    "on_accelerator",
     "on_device_only",
     "pool_moments",
     "relayout",
@@ -310,11 +313,34 @@ def compiling() -> bool:
     return bool(torch.compiler.is_compiling())
 
 
+# Set by accelerator_routes(): the CPU then takes the routes normlab takes on accelerators.
+_PRETEND = [False]
+
+
+@contextlib.contextmanager
+def accelerator_routes() -> Iterator[None]:
+    """Within this block CPU tensors take the routes normlab takes on accelerators (no host syncs,
+    no fast-extra loops, large chunks): for tests, which can then check those routes' arithmetic
+    on a machine without a GPU (tests/test_cuda.py does, where CUDA is absent). Not thread-safe."""
+    _PRETEND[0], before = True, _PRETEND[0]
+    try:
+        yield
+    finally:
+        _PRETEND[0] = before
+
+
+def on_accelerator(where: Tensor | torch.device | str) -> bool:
+    """Whether a tensor (or device) takes normlab's routes for accelerators: any device but the
+    CPU -- and the CPU inside :func:`accelerator_routes`."""
+    device = where.device if isinstance(where, Tensor) else torch.device(where)
+    return device.type != "cpu" or _PRETEND[0]
+
+
 def on_device_only(t: Tensor) -> bool:
     """Whether decisions about ``t``'s values must stay on its device: under ``torch.compile``
     (a data-dependent branch breaks the graph) and on accelerators (reading a value back is a
     host sync, which drains the device's queue of work once per layer and step)."""
-    return compiling() or t.device.type != "cpu"
+    return compiling() or on_accelerator(t)
 
 
 def all_finite(*stats: Tensor) -> Tensor:
@@ -430,7 +456,7 @@ def _update_in_numpy_(
         return False
     arrays = []
     for t in (running_mean, running_var, mean, var):
-        if t.device.type != "cpu" or t.dtype not in FULL_PRECISION or t.requires_grad:
+        if on_accelerator(t) or t.dtype not in FULL_PRECISION or t.requires_grad:
             return False
         arrays.append(t.numpy().reshape(-1).astype(np.float64, copy=False))
     old_mean, old_var, new_mean, new_var = arrays

@@ -41,6 +41,7 @@ from normlab.functional._core import (
     bessel_factor,
     channel_affine,
     channels_last_format,
+    on_accelerator,
     pool_moments,
     update_running_stats_,
 )
@@ -82,7 +83,7 @@ _NORM_PIECE = 4096
 def _eligible(x: Tensor, others: tuple[Tensor | None, ...]) -> bool:
     """Eager CPU float32/float64 ``(N, C, *spatial)`` input whose ``others`` share its dtype and
     device, outside ``torch.compile``, ``torch.func`` transforms and forward-mode AD."""
-    if x.device.type != "cpu" or x.dtype not in FULL_PRECISION or x.dim() < 3:
+    if on_accelerator(x) or x.dtype not in FULL_PRECISION or x.dim() < 3:
         return False
     for p in others:
         if p is not None and (p.dtype != x.dtype or p.device != x.device):
@@ -217,7 +218,7 @@ def batch_moments(x: Tensor) -> tuple[Tensor, Tensor]:
     with torch.no_grad():
         if use_fast_batch_stats(x):
             return _batch_moments(x)
-        cpu = x.device.type == "cpu"  # the biased variance is checked on CPU (no GPU here)
+        cpu = not on_accelerator(x)  # torch's read-only statistics kernel: fast on the CPU
         if cpu and channels_last_format(x) is not None and x.dtype in FULL_PRECISION:
             mean, var = torch.batch_norm_update_stats(x.detach(), None, None, 0.0)
             return mean.double(), var.double()  # var: biased
@@ -375,7 +376,7 @@ def _channels_last_cpu(x: Tensor) -> bool:
     """Channels-last CPU float32/float64 input, whose batch-norm output the multiply-add along
     the contiguous channels writes faster than torch's kernels (:func:`normalize_given`)."""
     return (
-        x.device.type == "cpu" and x.dtype in FULL_PRECISION and channels_last_format(x) is not None
+        not on_accelerator(x) and x.dtype in FULL_PRECISION and channels_last_format(x) is not None
     )
 
 

@@ -53,7 +53,7 @@ from torch import Tensor
 from torch.autograd.graph import increment_version
 
 from normlab._checks import fail
-from normlab.functional._core import FULL_PRECISION, pool_moments, storage_layout
+from normlab.functional._core import FULL_PRECISION, on_accelerator, pool_moments, storage_layout
 
 __all__ = [
     "abs_deviation_sums",
@@ -153,7 +153,7 @@ def usable(x: Tensor, *like: Tensor | None) -> bool:
     or as a contiguous ``(N, C)`` matrix; every tensor in ``like`` (``None`` skipped: a gradient,
     an output buffer) has ``x``'s dtype, shape and strides (the kernels read them as ``x``); not
     under ``torch.compile``, ``torch.func`` transforms (e.g. a vmap'd backward) or forward AD."""
-    if x.device.type != "cpu" or x.dtype not in FULL_PRECISION or x.numel() < _MIN_NUMEL:
+    if on_accelerator(x) or x.dtype not in FULL_PRECISION or x.numel() < _MIN_NUMEL:
         return False
     if storage_layout(x) is None or not available():
         return False

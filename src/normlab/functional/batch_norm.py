@@ -21,6 +21,7 @@ from normlab.functional._core import (
     channels_last_format,
     compiling,
     finite_statistics,
+    on_accelerator,
     on_device_only,
     relayout,
     stats_dtype,
@@ -328,7 +329,7 @@ def instance_norm_unchecked(
         fix="instance norm needs a feature map larger than 1 element; use BatchNorm or "
         "LayerNorm for 1x1 features",
     )
-    cpu = input.device.type == "cpu"
+    cpu = not on_accelerator(input)
     if fmt is not None and positions * c >= _MIN_SAMPLE_CL and cpu and not compiling():
         # Channels-last on the CPU: one sample is a channels-last (1, C, *) tensor whose batch statistics
         # are its instance statistics: torch's read-only statistics kernel per sample, then one

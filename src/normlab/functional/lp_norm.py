@@ -23,6 +23,7 @@ from normlab.functional._core import (
     channels_last_format,
     compiling,
     finite_statistics,
+    on_accelerator,
     on_device_only,
     stats_dtype,
     storage_layout,
@@ -178,7 +179,7 @@ def _epilogues(x: Tensor, running: _Running) -> bool:
     """Whether the fused functions' per-channel arithmetic (and the running statistics' update)
     runs in the fast extra's serial loops (:func:`kernels.lp_coefficients`): CPU input with
     numba, running statistics (if any) CPU float32/float64 buffers of one dtype."""
-    if x.device.type != "cpu" or not kernels.available():
+    if on_accelerator(x) or not kernels.available():
         return False
     if running is None:
         return True
@@ -362,7 +363,7 @@ def _channel_chunks(x: Tensor) -> tuple[tuple[Tensor, ...], list[int], list[int]
         rows, dims, view = x.movedim(1, -1).view(-1, c), [0], [c]
     else:
         return (x,), [0, *range(2, x.dim())], channel_view_shape(x.dim(), c)
-    chunk = _CHUNK_BYTES if x.device.type == "cpu" else _DEVICE_CHUNK_BYTES
+    chunk = _DEVICE_CHUNK_BYTES if on_accelerator(x) else _CHUNK_BYTES
     per = max(1, chunk // (rows[0].numel() * x.element_size()))
     return torch.split(rows, per), dims, view
 

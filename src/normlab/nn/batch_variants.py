@@ -19,6 +19,7 @@ from normlab.functional import _rng
 from normlab.functional._core import (
     channel_view_shape,
     channels_last_format,
+    on_accelerator,
     store_if_finite_,
 )
 from normlab.functional.batch_norm import batch_norm_unchecked
@@ -550,7 +551,7 @@ class NoisyBatchNorm(RunningStatsNorm, _TorchBatchNorm):
             if per_element and channels_last:  # not stored != noise_shape: C == H == W
                 fmt = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
             where, fill = torch.device("cpu"), g
-            if torch.device(device).type != "cpu":
+            if on_accelerator(device):
                 # On an accelerator the noise is drawn there (drawn here and copied over it
                 # cost ~500x BatchNorm2d's forward on an H200), by a generator of that device
                 # seeded from this layer's own at each step: reproducible, but not the CPU's
