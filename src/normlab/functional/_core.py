@@ -318,11 +318,12 @@ _PRETEND = [False]
 
 
 @contextlib.contextmanager
-def accelerator_routes() -> Iterator[None]:
+def accelerator_routes(on: bool = True) -> Iterator[None]:
     """Within this block CPU tensors take the routes normlab takes on accelerators (no host syncs,
     no fast-extra loops, large chunks): for tests, which can then check those routes' arithmetic
-    on a machine without a GPU (tests/test_cuda.py does, where CUDA is absent). Not thread-safe."""
-    _PRETEND[0], before = True, _PRETEND[0]
+    on a machine without a GPU (tests/test_cuda.py does, where CUDA is absent). ``on=False``
+    restores the CPU's own routes inside such a block (for a reference). Not thread-safe."""
+    _PRETEND[0], before = on, _PRETEND[0]
     try:
         yield
     finally:

@@ -10,7 +10,9 @@ from normlab.functional._core import (
     apply_function,
     channels_last_format,
     compiling,
+    on_accelerator,
     pool_moments,
+    stats_dtype,
     store_if_finite_,
     update_running_stats_,
 )
@@ -185,6 +187,31 @@ def batch_renorm_unchecked(
     return y
 
 
+def _ghost_on_device(
+    input: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, sizes: list[int]
+) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    """Ghost batch norm on accelerators: torch's batch-norm kernel on each virtual batch (a slice
+    along the batch, contiguous in both memory formats), the pieces concatenated -- the kernel's
+    two reads and a write, then one read and write to concatenate, where the group-norm route's
+    transposing copies (two each way) move about twice the bytes; and a handful of launches per
+    virtual batch instead of the per-batch sequences of :class:`PerGroupBatchNorm`. Returns ``(y,
+    (means, variances))``: the virtual batches' float64 statistics (biased variances, recovered
+    from the kernel's ``1 / sqrt(var + eps)``), which pool into the whole batch's."""
+    low = stats_dtype(input.dtype) != input.dtype
+    # float32 parameters with low-precision input (torch's accurate mixed-precision path)
+    w, b = (None if t is None else t.float() if low else t for t in (weight, bias))
+    pieces, means, invstds = [], [], []
+    for chunk in torch.split(input, sizes):
+        y, mean, invstd = torch.native_batch_norm(chunk, w, b, None, None, True, 0.0, eps)
+        pieces.append(y)
+        means.append(mean)
+        invstds.append(invstd)
+    with torch.no_grad():
+        mean = torch.stack(means).double()
+        var = (torch.stack(invstds).double().pow(-2) - eps).clamp_min(0.0)
+    return torch.cat(pieces) if len(pieces) > 1 else pieces[0], (mean, var)
+
+
 def ghost_batch_norm_unchecked(
     input: Tensor,
     running_mean: Tensor | None,
@@ -242,7 +269,9 @@ def ghost_batch_norm_unchecked(
         )
     y: Tensor
     stats: tuple[Tensor, Tensor] | None = None  # per virtual batch (mean, biased var)
-    if not compiling() and (
+    if on_accelerator(input) and not compiling():
+        y, stats = _ghost_on_device(input, weight, bias, eps, sizes)
+    elif not compiling() and (
         channels_last_format(input) is not None
         or (full and use_fast_batch_stats(input[:vbs], weight, bias))
     ):
@@ -271,8 +300,10 @@ def ghost_batch_norm_unchecked(
         y = y.to(input.dtype)
     if training and running_mean is not None and running_var is not None:
         if stats is not None:  # pooled from the virtual batches (Chan et al.)
-            counts = torch.tensor(sizes, dtype=torch.float64, device=stats[1].device)
-            counts = counts.unsqueeze(1)
+            counts = None  # equal virtual batches (the usual case): plain means, fewer ops
+            if len(set(sizes)) > 1:
+                counts = torch.tensor(sizes, dtype=torch.float64, device=stats[1].device)
+                counts = counts.unsqueeze(1)
             mean, var = pool_moments(stats[0].double(), stats[1], 0, counts)
         else:
             mean, var = batch_moments(input)
