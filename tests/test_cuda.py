@@ -22,6 +22,9 @@ from torch import nn
 import normlab.nn as nl
 from normlab.functional._core import accelerator_routes
 from tests.nn.specs import SPECS, LayerSpec
+from tests.nn.test_compile import _assert_same as assert_same
+from tests.nn.test_compile import _step as step_results
+from tests.nn.test_low_precision import assert_autocast_matches_torch
 
 DEVICE = os.environ.get("NORMLAB_TEST_DEVICE", "cuda" if torch.cuda.is_available() else "cpu")
 pytestmark = [
@@ -52,23 +55,14 @@ def _input(shape: tuple[int, ...], seed: int) -> torch.Tensor:
 
 def _step(layer: nn.Module, x: torch.Tensor, gy: torch.Tensor) -> list[torch.Tensor]:
     """Output, input and parameter gradients, and buffers after one call, on the CPU in float64."""
-    x = x.detach().clone().requires_grad_()
-    y = layer(x)
-    params = [p for p in layer.parameters() if p.requires_grad]
-    grads = torch.autograd.grad(y, [x, *params], gy.to(y.dtype), allow_unused=True)
-    out = [y.detach(), *(g for g in grads if g is not None), *layer.buffers()]
+    out = step_results(layer, x, gy)
     return [t.detach().cpu().double() if t.is_floating_point() else t.cpu() for t in out]
 
 
 def _close(ours: list[torch.Tensor], ref: list[torch.Tensor]) -> None:
-    assert len(ours) == len(ref)
-    for a, b in zip(ours, ref, strict=True):
-        if a.is_floating_point():
-            # float32 against float64: relative error ~1e-6 per op; gradients through the
-            # statistics lose a few more digits on inputs of a few values per channel
-            torch.testing.assert_close(a, b, rtol=2e-4, atol=5e-5)
-        else:
-            assert torch.equal(a, b)
+    # float32 against float64: relative error ~1e-6 per op; gradients through the statistics
+    # lose a few more digits on inputs of a few values per channel
+    assert_same(ours, ref, rtol=2e-4)
 
 
 @pytest.mark.parametrize("spec", EXACT, ids=[s.id for s in EXACT])
@@ -118,20 +112,7 @@ def test_autocast_matches_torch_nn(spec: LayerSpec, low: bool) -> None:
     x = _input(shape, 4).float().to(DEVICE)
     if low:
         x = x.to(dtype)
-    ours, ref = spec.make().to(DEVICE), spec.torch_make().to(DEVICE)
-    ref.load_state_dict(ours.state_dict())
-    for training in (True, False):
-        ours.train(training)
-        ref.train(training)
-        with torch.autocast(DEVICE, dtype=dtype):
-            y, yr = ours(x), ref(x)
-        assert y.dtype == yr.dtype
-        torch.testing.assert_close(y.float(), yr.float(), rtol=2e-2, atol=2e-2)
-    for (name, b), br in zip(ours.named_buffers(), ref.buffers(), strict=True):
-        assert b.dtype == br.dtype, name
-        if b.is_floating_point():
-            assert b.dtype == torch.float32, name
-            torch.testing.assert_close(b, br, rtol=1e-2, atol=1e-2)
+    assert_autocast_matches_torch(spec.make().to(DEVICE), spec.torch_make().to(DEVICE), x, dtype)
 
 
 STATEFUL = [s for s in EXACT if s.stateful]
@@ -207,8 +188,5 @@ def test_compiled_on_device_matches_eager(spec_id: str) -> None:
         eager.train(training)
         compiled_layer.train(training)
         x = _input(shape, 20 + i).float().to(DEVICE)
-        got, expected = _step(compiled, x, gy), _step(eager, x, gy)
-        assert len(got) == len(expected)
-        for a, b in zip(got, expected, strict=True):
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=5e-5)
+        assert_same(_step(compiled, x, gy), _step(eager, x, gy))
     torch._dynamo.reset()

@@ -70,12 +70,20 @@ def test_autocast_matches_torch(spec, dtype) -> None:  # type: ignore[no-untyped
     shape = spec.shapes[-1]
     g = torch.Generator().manual_seed(3)
     x = (torch.randn(shape, generator=g) * 2 + 1).to(dtype)
-    ours, ref = spec.make(), spec.torch_make()
+    assert_autocast_matches_torch(spec.make(), spec.torch_make(), x, torch.bfloat16)
+
+
+def assert_autocast_matches_torch(
+    ours: torch.nn.Module, ref: torch.nn.Module, x: torch.Tensor, dtype: torch.dtype
+) -> None:
+    """A training and an eval call of ``ours`` and the torch.nn layer ``ref`` (given ``ours``'s
+    state) under autocast to ``dtype`` on ``x``'s device: the same output dtype, close values,
+    float32 buffers that moved alike (tests/test_cuda.py runs it on CUDA)."""
     ref.load_state_dict(ours.state_dict())
     for training in (True, False):
         ours.train(training)
         ref.train(training)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(x.device.type, dtype=dtype):
             y, yr = ours(x), ref(x)
         assert y.dtype == yr.dtype
         torch.testing.assert_close(y.float(), yr.float(), rtol=2e-2, atol=2e-2)
