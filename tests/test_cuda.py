@@ -164,12 +164,31 @@ def test_stochastic_layer_trains_on_device_with_the_global_generator(spec: Layer
         torch.testing.assert_close(layer(x), first, rtol=0, atol=0)
 
 
-def test_seeded_layer_on_device_says_to_use_the_global_generator() -> None:
-    if DEVICE == "cpu":
-        pytest.skip("seeded layers draw on the CPU: only an accelerator refuses them")
-    layer = nl.Dropout(0.3, seed=0).train()
-    with pytest.raises(ValueError, match="seed=None"):
+@pytest.mark.parametrize(
+    "make",
+    [lambda: nl.Dropout(0.3, seed=5), lambda: nl.FeatureDropout2d(0.3, seed=5)],
+    ids=["dropout", "feature-dropout2d"],
+)
+def test_seeded_layer_on_device_repeats_its_masks(make) -> None:  # type: ignore[no-untyped-def]
+    """Two layers of one seed draw the same masks, call after call; the masks change from call to
+    call; evaluation is the identity."""
+    a, b = make().train(), make().train()
+    x = torch.ones(8, 16, 4, 4, device=DEVICE)
+    first = a(x)
+    assert torch.equal(first, b(x))
+    second = a(x)
+    assert torch.equal(second, b(x))
+    assert not torch.equal(first, second)
+    assert 0.5 < float((first != 0).float().mean()) < 0.9  # keep rate 0.7
+    torch.testing.assert_close(a.eval()(x), x, rtol=0, atol=0)
+
+
+def test_seeded_layer_refuses_to_compile_for_an_accelerator() -> None:
+    torch._dynamo.reset()
+    layer = torch.compile(nl.Dropout(0.3, seed=5).train(), fullgraph=True, dynamic=False)
+    with pytest.raises(Exception, match="use seed=None"):
         layer(torch.ones(4, 3, device=DEVICE))
+    torch._dynamo.reset()
 
 
 COMPILED = ["bn2d", "gn", "l1", "linf", "renorm2d", "ghost"]

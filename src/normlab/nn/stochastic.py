@@ -6,6 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from normlab._checks import check_bool, fail
+from normlab.functional._core import on_accelerator
 from normlab.functional.stochastic import (
     alpha_dropout,
     check_probability,
@@ -41,16 +42,22 @@ class StochasticModule(nn.Module):
         self.generator = None if seed is None else torch.Generator().manual_seed(int(seed))
 
     def _generator(self, input: Tensor) -> torch.Generator | None:
-        if self.generator is None or input.device.type == "cpu":
+        """The generator this call draws from: the layer's own (a CPU generator); on an
+        accelerator a fresh generator of that device seeded from it at each call (the same seed
+        gives the same masks there; a different stream from the CPU's). Eager only there."""
+        if self.generator is None or not on_accelerator(input):
             return self.generator
-        fail(
-            ValueError,
-            type(self).__name__,
-            "the input's device for a seeded layer",
-            "cpu",
-            str(input.device),
-            "use seed=None (torch's global RNG) on accelerators",
-        )
+        if torch.compiler.is_compiling():
+            fail(
+                ValueError,
+                type(self).__name__,
+                "a seeded layer compiled for an accelerator",
+                "eager mode, or seed=None",
+                f"torch.compile with input on {input.device}",
+                "use seed=None (torch's global RNG) in models compiled for accelerators",
+            )
+        seed = int(torch.randint(0, 2**62, (1,), generator=self.generator))
+        return torch.Generator(input.device).manual_seed(seed)
 
     def extra_repr(self) -> str:
         return f"p={self.p}" + ("" if self.seed is None else f", seed={self.seed}")
@@ -67,8 +74,9 @@ class Dropout(StochasticModule):
     Args:
         p: drop probability in [0, 1]. Default: 0.5.
         inverted: see above. Default: ``True``.
-        seed: seed of the layer's own generator (reproducible masks); ``None``: torch's global
-            RNG and fused kernel.
+        seed: seed of the layer's own generator (reproducible masks; on accelerators drawn
+            there from a generator it seeds at each call, in eager mode); ``None``: torch's
+            global RNG and fused kernel.
 
     Example:
         >>> Dropout(0.5).eval()(torch.ones(3))
