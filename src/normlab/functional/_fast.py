@@ -212,14 +212,16 @@ def batch_moments(x: Tensor) -> tuple[Tensor, Tensor]:
     """Per-channel batch mean and biased variance of ``(N, C, *)`` input, float64, no gradient.
 
     Large channels-first CPU tensors use row sums and norms (:func:`_batch_moments`),
-    channels-last float32/float64 CPU tensors torch's read-only statistics kernel (fast on that
-    layout); everything else torch's batch-norm kernel in training mode.
+    channels-last float32/float64 CPU tensors and float32/float64 tensors on accelerators
+    torch's read-only statistics kernel (one read, Welford's update: no output written, where the
+    batch-norm kernel writes a whole normalized tensor); everything else torch's batch-norm kernel
+    in training mode.
     """
     with torch.no_grad():
         if use_fast_batch_stats(x):
             return _batch_moments(x)
-        cpu = not on_accelerator(x)  # torch's read-only statistics kernel: fast on the CPU
-        if cpu and channels_last_format(x) is not None and x.dtype in FULL_PRECISION:
+        read_only = on_accelerator(x) or channels_last_format(x) is not None
+        if read_only and x.dtype in FULL_PRECISION:
             mean, var = torch.batch_norm_update_stats(x.detach(), None, None, 0.0)
             return mean.double(), var.double()  # var: biased
         if x.dim() == 2 or x[0, 0].numel() == 1:
