@@ -22,6 +22,10 @@ Model rows: one SGD training step (forward, cross-entropy, backward, optimizer s
 reference VGG-style CNN (VGG-4 width 16, 1x28x28 input) and MLP (3 x 128, 784 inputs), batch 128,
 with normlab's norm layers vs the same model with torch.nn's (same weights), 1 and 2 threads.
 
+``--compile``: the layer rows with both sides ``torch.compile``'d (``dynamic=False``; normlab's
+with ``fullgraph=True``), as a user compiles a model -- on a GPU the variants' many small ops fuse
+into a few kernels there.
+
 ``--device cuda``: the same rows on the GPU; float16 rows instead of bfloat16 (autocast's CUDA
 type); peak memory from the CUDA allocator's statistics; model rows at batch 128 and 1024 in place
 of the thread counts; and a last section listing each normlab layer's host synchronisations in one
@@ -81,6 +85,7 @@ def layer_rows(
     channels_last: bool,
     min_time: float,
     device: str = "cpu",
+    compiled: bool = False,
 ) -> list[str]:
     x, gy = (t.to(device) for t in inputs(shape, channels_last, dtype))
     # CUDA's low-precision rows run under autocast, as users do (torch.nn's group norm, say, takes
@@ -92,7 +97,10 @@ def layer_rows(
     )
     rows = []
     for spec in specs:
-        ours, theirs = (m.to(device) for m in build(spec, shape))
+        ours, theirs = eager = tuple(m.to(device) for m in build(spec, shape))
+        if compiled:  # both sides, as a user compiles a whole model; normlab's in one graph
+            torch._dynamo.reset()  # each row from scratch (no recompilation limits reached)
+            ours, theirs = _compiled(ours, True), _compiled(theirs, False)
         fwd = compare(_cast(_fwd(ours, x), cast), _cast(_fwd(theirs, x), cast), min_time)
         if spec.training:
             both: tuple[Timing, Timing] | None = compare(
@@ -102,13 +110,21 @@ def layer_rows(
             gbs = f"{5 * size / both[0].median / 1e9:.1f}"
             ratio_both = _ratio(*both)
             with torch.autocast("cuda", dtype=torch.float16, enabled=cast):
-                memory = f"{peak_mib(ours, x, gy):.1f} / {peak_mib(theirs, x, gy):.1f}"
+                # the eager layers' (MemTracker is a dispatch mode, which compiled code refuses)
+                memory = f"{peak_mib(eager[0], x, gy):.1f} / {peak_mib(eager[1], x, gy):.1f}"
         else:
             gbs = f"{2 * size / fwd[0].median / 1e9:.1f} (fwd)"
             ratio_both, memory = "-", "-"
         rows.append(f"| {spec.name} | {label} | {_ratio(*fwd)} | {ratio_both} | {gbs} | {memory} |")
         print(rows[-1], file=sys.stderr, flush=True)
     return rows
+
+
+def _compiled(module: nn.Module, fullgraph: bool) -> nn.Module:
+    """``torch.compile(module, dynamic=False)``: ``fullgraph`` for normlab's layers (a graph break
+    is an error there), not for the torch.nn side, whose noisy batch-norm peer reads two random
+    levels with ``.tolist()``."""
+    return torch.compile(module, fullgraph=fullgraph, dynamic=False)  # type: ignore[return-value]
 
 
 def _cast(fn: Callable[[], object], cast: bool) -> Callable[[], object]:
@@ -233,6 +249,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--device", choices=["cpu", "cuda"], default="cpu", help="where the tensors live"
     )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="layer rows of torch.compile'd layers on both sides (fullgraph, static shapes): on a "
+        "GPU the variants' small ops fuse into a few kernels",
+    )
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device: expected a machine with a CUDA device, got none; use --device cpu")
@@ -248,7 +270,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     lines = [
         f"Measured {datetime.date.today()} on {where}; allocator fix "
-        f"{'on' if fixed else 'OFF'}; `python benchmarks/run_all.py --min-time {args.min_time} --device {args.device}` "
+        f"{'on' if fixed else 'OFF'}; `python benchmarks/run_all.py --min-time {args.min_time} --device {args.device}"
+        f"{' --compile' if args.compile else ''}` "
         "(seconds per comparison). Ratio = normlab time / torch.nn time, same run; < 1 is faster; "
         "± its spread (the two timings' relative IQRs in quadrature).",
         "",
@@ -265,7 +288,13 @@ def main(argv: list[str] | None = None) -> int:
             for channels_last in (False, True):
                 variants = VARIANTS if dtype == torch.float32 else []
                 lines += layer_rows(
-                    LAYERS + variants, shape, dtype, channels_last, args.min_time, args.device
+                    LAYERS + variants,
+                    shape,
+                    dtype,
+                    channels_last,
+                    args.min_time,
+                    args.device,
+                    args.compile,
                 )
     batch = 16 if args.quick else 128
     lines += [
