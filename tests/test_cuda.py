@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import copy
 import os
+import traceback
 from collections.abc import Iterator
 
 import pytest
 import torch
 import torch._dynamo
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 import normlab.nn as nl
 from normlab.functional._core import accelerator_routes
@@ -126,15 +128,16 @@ def test_non_finite_batch_leaves_running_statistics_on_device(spec: LayerSpec, b
     shape = spec.shapes[-1]
     layer = spec.make().to(DEVICE).train()
     layer(_input(shape, 7).float().to(DEVICE))
-    before = [b.clone() for b in layer.buffers() if b.is_floating_point()]
+    floats = lambda: [b for n, b in layer.named_buffers() if "running" in n]  # noqa: E731
+    before = [b.clone() for b in floats()]
+    assert before
     x = _input(shape, 8).float()
     x.view(-1)[3] = bad  # no warning: knowing would take a host sync (warnings are errors)
     layer(x.to(DEVICE))
-    after = [b for b in layer.buffers() if b.is_floating_point()]
-    for a, b in zip(after, before, strict=True):
+    for a, b in zip(floats(), before, strict=True):
         assert torch.equal(a, b)
     layer(_input(shape, 9).float().to(DEVICE))
-    assert any(not torch.equal(a, b) for a, b in zip(layer.buffers(), before, strict=False))
+    assert any(not torch.equal(a, b) for a, b in zip(floats(), before, strict=True))
 
 
 @pytest.mark.parametrize("spec", STOCHASTIC, ids=[s.id for s in STOCHASTIC])
@@ -209,3 +212,65 @@ def test_compiled_on_device_matches_eager(spec_id: str) -> None:
         x = _input(shape, 20 + i).float().to(DEVICE)
         assert_same(_step(compiled, x, gy), _step(eager, x, gy))
     torch._dynamo.reset()
+
+
+class _HostReads(TorchFunctionMode):
+    """Records each read of a tensor's values into Python (``item``, ``tolist``, ``bool()``,
+    ``int()``, ``float()``) and each tensor made from Python data (``torch.tensor``) that
+    normlab's code makes -- host syncs on an accelerator. Draws from a layer's own CPU generator
+    (noisy batch norm's levels and seeds, seeded dropout's seeds) are reads of CPU tensors
+    everywhere, so the functions that make them are allowed."""
+
+    READS = frozenset(
+        {"item", "tolist", "__bool__", "__int__", "__float__", "__index__", "numpy", "tensor"}
+    )
+    ALLOWED = frozenset({"draw_noise", "_generator", "_host_seed"})
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.found: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        if getattr(func, "__name__", "") in self.READS:
+            frames = [f for f in traceback.extract_stack()[:-1] if "/normlab/" in f.filename]
+            if frames and not any(f.name in self.ALLOWED for f in frames):
+                last = frames[-1]
+                self.found.append(
+                    f"{func.__name__} at {last.filename.split('normlab/')[-1]}:{last.lineno}"
+                )
+        return func(*args, **(kwargs or {}))
+
+
+SYNC_FREE = [
+    *[s for s in SPECS if s.id != "sync"],  # SyncBatchNorm's collectives need counts on the host
+    LayerSpec(
+        "bn1d-cumulative-eval", lambda **kw: nl.BatchNorm1d(3, momentum=None), ((6, 3),), True
+    ),
+]
+
+
+@pytest.mark.parametrize("spec", SYNC_FREE, ids=[s.id for s in SYNC_FREE])
+def test_training_and_eval_steps_make_no_host_sync(spec: LayerSpec) -> None:
+    """On CUDA torch's sync debug mode turns any sync into an error; elsewhere (the CPU on the
+    accelerator routes) every read of a tensor's value into Python by normlab's code is one."""
+    shape = spec.shapes[-1]
+    layer = spec.make()
+    layer = layer.to(DEVICE)
+    x = _input(shape, 5).float().to(DEVICE)
+    with torch.no_grad():
+        gy = _input(tuple(copy.deepcopy(layer)(x).shape), 6).float().to(DEVICE)
+    for training in (True, True, False):
+        layer.train(training)
+        step_results(layer, x, gy)  # a first call of each kind: lazy set-up may read values
+        if DEVICE == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                step_results(layer, x, gy)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        else:
+            spy = _HostReads()
+            with spy:
+                step_results(layer, x, gy)
+            assert not spy.found, spy.found

@@ -322,7 +322,9 @@ def accelerator_routes(on: bool = True) -> Iterator[None]:
     """Within this block CPU tensors take the routes normlab takes on accelerators (no host syncs,
     no fast-extra loops, large chunks): for tests, which can then check those routes' arithmetic
     on a machine without a GPU (tests/test_cuda.py does, where CUDA is absent). ``on=False``
-    restores the CPU's own routes inside such a block (for a reference). Not thread-safe."""
+    restores the CPU's own routes inside such a block (for a reference). A process-wide switch,
+    not thread-safe: another thread's CPU tensors take the accelerator routes meanwhile too (and
+    so emit no ``NonFiniteStatisticsWarning``)."""
     _PRETEND[0], before = on, _PRETEND[0]
     try:
         yield

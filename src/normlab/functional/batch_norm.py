@@ -346,9 +346,14 @@ def instance_norm_unchecked(
         # launch per sample cost 26x torch.nn's time on an H200).
         first = relayout(input, torch.contiguous_format)
         # torch's group-norm kernel takes low-precision input with float32 parameters on the
-        # CPU only: elsewhere it computes in the parameters' dtype and returns the input's
-        # (torch.nn's instance norm, batch norm on a reshape, returns the input's dtype too)
-        mixed = not cpu and weight is not None and weight.dtype != first.dtype
+        # CPU only: on accelerators normlab computes such input in float32 and returns it in
+        # its own dtype, as torch.nn's instance norm (batch norm on a reshape) does there
+        mixed = (
+            not cpu
+            and weight is not None
+            and weight.dtype == torch.float32
+            and first.dtype in (torch.float16, torch.bfloat16)
+        )
         if _fused_instance_backward(first, weight, bias):
             y, mean, rstd = InstanceNormTrain.apply(first, weight, bias, eps)  # type: ignore[no-untyped-call]
         elif mixed:

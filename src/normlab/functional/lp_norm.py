@@ -8,7 +8,7 @@ squares, so it stays finite in float16 where the variance overflows, and trains 
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 import torch.autograd.forward_ad as forward_ad
@@ -100,7 +100,7 @@ def lp_batch_norm_unchecked(
     weight: Tensor | None,
     bias: Tensor | None,
     training: bool,
-    momentum: float,
+    momentum: float | Tensor,
     eps: float,
     p: P,
     k: int,
@@ -159,7 +159,7 @@ def lp_batch_norm_unchecked(
 
 
 # (running mean, running dispersion, momentum) to update in a training step, or None
-_Running = tuple[Tensor, Tensor, float] | None
+_Running = tuple[Tensor, Tensor, float | Tensor] | None
 
 
 def _update_running(running: _Running, mean: Tensor, scale: Tensor, owner: str) -> None:
@@ -169,8 +169,10 @@ def _update_running(running: _Running, mean: Tensor, scale: Tensor, owner: str) 
         return
     running_mean, running_scale, momentum = running
     with torch.no_grad():
-        new_mean = torch.lerp(running_mean, mean.detach().to(running_mean.dtype), momentum)
-        new_scale = torch.lerp(running_scale, scale.detach().to(running_scale.dtype), momentum)
+        # a 0-dim tensor for cumulative averages on accelerators (nn._base.momentum_factor)
+        w = momentum.to(running_mean.dtype) if isinstance(momentum, Tensor) else momentum
+        new_mean = torch.lerp(running_mean, mean.detach().to(running_mean.dtype), w)
+        new_scale = torch.lerp(running_scale, scale.detach().to(running_scale.dtype), w)
         updates = ((running_mean, new_mean), (running_scale, new_scale))
         store_if_finite_(updates, mean.detach(), scale.detach(), owner=owner)
 
@@ -183,7 +185,9 @@ def _epilogues(x: Tensor, running: _Running) -> bool:
         return False
     if running is None:
         return True
-    running_mean, running_scale, _ = running
+    running_mean, running_scale, momentum = running
+    if isinstance(momentum, Tensor):  # a cumulative average's factor kept on the device
+        return False
     return running_mean.dtype == running_scale.dtype and kernels.writable_buffers(
         running_mean, running_scale
     )
@@ -217,7 +221,7 @@ def _epilogue_forward(
         within,
         weight,
         bias,
-        running,
+        cast("tuple[Tensor, Tensor, float] | None", running),  # _epilogues: a float momentum
     )
     scale, denom, a, shift = coefficients
     _keep(ctx, (x, weight, mean, denom, *extra), eps, constant, k, bias, scale, centred)

@@ -30,10 +30,10 @@ from normlab._checks import (
     check_ndim,
     check_positive_int,
 )
+from normlab.functional._core import on_accelerator
 
 __all__ = [
     "AffineNorm",
-    "HostMirror",
     "InputChecks",
     "RunningStatsNorm",
     "bias_kwarg",
@@ -58,43 +58,20 @@ NormFn = Callable[
 ]
 
 
-class HostMirror:
-    """Python copies of small tensors' values (a schedule, a step count), read from their device
-    again only when the tensor object, its storage or its version counter changed since the last
-    read -- a ``load_state_dict``, a ``.to()``, any in-place write. A module that decides
-    something from a buffer's value then makes no host sync per call on accelerators (each one
-    drains the device's queue of work). Tensors without a version counter (inference tensors)
-    are read every time."""
-
-    def __init__(self) -> None:
-        self._seen: dict[str, tuple[Tensor, int, int, list[float]]] = {}
-
-    @staticmethod
-    def _key(t: Tensor) -> tuple[int, int] | None:
-        try:
-            return t.data_ptr(), t._version
-        except RuntimeError:  # an inference tensor: no version counter
-            return None
-
-    def read(self, name: str, t: Tensor) -> list[float]:
-        """``t``'s values as floats (flattened), from the copy if ``t`` is unchanged."""
-        key, seen = self._key(t), self._seen.get(name)
-        if key is not None and seen is not None and seen[0] is t and seen[1:3] == key:
-            return seen[3]
-        values = [float(v) for v in t.detach().reshape(-1).tolist()]
-        if key is not None:
-            self._seen[name] = (t, *key, values)
-        return values
-
-    def wrote(self, name: str, t: Tensor, update: Callable[[list[float]], list[float]]) -> None:
-        """The caller has just changed ``t`` in place with one op, mapping its values by
-        ``update``: if the copy was current before that op, it follows (the next read needs no
-        sync); otherwise the next read reads ``t``."""
-        key, seen = self._key(t), self._seen.get(name)
-        if key is None or seen is None or seen[0] is not t:
-            return
-        if seen[1:3] == (key[0], key[1] - 1):
-            self._seen[name] = (t, *key, update(seen[3]))
+def momentum_factor(momentum: float | None, count: Tensor | None, training: bool) -> float | Tensor:
+    """The weight of this call's batch in the running average (before the counter ``count``
+    increments): ``momentum``; for cumulative averages (``momentum=None``) ``1 / (count + 1)``,
+    a 0-dim tensor under ``torch.compile`` (reading the counter as a number would be a
+    data-dependent guard, which stops ``fullgraph=True`` compilation; torch.nn's batch norm fails
+    there) and on accelerators (there it would be a host sync); 0 where nothing is updated (no
+    counter, or evaluation)."""
+    if momentum is not None:
+        return momentum
+    if count is None or not training:
+        return 0.0
+    if torch.compiler.is_compiling() or on_accelerator(count):
+        return (count + 1).double().reciprocal()
+    return 1.0 / (int(count) + 1)
 
 
 def check_norm_args(
@@ -224,19 +201,8 @@ class RunningStatsNorm(InputChecks, _NormBase):
         )
 
     def _momentum_factor(self) -> float | Tensor:
-        """The weight of this call's batch in the running average (before the counter increments).
-
-        Cumulative averages (``momentum=None``) under ``torch.compile`` get a 0-dim tensor: reading
-        the counter buffer as a Python number would be a data-dependent guard, which stops
-        ``fullgraph=True`` compilation (torch.nn's batch norm fails there).
-        """
-        if self.momentum is not None:
-            return self.momentum
-        if self.num_batches_tracked is None:
-            return 0.0
-        if torch.compiler.is_compiling():
-            return (self.num_batches_tracked + 1).double().reciprocal()
-        return 1.0 / (int(self.num_batches_tracked) + 1)
+        """:func:`momentum_factor` of this module."""
+        return momentum_factor(self.momentum, self.num_batches_tracked, self.training)
 
     def _normalize_with(self, fn: NormFn, input: Tensor) -> Tensor:
         """Call ``fn`` (a ``*_norm_unchecked`` function) with this module's state; count the batch.

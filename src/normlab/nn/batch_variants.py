@@ -25,7 +25,6 @@ from normlab.functional._core import (
 from normlab.functional.batch_norm import batch_norm_unchecked
 from normlab.functional.batch_variants import batch_renorm_unchecked, ghost_batch_norm_unchecked
 from normlab.nn._base import (
-    HostMirror,
     InputChecks,
     RunningStatsNorm,
     check_norm_args,
@@ -174,7 +173,6 @@ class _BatchRenorm(InputChecks, nn.Module):
         self.register_buffer(
             "renorm_schedule", torch.tensor(schedule, dtype=torch.float64, device=device)
         )
-        self._host = HostMirror()
 
     def reset_running_stats(self) -> None:
         self.running_mean.zero_()
@@ -201,12 +199,12 @@ class _BatchRenorm(InputChecks, nn.Module):
     def current_limits(self) -> tuple[float, float] | tuple[Tensor, Tensor]:
         """``(r_max, d_max)`` for the next training step, from the schedule (0-dim float64
         tensors under ``torch.compile``, where reading the buffers as numbers would be
-        data-dependent guards that stop ``fullgraph=True`` compilation)."""
-        if torch.compiler.is_compiling():
+        data-dependent guards that stop ``fullgraph=True`` compilation, and on accelerators,
+        where it would be a host sync at every step)."""
+        if torch.compiler.is_compiling() or on_accelerator(self.num_batches_tracked):
             return self._traced_limits()
-        host = self._mirror()
-        r_max, d_max, warmup, r_end, d_end = host.read("renorm_schedule", self.renorm_schedule)
-        t = host.read("num_batches_tracked", self.num_batches_tracked)[0]
+        r_max, d_max, warmup, r_end, d_end = self.renorm_schedule.tolist()
+        t = float(self.num_batches_tracked)
 
         def ramp(final: float, neutral: float, end: float) -> float:
             if t < warmup:
@@ -216,14 +214,6 @@ class _BatchRenorm(InputChecks, nn.Module):
             return float(neutral + (final - neutral) * min(1.0, (t - warmup) / (end - warmup)))
 
         return ramp(r_max, 1.0, r_end), ramp(d_max, 0.0, d_end)
-
-    def _mirror(self) -> HostMirror:
-        """The buffers' values on the host (:class:`~normlab.nn._base.HostMirror`; made here for
-        modules unpickled from before it existed)."""
-        host = self.__dict__.get("_host")
-        if host is None:
-            host = self._host = HostMirror()
-        return host
 
     def _traced_limits(self) -> tuple[Tensor, Tensor]:
         """:meth:`current_limits` in tensor ops, for ``torch.compile``."""
@@ -256,10 +246,6 @@ class _BatchRenorm(InputChecks, nn.Module):
         )
         if self.training:
             self.num_batches_tracked.add_(1)
-            if not torch.compiler.is_compiling():
-                self._mirror().wrote(
-                    "num_batches_tracked", self.num_batches_tracked, lambda t: [t[0] + 1]
-                )
         return y
 
     def extra_repr(self) -> str:

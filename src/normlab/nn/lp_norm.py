@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from normlab._checks import check_bool, check_positive_int, fail
 from normlab.functional.lp_norm import P, lp_batch_norm_unchecked
-from normlab.nn._base import InputChecks, check_norm_args
+from normlab.nn._base import InputChecks, check_norm_args, momentum_factor
 
 __all__ = ["L1BatchNorm", "LinfBatchNorm", "LpBatchNorm"]
 
@@ -65,14 +65,7 @@ class _LpBatchNorm(InputChecks, nn.Module):
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input(input)
-        if self.momentum is not None:
-            factor = self.momentum
-        else:
-            factor = (
-                1.0 / (int(self.num_batches_tracked) + 1)
-                if self.num_batches_tracked is not None
-                else 0.0
-            )
+        factor = momentum_factor(self.momentum, self.num_batches_tracked, self.training)
         y = lp_batch_norm_unchecked(
             input,
             self.running_mean,

@@ -45,8 +45,8 @@ class StochasticModule(nn.Module):
         """The generator this call draws from: the layer's own (a CPU generator); on an
         accelerator a fresh generator of that device seeded from it at each call (the same seed
         gives the same masks there; a different stream from the CPU's). Eager only there."""
-        if self.generator is None or not on_accelerator(input):
-            return self.generator
+        if self.generator is None or not self.training or not on_accelerator(input):
+            return self.generator  # (evaluation draws nothing: the generator stays put)
         if torch.compiler.is_compiling():
             fail(
                 ValueError,
