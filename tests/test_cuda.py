@@ -218,13 +218,13 @@ class _HostReads(TorchFunctionMode):
     """Records each read of a tensor's values into Python (``item``, ``tolist``, ``bool()``,
     ``int()``, ``float()``) and each tensor made from Python data (``torch.tensor``) that
     normlab's code makes -- host syncs on an accelerator. Draws from a layer's own CPU generator
-    (noisy batch norm's levels and seeds, seeded dropout's seeds) are reads of CPU tensors
-    everywhere, so the functions that make them are allowed."""
+    (noisy batch norm's levels, and the seeds ``_rng.host_seed`` draws) are reads of CPU
+    tensors everywhere, so the functions that make them are allowed."""
 
     READS = frozenset(
         {"item", "tolist", "__bool__", "__int__", "__float__", "__index__", "numpy", "tensor"}
     )
-    ALLOWED = frozenset({"draw_noise", "_generator", "_host_seed"})
+    ALLOWED = frozenset({"draw_noise", "host_seed"})
 
     def __init__(self) -> None:
         super().__init__()

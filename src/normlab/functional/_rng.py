@@ -24,7 +24,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["lookup", "rand", "randint", "randn", "register", "seeded"]
+__all__ = [
+    "device_generator",
+    "host_seed",
+    "lookup",
+    "rand",
+    "randint",
+    "randn",
+    "register",
+    "seeded",
+]
 
 _OBJECTS: dict[int, Any] = {}
 _SEEDED = (torch.Tag.nondeterministic_seeded,)
@@ -59,6 +68,23 @@ def seeded(seed: int, device: torch.device | str) -> torch.Generator | Keyed:
         where = str(torch.device(device))
         return Keyed(_made_while_tracing(seed, where), where)
     return torch.Generator(device).manual_seed(seed)
+
+
+def host_seed(generator: torch.Generator | None) -> int:
+    """A seed in ``[0, 2**62)`` drawn on the CPU from ``generator`` (``None``: torch's global CPU
+    generator); from an accelerator's generator through a CPU generator of the same initial seed
+    (sampled inference's, reseeded at every call): reading a number from the device would be a
+    host sync. Eager only."""
+    if generator is not None and generator.device.type != "cpu":
+        generator = torch.Generator().manual_seed(generator.initial_seed())
+    return int(torch.randint(0, 2**62, (1,), generator=generator))
+
+
+def device_generator(generator: torch.Generator, device: torch.device | str) -> torch.Generator:
+    """A fresh generator on ``device`` seeded by a draw from ``generator`` (a layer's own CPU
+    generator): what a seeded layer draws from on an accelerator, at each call -- reproducible
+    from its seed, with nothing device-bound kept on the layer. Eager only."""
+    return torch.Generator(device).manual_seed(host_seed(generator))
 
 
 _RESEED: dict[int, int] = {}

@@ -279,15 +279,6 @@ def _backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
 _per_sample_op.register_autograd(_backward, setup_context=_setup)
 
 
-def _host_seed(generator: torch.Generator | None) -> int:
-    """A seed drawn on the CPU from ``generator`` (``None``: torch's global CPU generator); from
-    an accelerator's generator (sampled inference's, reseeded at every call) through a CPU
-    generator of the same initial seed: reading a number from the device would be a host sync."""
-    if generator is not None and generator.device.type != "cpu":
-        generator = torch.Generator().manual_seed(generator.initial_seed())
-    return int(torch.randint(0, 2**62, (1,), generator=generator))
-
-
 def _per_sample(
     x: Tensor,
     weight: Tensor,
@@ -303,7 +294,7 @@ def _per_sample(
         key = -1 if conv is None else _rng.register(conv)
         y: Tensor = _per_sample_op(x, weight, bias, keep, seed, key, groups)
     else:
-        seed_value = _host_seed(generator)
+        seed_value = _rng.host_seed(generator)
         y = _PerSampleDropConnect.apply(x, weight, bias, keep, seed_value, conv, groups)  # type: ignore[no-untyped-call]
     fmt = channels_last_format(x)  # the grouped convolution's output is channels-first
     return y if fmt is None else y.contiguous(memory_format=fmt)

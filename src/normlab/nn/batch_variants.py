@@ -24,12 +24,7 @@ from normlab.functional._core import (
 )
 from normlab.functional.batch_norm import batch_norm_unchecked
 from normlab.functional.batch_variants import batch_renorm_unchecked, ghost_batch_norm_unchecked
-from normlab.nn._base import (
-    InputChecks,
-    RunningStatsNorm,
-    check_norm_args,
-    is_traced,
-)
+from normlab.nn._base import InputChecks, RunningStatsNorm, check_norm_args, is_traced
 
 __all__ = [
     "BatchRenorm1d",
@@ -542,9 +537,8 @@ class NoisyBatchNorm(RunningStatsNorm, _TorchBatchNorm):
                 # cost ~500x BatchNorm2d's forward on an H200), by a generator of that device
                 # seeded from this layer's own at each step: reproducible, but not the CPU's
                 # stream. A fresh generator per step: nothing device-bound is kept on the layer.
-                seed = int(torch.randint(0, 2**62, (1,), generator=g))
                 where = torch.device(device)
-                fill = torch.Generator(where).manual_seed(seed)
+                fill = _rng.device_generator(g, where)
             m, s = (
                 torch.empty(noise_shape, dtype=torch.float32, device=where, memory_format=fmt)
                 for _ in "ms"

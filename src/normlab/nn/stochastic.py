@@ -6,6 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from normlab._checks import check_bool, fail
+from normlab.functional import _rng
 from normlab.functional._core import on_accelerator
 from normlab.functional.stochastic import (
     alpha_dropout,
@@ -56,8 +57,7 @@ class StochasticModule(nn.Module):
                 f"torch.compile with input on {input.device}",
                 "use seed=None (torch's global RNG) in models compiled for accelerators",
             )
-        seed = int(torch.randint(0, 2**62, (1,), generator=self.generator))
-        return torch.Generator(input.device).manual_seed(seed)
+        return _rng.device_generator(self.generator, input.device)
 
     def extra_repr(self) -> str:
         return f"p={self.p}" + ("" if self.seed is None else f", seed={self.seed}")
