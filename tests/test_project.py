@@ -20,7 +20,7 @@ def test_readme_starts_with_the_two_commands() -> None:
     assert "## " not in text[:first_block]  # nothing but the title and a line before them
     main_job, tests = _readme_commands()
     assert main_job.endswith("normlab study")
-    assert tests.endswith("python -m pytest")
+    assert tests.endswith("python -m pytest -n 2")  # CI has 2 cores
     for command in (main_job, tests):
         assert "\n" not in command
         assert "-c constraints.txt" in command
