@@ -46,9 +46,12 @@ def _brn_reference(batches, gamma, beta, eps, alpha, limits):  # type: ignore[no
 def _route(monkeypatch: pytest.MonkeyPatch, route: str) -> object:
     """Input layout for a route: "plain" (torch's kernel), "fast-nchw" (normlab's channels-first
     path, forced on small input), "channels-last". Batch renorm must (not) call normlab's
-    batch-norm function accordingly: checked when the test ends."""
-    from normlab.functional import _fast, batch_variants
+    batch-norm function accordingly: checked when the test ends. "device-nchw" and
+    "device-channels-last": the routes taken on accelerators (:func:`accelerator_routes`)."""
+    from normlab.functional import _core, _fast, batch_variants
 
+    if route.startswith("device"):
+        monkeypatch.setattr(_core, "_PRETEND", [True])
     if route == "fast-nchw":
         monkeypatch.setattr(_fast, "_MIN_NUMEL", 1)
         monkeypatch.setattr(_fast, "_MIN_ROW", 1)
@@ -62,7 +65,7 @@ def _route(monkeypatch: pytest.MonkeyPatch, route: str) -> object:
 
     monkeypatch.setattr(batch_variants, "BatchNormTrain", Spy)
     _route_checks.append(lambda: bool(calls) == (route != "plain"))
-    return torch.channels_last if route == "channels-last" else torch.contiguous_format
+    return torch.channels_last if route.endswith("channels-last") else torch.contiguous_format
 
 
 _route_checks: list[object] = []
@@ -75,7 +78,7 @@ def _check_routes() -> object:
     assert all(check() for check in _route_checks), "batch renorm took the wrong route"  # type: ignore[operator]
 
 
-ROUTES = ["plain", "fast-nchw", "channels-last"]
+ROUTES = ["plain", "fast-nchw", "channels-last", "device-nchw", "device-channels-last"]
 
 
 @pytest.mark.parametrize("route", ROUTES)
@@ -98,9 +101,15 @@ def test_batch_renorm_matches_the_paper_algorithm_with_its_schedule(
     with torch.no_grad():
         layer.weight.copy_(torch.tensor([0.5, 1.5, 2.0], dtype=torch.float64))
         layer.bias.copy_(torch.tensor([0.1, -0.2, 0.3], dtype=torch.float64))
-    # non-stationary batches (drifting mean and scale), so that r and d hit their clips
+    # non-stationary batches (mean and scale drifting up, then collapsing), so that r and d hit
+    # their upper clips, then their lower ones
     batches = [
-        (_x((4, 3, 3, 3), s, shift=0.7 * s) * (1 + 0.3 * s), _x((4, 3, 3, 3), 100 + s))
+        (
+            _x((4, 3, 3, 3), s, shift=0.7 * s) * (1 + 0.3 * s)
+            if s < 5
+            else _x((4, 3, 3, 3), s, shift=-2.0 * s) * 0.25,
+            _x((4, 3, 3, 3), 100 + s),
+        )
         for s in range(8)
     ]
     limits = []
@@ -128,7 +137,7 @@ def test_batch_renorm_matches_the_paper_algorithm_with_its_schedule(
     assert int(layer.num_batches_tracked) == 8
 
 
-@pytest.mark.parametrize("route", ["fast-nchw", "channels-last"])
+@pytest.mark.parametrize("route", ["fast-nchw", "channels-last", "device-nchw"])
 def test_batch_renorm_second_derivatives(monkeypatch: pytest.MonkeyPatch, route: str) -> None:
     fmt = _route(monkeypatch, route)
     from normlab.functional.batch_variants import batch_renorm_unchecked

@@ -296,6 +296,9 @@ class _NoGradContext:
     def mark_non_differentiable(self, *tensors: Tensor) -> None:
         pass
 
+    def set_materialize_grads(self, value: bool) -> None:
+        pass
+
 
 def apply_function(function: type[torch.autograd.Function], *args: Any) -> Any:
     """``function.apply(*args)`` when a gradient will be needed (grad mode on and a tensor argument
@@ -346,16 +349,17 @@ def on_device_only(t: Tensor) -> bool:
     return compiling() or on_accelerator(t)
 
 
-def all_finite(*stats: Tensor) -> Tensor:
+def all_finite(*stats: Tensor, nonnegative: bool = False) -> Tensor:
     """A 0-dim bool tensor on the statistics' device: whether every value is finite, without a
     host sync. Their float64 sum's magnitude is below infinity exactly then (NaN compares false):
-    three small kernels for one tensor where ``isfinite().all()`` takes five. (Not ``sum * 0 ==
-    0``: inductor folds ``x * 0`` to 0.) A float64 statistic whose values sum past 1.8e308 counts
-    as non-finite (its running statistics then stay: the safe side)."""
+    three small kernels for one tensor where ``isfinite().all()`` takes five, two for
+    ``nonnegative`` statistics (variances, scales: no ``-inf``, so the sum itself is compared).
+    (Not ``sum * 0 == 0``: inductor folds ``x * 0`` to 0.) A float64 statistic whose values sum
+    past 1.8e308 counts as non-finite (its running statistics then stay: the safe side)."""
     total = stats[0].detach().sum(dtype=torch.float64)
     for s in stats[1:]:
         total = total + s.detach().sum(dtype=torch.float64)
-    return total.abs() < math.inf
+    return (total if nonnegative else total.abs()) < math.inf
 
 
 def finite_statistics(*stats: Tensor, owner: str) -> bool:
@@ -480,20 +484,27 @@ def store_running_stats_(
     """Copy ``new_mean``/``new_var`` into the running buffers -- unless ``new_var`` is not finite
     (a NaN/Inf in the batch makes it so): then the buffers keep their values
     (:func:`store_if_finite_`)."""
-    store_if_finite_(((running_mean, new_mean), (running_var, new_var)), new_var, owner=owner)
+    store_if_finite_(
+        ((running_mean, new_mean), (running_var, new_var)), new_var, owner=owner, nonnegative=True
+    )
 
 
-def store_if_finite_(updates: Sequence[tuple[Tensor, Tensor]], *stats: Tensor, owner: str) -> None:
+def store_if_finite_(
+    updates: Sequence[tuple[Tensor, Tensor]],
+    *stats: Tensor,
+    owner: str,
+    nonnegative: bool = False,
+) -> None:
     """``buffer.copy_(new)`` for each ``(buffer, new)`` in ``updates`` if every tensor in
     ``stats`` is finite; else every buffer keeps its value. On the CPU it looks (one host sync)
     and warns with :class:`NonFiniteStatisticsWarning`; under ``torch.compile`` and on
     accelerators (:func:`on_device_only`) the choice is a ``torch.where`` on the device, with no
-    sync and no warning."""
+    sync and no warning (``nonnegative``: as in :func:`all_finite`)."""
     with torch.no_grad():
         if on_device_only(stats[0]):
-            ok = all_finite(*stats)
-            for buffer, new in updates:
-                buffer.copy_(torch.where(ok, new.to(buffer.dtype), buffer))
+            ok = all_finite(*stats, nonnegative=nonnegative)
+            for buffer, new in updates:  # one kernel per buffer
+                torch.where(ok, new.to(buffer.dtype), buffer, out=buffer)
         elif finite_statistics(*stats, owner=owner):
             for buffer, new in updates:
                 buffer.copy_(new)

@@ -80,10 +80,11 @@ _MAX_SUMSQ_OFFSET = 2.0
 _NORM_PIECE = 4096
 
 
-def _eligible(x: Tensor, others: tuple[Tensor | None, ...]) -> bool:
-    """Eager CPU float32/float64 ``(N, C, *spatial)`` input whose ``others`` share its dtype and
-    device, outside ``torch.compile``, ``torch.func`` transforms and forward-mode AD."""
-    if on_accelerator(x) or x.dtype not in FULL_PRECISION or x.dim() < 3:
+def _eligible(x: Tensor, others: tuple[Tensor | None, ...], accelerators: bool = False) -> bool:
+    """Eager CPU (with ``accelerators``, any device's) float32/float64 ``(N, C, *spatial)`` input
+    whose ``others`` share its dtype and device, outside ``torch.compile``, ``torch.func``
+    transforms and forward-mode AD."""
+    if (on_accelerator(x) and not accelerators) or x.dtype not in FULL_PRECISION or x.dim() < 3:
         return False
     for p in others:
         if p is not None and (p.dtype != x.dtype or p.device != x.device):
@@ -121,11 +122,14 @@ def use_fast_batch_stats(x: Tensor, *others: Tensor | None) -> bool:
 
 
 def use_given_stats(x: Tensor, *others: Tensor | None) -> bool:
-    """Whether :class:`BatchNormTrain` can normalize ``x`` with statistics computed beforehand by
-    :func:`batch_moments` (batch renorm needs them first): :func:`use_fast_batch_stats`, or
-    eligible channels-last input (whose statistics torch computes read-only and fast)."""
+    """Whether :class:`BatchNormTrain` can normalize ``x`` with statistics computed beforehand
+    (batch renorm needs them first): :func:`use_fast_batch_stats`, eligible channels-last input
+    (whose statistics torch computes read-only and fast), or eager float32/float64 input on an
+    accelerator whose ``others`` share its dtype and device (there its forward is torch's
+    eval-mode kernel and its backward torch's training-mode one)."""
     return use_fast_batch_stats(x, *others) or (
-        channels_last_format(x) is not None and _eligible(x, others)
+        (channels_last_format(x) is not None or on_accelerator(x))
+        and _eligible(x, others, accelerators=True)
     )
 
 
@@ -265,10 +269,12 @@ class BatchNormTrain(torch.autograd.Function):
         running: tuple[Tensor, Tensor, float | Tensor] | None = None,
         owner: str = "batch norm",
     ) -> tuple[Tensor, Tensor, Tensor]:
-        out = torch.empty_like(x)
+        # on accelerators torch's eval-mode kernel writes its own output (one launch; into a
+        # given tensor CUDA's also copies the statistics and inverts the variance: three)
+        out = None if on_accelerator(x) else torch.empty_like(x)
         finite = updated = False
         count = x.numel() // x.shape[1]
-        if (mean is None or var is None) and _loops(x, out):
+        if (mean is None or var is None) and out is not None and _loops(x, out):
             # moments, output, the saved statistics and the running statistics' update in one
             # go (the fast extra)
             fused = None
@@ -286,7 +292,7 @@ class BatchNormTrain(torch.autograd.Function):
         elif mean is None or var is None:
             mean, var = _batch_moments(x)
         if not finite:
-            normalize_given(x, weight, bias, mean, var, eps, out)
+            out = normalize_given(x, weight, bias, mean, var, eps, out)
             save_mean = mean.to(x.dtype)
             save_invstd = torch.rsqrt(var + eps).to(x.dtype)
         if running is not None and not updated:
@@ -294,22 +300,29 @@ class BatchNormTrain(torch.autograd.Function):
         ctx.save_for_backward(x, weight, save_mean, save_invstd)
         ctx.eps = eps
         ctx.mark_non_differentiable(mean, var)
+        ctx.set_materialize_grads(False)  # no zero tensors for the statistics' (unused) grads
+        assert out is not None  # written by the fused forward or by normalize_given
         return out, mean, var
 
     @staticmethod
     def backward(
-        ctx: Any, grad_out: Tensor, _grad_mean: Tensor | None, _grad_var: Tensor | None
+        ctx: Any, grad_out: Tensor | None, _grad_mean: Tensor | None, _grad_var: Tensor | None
     ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None, None, None, None, None]:
+        if grad_out is None:  # grads are not materialized: no gradient reached the output
+            return None, None, None, None, None, None, None, None
         x, weight, save_mean, save_invstd = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         grad_out = grad_out.contiguous(
             memory_format=channels_last_format(x) or torch.contiguous_format
         )
-        if torch.is_grad_enabled() or not (
-            _loops(x, grad_out) or centred_first(x, save_mean, save_invstd)
+        if (
+            torch.is_grad_enabled()
+            or on_accelerator(x)
+            or not (_loops(x, grad_out) or centred_first(x, save_mean, save_invstd))
         ):
             # Double backward (create_graph=True) needs torch's differentiable formula; far
-            # off-centre data needs its exactly centred reductions (see _fast_backward).
+            # off-centre data needs its exactly centred reductions (see _fast_backward); on
+            # accelerators it is torch's kernel, and looking at the data would be a host sync.
             grad_x, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
                 grad_out,
                 x,

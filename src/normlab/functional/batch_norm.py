@@ -184,7 +184,7 @@ def batch_norm_unchecked(
     y = _native_batch_norm(input, weight, bias, running_mean, running_var, True, momentum, eps)
     if on_device_only(running_var):  # an accelerator: the choice stays on the device, no sync
         with torch.no_grad():
-            ok = all_finite(running_var)
+            ok = all_finite(running_var, nonnegative=True)
             for buffer, old in ((running_mean, kept[:c]), (running_var, kept[c:])):
                 torch.where(ok, buffer.data, old, out=buffer.data)
     elif not finite_statistics(running_var, owner=owner):

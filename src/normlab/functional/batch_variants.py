@@ -161,6 +161,10 @@ def batch_renorm_unchecked(
             float(d_max),
             owner,
         )
+    if on_accelerator(input) and use_given_stats(input, weight, bias, running_mean, running_std):
+        return _renorm_on_device(
+            input, weight, bias, running_mean, running_std, momentum, eps, r_max, d_max, owner
+        )
     mean, var = batch_moments(input)
     r, d = renorm_correction(mean, var, running_mean, running_std, eps, r_max, d_max)
     dtype = weight.dtype if weight is not None else input.dtype
@@ -185,6 +189,45 @@ def batch_renorm_unchecked(
         )
         store_if_finite_(((running_mean, new_mean), (running_std, new_std)), mean, var, owner=owner)
     return y
+
+
+def _renorm_on_device(
+    input: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor,
+    running_std: Tensor,
+    momentum: float,
+    eps: float,
+    r_max: float | Tensor,
+    d_max: float | Tensor,
+    owner: str,
+) -> Tensor:
+    """Batch renorm's training step on an accelerator, in few small ops: on a GPU each is a kernel
+    launch, and the host's time per launch, not these per-channel vectors, sets their cost.
+    torch's read-only statistics kernel, then ``r``, ``d`` and the running averages in the
+    input's dtype, and batch norm with those statistics given (:class:`BatchNormTrain`: the
+    eval-mode kernel forward, torch's training-mode backward): two reads and a write of the
+    activation, where the training-mode kernel would read it a third time."""
+    with torch.no_grad():
+        mean, var = torch.batch_norm_update_stats(input.detach(), None, None, 0.0)  # var: biased
+        std = (var + eps).sqrt_()
+        low = r_max.reciprocal() if isinstance(r_max, Tensor) else 1.0 / r_max
+        r = (std / running_std).clamp_(low, r_max)  # type: ignore[arg-type]
+        d = ((mean - running_mean) / running_std).clamp_(-d_max, d_max)  # type: ignore[arg-type]
+    if weight is None:
+        new_weight, new_bias = r, d if bias is None else d + bias
+    else:
+        new_weight = weight * r
+        new_bias = weight * d if bias is None else torch.addcmul(bias, weight, d)
+    y = apply_function(BatchNormTrain, input, new_weight, new_bias, eps, mean, var)[0]
+    with torch.no_grad():
+        updates = (
+            (running_mean, torch.lerp(running_mean, mean, momentum)),
+            (running_std, torch.lerp(running_std, std, momentum)),
+        )
+        store_if_finite_(updates, var, owner=owner, nonnegative=True)
+    return y  # type: ignore[no-any-return]
 
 
 def _ghost_on_device(

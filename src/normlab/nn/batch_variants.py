@@ -36,6 +36,24 @@ __all__ = [
 ]
 
 
+# (1, 0): batch renorm's neutral limits (plain batch norm), one float64 tensor per device
+_NEUTRAL_LIMITS: dict[torch.device, Tensor] = {}
+
+
+def _neutral_limits(device: torch.device) -> Tensor:
+    """The float64 tensor ``(1, 0)`` on ``device``: made once per device outside
+    ``torch.compile`` (a copy from the host at every step would be a host sync on a GPU), a
+    constant of the graph under it."""
+    if torch.compiler.is_compiling():
+        return torch.tensor([1.0, 0.0], dtype=torch.float64, device=device)
+    neutral = _NEUTRAL_LIMITS.get(device)
+    if neutral is None:
+        neutral = _NEUTRAL_LIMITS[device] = torch.tensor(
+            [1.0, 0.0], dtype=torch.float64, device=device
+        )
+    return neutral
+
+
 def _check_nonnegative_int(value: object, *, name: str, owner: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         fail(
@@ -197,7 +215,8 @@ class _BatchRenorm(InputChecks, nn.Module):
         data-dependent guards that stop ``fullgraph=True`` compilation, and on accelerators,
         where it would be a host sync at every step)."""
         if torch.compiler.is_compiling() or on_accelerator(self.num_batches_tracked):
-            return self._traced_limits()
+            r_max, d_max = self._traced_limits().unbind()
+            return r_max, d_max
         r_max, d_max, warmup, r_end, d_end = self.renorm_schedule.tolist()
         t = float(self.num_batches_tracked)
 
@@ -210,18 +229,16 @@ class _BatchRenorm(InputChecks, nn.Module):
 
         return ramp(r_max, 1.0, r_end), ramp(d_max, 0.0, d_end)
 
-    def _traced_limits(self) -> tuple[Tensor, Tensor]:
-        """:meth:`current_limits` in tensor ops, for ``torch.compile``."""
-        r_max, d_max, warmup, r_end, d_end = self.renorm_schedule.double().unbind()
-        t = self.num_batches_tracked.double()
-
-        def ramp(final: Tensor, neutral: float, end: Tensor) -> Tensor:
-            progress = ((t - warmup) / (end - warmup).clamp_min(1e-12)).clamp(0.0, 1.0)
-            progress = torch.where(end <= warmup, torch.ones_like(t), progress)
-            ramped = neutral + (final - neutral) * progress
-            return torch.where(t < warmup, torch.full_like(t, neutral), ramped)
-
-        return ramp(r_max, 1.0, r_end), ramp(d_max, 0.0, d_end)
+    def _traced_limits(self) -> Tensor:
+        """:meth:`current_limits` as a ``(2,)`` float64 tensor, in six tensor ops (each a kernel
+        launch on a GPU): the ramps' progress ``(t - warmup) / (end - warmup)`` clamped to
+        ``[0, 1]`` -- a zero-length ramp divides by zero: ``0/0`` at its first step (the final
+        limit) and ``+inf`` after it (1), ``-inf`` before it (0) -- then ``lerp`` from the neutral
+        limits ``(1, 0)`` to the final ones."""
+        schedule = self.renorm_schedule.double()
+        final, warmup, end = schedule[:2], schedule[2], schedule[3:]
+        progress = ((self.num_batches_tracked - warmup) / (end - warmup)).nan_to_num_(1.0, 1.0, 0.0)
+        return torch.lerp(_neutral_limits(schedule.device), final, progress.clamp_(0.0, 1.0))
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input(input)
