@@ -168,11 +168,7 @@ def batch_renorm_unchecked(
     mean, var = batch_moments(input)
     r, d = renorm_correction(mean, var, running_mean, running_std, eps, r_max, d_max)
     dtype = weight.dtype if weight is not None else input.dtype
-    r_, d_ = r.to(dtype), d.to(dtype)
-    new_weight = r_ if weight is None else weight * r_
-    new_bias = d_ if weight is None else weight * d_
-    if bias is not None:
-        new_bias = new_bias + bias
+    new_weight, new_bias = _renorm_affine(weight, bias, r.to(dtype), d.to(dtype))
     y: Tensor
     if use_given_stats(input, new_weight, new_bias):
         # one statistics pass: normalize with the moments already computed for r and d
@@ -189,6 +185,16 @@ def batch_renorm_unchecked(
         )
         store_if_finite_(((running_mean, new_mean), (running_std, new_std)), mean, var, owner=owner)
     return y
+
+
+def _renorm_affine(
+    weight: Tensor | None, bias: Tensor | None, r: Tensor, d: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Batch norm's affine map with batch renorm's ``r`` and ``d`` absorbed:
+    ``(gamma * r, gamma * d + beta)`` (``gamma`` 1 and ``beta`` 0 where absent)."""
+    if weight is None:
+        return r, d if bias is None else d + bias
+    return weight * r, weight * d if bias is None else torch.addcmul(bias, weight, d)
 
 
 def _renorm_on_device(
@@ -215,11 +221,7 @@ def _renorm_on_device(
         low = r_max.reciprocal() if isinstance(r_max, Tensor) else 1.0 / r_max
         r = (std / running_std).clamp_(low, r_max)  # type: ignore[arg-type]
         d = ((mean - running_mean) / running_std).clamp_(-d_max, d_max)  # type: ignore[arg-type]
-    if weight is None:
-        new_weight, new_bias = r, d if bias is None else d + bias
-    else:
-        new_weight = weight * r
-        new_bias = weight * d if bias is None else torch.addcmul(bias, weight, d)
+    new_weight, new_bias = _renorm_affine(weight, bias, r, d)
     y = apply_function(BatchNormTrain, input, new_weight, new_bias, eps, mean, var)[0]
     with torch.no_grad():
         updates = (
