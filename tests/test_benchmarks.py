@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -145,6 +146,21 @@ def test_overhead_benchmark_smoke(tmp_path: Path) -> None:
         "| BatchNorm2d eval | NCHW |",
     ):
         assert text in table
+
+
+def test_launches_benchmark_counts_ops_on_the_accelerator_routes(tmp_path: Path) -> None:
+    launches = _load("launches")
+    out = tmp_path / "table.md"
+    assert launches.main(["--shape", "4x8x2x2", "--verbose", "--out", str(out)]) == 0
+    table = out.read_text()
+    # eval batch norm is torch's one kernel on both sides; the training row lists torch's kernel
+    assert "| BatchNorm2d eval | NCHW | fwd | 1 | 1 | 1.0 | native_batch_norm 1 |" in table
+    assert "| L1BatchNorm vs BN2d | channels_last | fwd+bwd |" in table
+    row = next(line for line in table.splitlines() if line.startswith("| BatchNorm2d train | NCHW"))
+    assert "native_batch_norm_backward 1" in row
+    # the counter sees ops, not views
+    counts = launches.count_ops(lambda: torch.arange(6.0).view(2, 3).t().mul(2).sum())
+    assert counts == {"arange": 1, "mul": 1, "sum": 1}
 
 
 def test_machine_line_names_the_cpu_generation() -> None:
