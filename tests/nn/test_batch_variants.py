@@ -515,3 +515,21 @@ def test_ghost_per_group_gradients_and_second_derivatives(
     assert torch.autograd.gradgradcheck(ghost, (x, layer.weight, layer.bias))
     assert ghost(x, layer.weight, layer.bias).is_contiguous(memory_format=fmt)
     assert calls  # the per-group function ran
+
+
+@pytest.mark.parametrize(
+    ("warmup", "r_end", "d_end"), [(0, 0, 0), (0, 3, 5), (2, 2, 2), (2, 2, 6), (3, 7, 3), (0, 0, 4)]
+)
+def test_renorm_limits_in_tensor_ops_equal_the_host_schedule(
+    warmup: int, r_end: int, d_end: int
+) -> None:
+    """The ramp used under torch.compile and on accelerators (six tensor ops, zero-length ramps
+    dividing by zero) gives the host's float schedule at every step."""
+    layer = nl.BatchRenorm2d(
+        2, r_max=3.0, d_max=5.0, warmup_steps=warmup, r_max_steps=r_end, d_max_steps=d_end
+    )
+    for step in range(10):
+        layer.num_batches_tracked.fill_(step)
+        traced = layer._traced_limits()
+        assert traced.dtype == torch.float64
+        assert traced.tolist() == pytest.approx(layer.current_limits(), rel=1e-15, abs=1e-15)
