@@ -277,7 +277,9 @@ class L1BatchNormTrain(torch.autograd.Function):
         if on_accelerator(x):
             # the mean, z = x - mean into the buffer that becomes the output, and sum |z| as its
             # L1 norm (no |z| written): six passes over the activation where the chunks take
-            # ten, and a dozen fewer launches
+            # ten, and a dozen fewer launches. No chunks: each costs a few launches (~5-10 us of
+            # host time) whatever its size; 512 KiB ones made L1 batch norm 27-111x BatchNorm2d's
+            # time on an H200 at 128x128x56x56 (400 chunks, 2026-12-04).
             dims = [0, *range(2, x.dim())]
             mean = x.mean(dims)
             z = channel_affine(x, None, -mean)
@@ -361,11 +363,6 @@ class L1BatchNormTrain(torch.autograd.Function):
 # fastest, forward ~1.5x faster than passes over a full-size scratch tensor). On such chunks
 # torch's broadcast ops beat the batch-norm kernel (channel_affine) by 1.3-2.6x.
 _CHUNK_BYTES = 1 << 19
-# On accelerators a chunk costs a few kernel launches (~5-10 us of host time each) whatever its
-# size: 512 KiB chunks made L1 batch norm 27-111x BatchNorm2d's time on an H200 at 128x128x56x56
-# (400 chunks, 2026-12-04). Chunks of this size are whole tensors up to 256 MiB and still bound
-# the scratch buffer.
-_DEVICE_CHUNK_BYTES = 1 << 28
 
 
 def _channel_chunks(x: Tensor) -> tuple[tuple[Tensor, ...], list[int], list[int]]:
@@ -381,8 +378,7 @@ def _channel_chunks(x: Tensor) -> tuple[tuple[Tensor, ...], list[int], list[int]
         rows, dims, view = x.movedim(1, -1).view(-1, c), [0], [c]
     else:
         return (x,), [0, *range(2, x.dim())], channel_view_shape(x.dim(), c)
-    chunk = _DEVICE_CHUNK_BYTES if on_accelerator(x) else _CHUNK_BYTES
-    per = max(1, chunk // (rows[0].numel() * x.element_size()))
+    per = max(1, _CHUNK_BYTES // (rows[0].numel() * x.element_size()))
     return torch.split(rows, per), dims, view
 
 
