@@ -27,7 +27,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _harness import emit
-from layers import LAYERS, VARIANTS, _fwd, _fwd_bwd, build
+from layers import LAYERS, VARIANTS, _fwd, _fwd_bwd, build, inputs
 from normlab.functional._core import accelerator_routes
 
 # ops that launch no kernel of their own (views, metadata, allocations)
@@ -86,12 +86,8 @@ def count_ops(run: Callable[[], object]) -> collections.Counter[str]:
 
 def rows(shape: tuple[int, ...], verbose: bool) -> list[str]:
     lines = []
-    for fmt_name, fmt in (
-        ("NCHW", torch.contiguous_format),
-        ("channels_last", torch.channels_last),
-    ):
-        x = torch.randn(shape).contiguous(memory_format=fmt)
-        gy = torch.randn_like(x)
+    for fmt_name in ("NCHW", "channels_last"):
+        x, gy = inputs(shape, fmt_name == "channels_last")
         for spec in LAYERS + VARIANTS:
             ours, theirs = build(spec, shape)
             counts = [

@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _harness import emit, fix_allocator, machine
-from layers import LAYERS, VARIANTS, Layer, _fwd, _fwd_bwd
+from layers import LAYERS, VARIANTS, Layer, _fwd, _fwd_bwd, build, inputs
 
 
 def cold_time(fn: Callable[[], object], calls: int, flush: Callable[[], object]) -> float:
@@ -46,15 +46,10 @@ def rows(
     layers: list[Layer], shape: tuple[int, ...], calls: int, flush: Callable[[], object]
 ) -> list[str]:
     lines = []
-    for fmt_name, fmt in (
-        ("NCHW", torch.contiguous_format),
-        ("channels_last", torch.channels_last),
-    ):
-        x = torch.randn(shape).contiguous(memory_format=fmt)
-        gy = torch.randn_like(x)
+    for fmt_name in ("NCHW", "channels_last"):
+        x, gy = inputs(shape, fmt_name == "channels_last")
         for spec in layers:
-            ours = spec.ours(shape[1], shape).train(spec.training)
-            theirs = spec.theirs(shape[1], shape).train(spec.training)
+            ours, theirs = build(spec, shape)
             cells = []
             for make in (_fwd, _fwd_bwd) if spec.training else (_fwd,):
                 args = (x,) if make is _fwd else (x, gy)
