@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 
@@ -51,7 +52,7 @@ def _route(monkeypatch: pytest.MonkeyPatch, route: str) -> object:
     from normlab.functional import _core, _fast, batch_variants
 
     if route.startswith("device"):
-        monkeypatch.setattr(_core, "_PRETEND", [True])
+        _route_contexts.enter_context(_core.accelerator_routes())
     if route == "fast-nchw":
         monkeypatch.setattr(_fast, "_MIN_NUMEL", 1)
         monkeypatch.setattr(_fast, "_MIN_ROW", 1)
@@ -69,12 +70,14 @@ def _route(monkeypatch: pytest.MonkeyPatch, route: str) -> object:
 
 
 _route_checks: list[object] = []
+_route_contexts = contextlib.ExitStack()  # the accelerator routes, left when the test ends
 
 
 @pytest.fixture(autouse=True)
 def _check_routes() -> object:
     _route_checks.clear()
-    yield
+    with _route_contexts:
+        yield
     assert all(check() for check in _route_checks), "batch renorm took the wrong route"  # type: ignore[operator]
 
 
