@@ -10,6 +10,12 @@ and allocations. Counts, not times: the same on any machine, no GPU needed.
 
     python benchmarks/launches.py                    # 8x16x4x4, NCHW and channels-last
     python benchmarks/launches.py --shape 8x16x4x4 --verbose --out launches.md
+    python benchmarks/launches.py --device cuda --shape 128x128x56x56   # kernels, GPU and wall time
+
+``--device cuda`` runs the layers on the GPU (normlab's own accelerator routes, no switch needed)
+and adds, per call: the GPU tasks launched (kernels, copies, fills; torch.profiler), their summed
+GPU time, and the wall time of a call with the queue drained (``torch.utils.benchmark``). Wall time
+far above GPU time means launches, not bytes, set the layer's time.
 """
 
 from __future__ import annotations
@@ -84,25 +90,50 @@ def count_ops(run: Callable[[], object]) -> collections.Counter[str]:
     return counter.counts
 
 
-def rows(shape: tuple[int, ...], verbose: bool) -> list[str]:
+def gpu_work(run: Callable[[], object], reps: int = 5) -> tuple[float, float, float, str]:
+    """Per call of ``run`` on a GPU: tasks launched, their summed GPU microseconds, wall
+    microseconds (median, queue drained), and the kernels by name (most frequent first)."""
+    from torch.autograd import DeviceType  # type: ignore[attr-defined]
+    from torch.profiler import ProfilerActivity, profile
+    from torch.utils.benchmark import Timer
+
+    run()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            run()
+        torch.cuda.synchronize()
+    tasks = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+    gpu_us = sum(e.time_range.elapsed_us() for e in tasks) / reps
+    wall_us = Timer("fn()", globals={"fn": run}).blocked_autorange(min_run_time=0.05).median * 1e6
+    names = collections.Counter(e.name[:60] for e in tasks)
+    top = ", ".join(f"{n} x{c / reps:g}" for n, c in names.most_common(8))
+    return len(tasks) / reps, gpu_us, wall_us, top
+
+
+def rows(shape: tuple[int, ...], verbose: bool, device: str = "cpu") -> list[str]:
     lines = []
     for fmt_name in ("NCHW", "channels_last"):
-        x, gy = inputs(shape, fmt_name == "channels_last")
+        x, gy = (t.to(device) for t in inputs(shape, fmt_name == "channels_last"))
         for spec in LAYERS + VARIANTS:
-            ours, theirs = build(spec, shape)
-            counts = [
-                count_ops(_fwd_bwd(m, x, gy) if spec.training else _fwd(m, x))
-                for m in (ours, theirs)
-            ]
+            ours, theirs = (m.to(device) for m in build(spec, shape))
+            runs = [_fwd_bwd(m, x, gy) if spec.training else _fwd(m, x) for m in (ours, theirs)]
+            counts = [count_ops(run) for run in runs]
             kind = "fwd+bwd" if spec.training else "fwd"
             n_ours, n_theirs = (sum(c.values()) for c in counts)
             detail = ""
-            if verbose:
+            if device == "cuda":
+                (k0, g0, w0, top), (k1, g1, w1, _) = (gpu_work(run) for run in runs)
+                detail = f" | {k0:g} / {k1:g} | {g0:.0f} / {g1:.0f} | {w0:.0f} / {w1:.0f}"
+                if verbose:
+                    detail += f" | {top}"
+            elif verbose:
                 detail = " | " + ", ".join(f"{k} {v}" for k, v in sorted(counts[0].items()))
             lines.append(
                 f"| {spec.name} | {fmt_name} | {kind} | {n_ours} | {n_theirs} | "
                 f"{n_ours / max(n_theirs, 1):.1f}{detail} |"
             )
+            print(lines[-1], file=sys.stderr, flush=True)
     return lines
 
 
@@ -113,19 +144,36 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shape", default="8x16x4x4", help="input, NxCxHxW")
     parser.add_argument("--verbose", action="store_true", help="list normlab's ops by name")
     parser.add_argument("--out", type=Path, help="also write the markdown table to this file")
+    parser.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default="cpu",
+        help="cuda: run on the GPU and add GPU tasks, GPU time and wall time per call",
+    )
     args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device: expected a machine with a CUDA device, got none; use --device cpu")
     shape = tuple(int(v) for v in args.shape.split("x"))
-    with accelerator_routes():
-        body = rows(shape, args.verbose)
-    extra = " normlab's ops |" if args.verbose else ""
+    torch.set_num_threads(1)
+    if args.device == "cuda":
+        where = (
+            f"{torch.cuda.get_device_name()}; torch ops, then GPU tasks / GPU us / wall us per call"
+        )
+        body = rows(shape, args.verbose, "cuda")
+        extra = " GPU tasks (normlab / torch) | GPU us | wall us |"
+        extra += " normlab's kernels |" if args.verbose else ""
+    else:
+        where = "torch ops per call inside accelerator_routes()"
+        with accelerator_routes():
+            body = rows(shape, args.verbose)
+        extra = " normlab's ops |" if args.verbose else ""
     return emit(
         [
             f"Counted {datetime.date.today()}, torch {torch.__version__}; input {args.shape}; "
-            "torch ops per call inside accelerator_routes() (views and allocations not "
-            "counted).",
+            f"{where} (views and allocations not counted among ops).",
             "",
             f"| layer | format | call | normlab ops | torch.nn ops | ratio |{extra}",
-            "|---|---|---|---|---|---|" + ("---|" if args.verbose else ""),
+            "|---|---|---|---|---|---|" + "---|" * extra.count("|"),
             *body,
         ],
         args.out,

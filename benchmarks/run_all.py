@@ -250,6 +250,13 @@ def _shape(spec: str) -> tuple[int, ...]:
     return tuple(int(v) for v in spec.split("x"))
 
 
+def _chosen(specs: list[Layer], names: list[str] | None) -> list[Layer]:
+    """The specs whose name contains one of ``names`` (all of them when ``names`` is None)."""
+    if names is None:
+        return specs
+    return [s for s in specs if any(n.lower() in s.name.lower() for n in names)]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -267,6 +274,20 @@ def main(argv: list[str] | None = None) -> int:
         help="layer rows of torch.compile'd layers on both sides (fullgraph, static shapes): on a "
         "GPU the variants' small ops fuse into a few kernels",
     )
+    parser.add_argument(
+        "--layers",
+        nargs="+",
+        metavar="TEXT",
+        help="only the layer rows whose name contains one of these (case-insensitive), e.g. "
+        "Renorm Ghost; model rows are kept",
+    )
+    parser.add_argument(
+        "--dtypes",
+        nargs="+",
+        choices=["float32", "low"],
+        default=["float32", "low"],
+        help="float32 and/or the low-precision rows (bfloat16 on CPU, float16 on CUDA)",
+    )
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device: expected a machine with a CUDA device, got none; use --device cpu")
@@ -282,9 +303,12 @@ def main(argv: list[str] | None = None) -> int:
         )
     lines = [
         f"Measured {datetime.date.today()} on {where}; allocator fix "
-        f"{'on' if fixed else 'OFF'}; `python benchmarks/run_all.py --min-time {args.min_time} --device {args.device}"
-        f"{' --compile' if args.compile else ''}` "
-        "(seconds per comparison). Ratio = normlab time / torch.nn time, same run; < 1 is faster; "
+        f"{'on' if fixed else 'OFF'}; `python benchmarks/run_all.py --min-time {args.min_time} "
+        f"--device {args.device} --shapes {' '.join(args.shapes)}"
+        f"{' --compile' if args.compile else ''}"
+        f"{' --layers ' + ' '.join(args.layers) if args.layers else ''}"
+        f"{' --dtypes ' + ' '.join(args.dtypes) if len(args.dtypes) < 2 else ''}` "
+        "(--min-time: seconds per comparison). Ratio = normlab time / torch.nn time, same run; < 1 is faster; "
         "± its spread (the two timings' relative IQRs in quadrature).",
         "",
         "| layer | shape | dtype | format | fwd ratio | fwd+bwd ratio | normlab GB/s (fwd+bwd) | "
@@ -292,15 +316,24 @@ def main(argv: list[str] | None = None) -> int:
         "|---|---|---|---|---|---|---|---|",
     ]
     low = torch.float16 if args.device == "cuda" else torch.bfloat16
+    dtypes = [torch.float32 if d == "float32" else low for d in args.dtypes]
+    layers, all_variants = (_chosen(specs, args.layers) for specs in (LAYERS, VARIANTS))
+    if not layers + all_variants:
+        parser.error(
+            f"--layers: expected text found in a layer's name, got {args.layers}; names: "
+            + ", ".join(s.name for s in LAYERS + VARIANTS)
+        )
     # first (seconds), so that a run stopped at its time limit still reports them
-    syncs = host_syncs(LAYERS + VARIANTS, _shape(args.shapes[0])) if args.device == "cuda" else []
+    syncs = (
+        host_syncs(layers + all_variants, _shape(args.shapes[0])) if args.device == "cuda" else []
+    )
     for spec in args.shapes:
         shape = _shape(spec)
-        for dtype in (torch.float32, low):
+        for dtype in dtypes:
             for channels_last in (False, True):
-                variants = VARIANTS if dtype == torch.float32 else []
+                variants = all_variants if dtype == torch.float32 else []
                 lines += layer_rows(
-                    LAYERS + variants,
+                    layers + variants,
                     shape,
                     dtype,
                     channels_last,

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# The GPU checks of issue #9, in one command for a lent GPU machine whose minutes are few: each
+# stage runs under its own time cap and under one overall deadline, so a slow stage costs only
+# itself and what has finished is always written out. Logs and tables go to $OUT (or ./cuda_out).
+#
+#   bash benchmarks/cuda_check.sh                    # tests, launches, eager table, compiled variants
+#   STAGES="tests table" DEADLINE=300 bash benchmarks/cuda_check.sh
+#
+# Stages: tests (tests/test_cuda.py on the GPU), launches (kernels, GPU and wall time per call at
+# both shapes), table (run_all.py eager, both shapes), compiled (run_all.py --compile, the
+# variants and training batch norm at the large shape, float32).
+set -u
+out=${OUT:-cuda_out}
+mkdir -p "$out"
+export PYTHONPATH="$PWD/src:$PWD" PYTHONUNBUFFERED=1
+stages=${STAGES:-tests launches table compiled}
+end=$((SECONDS + ${DEADLINE:-400}))
+small=64x64x32x32
+large=128x128x56x56
+
+stage() { # stage NAME CAP_SECONDS LOG COMMAND...: run COMMAND, teeing into $out/LOG
+    local name=$1 cap=$2 log=$3 left=$((end - SECONDS))
+    shift 3
+    case " $stages " in *" $name "*) ;; *) return 0 ;; esac
+    ((left < cap)) && cap=$left
+    if ((cap < 10)); then
+        echo "== $name skipped: deadline"
+        return 0
+    fi
+    echo "== $(date +%T) $name (at most ${cap}s): $*"
+    timeout "$cap" "$@" 2>&1 | tee "$out/$log" | tail -n 25
+    echo "== $name exit ${PIPESTATUS[0]} after $((SECONDS - end + ${DEADLINE:-400}))s of the run"
+}
+
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,memory.used --format=csv,noheader
+python3 -c 'import torch; print("torch", torch.__version__, "cuDNN", torch.backends.cudnn.version())'
+stage tests 170 test_cuda.log \
+    python3 -m pytest -q -p no:cacheprovider -p no:benchmark -n 8 tests/test_cuda.py
+stage launches 90 launches.log bash -c "
+    python3 benchmarks/launches.py --device cuda --shape $small --out $out/launches_small.md &&
+    python3 benchmarks/launches.py --device cuda --shape $large --verbose --out $out/launches_large.md"
+stage table 150 table.log \
+    python3 benchmarks/run_all.py --device cuda --min-time 0.08 --shapes $small $large \
+    --out "$out/cuda_table.md"
+stage compiled 400 compiled.log \
+    python3 benchmarks/run_all.py --device cuda --compile --min-time 0.08 --shapes $large \
+    --dtypes float32 --layers "BatchNorm2d train" Renorm Ghost L1 Linf Noisy \
+    --out "$out/cuda_compiled.md"
+echo "== done after ${SECONDS}s"
