@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import os
 import traceback
+import warnings
 from collections.abc import Iterator
 
 import pytest
@@ -156,9 +157,11 @@ def test_stochastic_layer_trains_on_device_with_the_global_generator(spec: Layer
     for _ in range(2):
         torch.manual_seed(7)
         runs.append(_step(copy.deepcopy(layer), x, gy))
+    # to float rounding, not bitwise: on the H200 two calls of DropConnectConv3d's grouped
+    # convolution differed in the last bits of the output; another mask would differ by O(1)
     for a, b in zip(*runs, strict=True):
         assert not a.is_floating_point() or a.isfinite().all()
-        assert torch.equal(a, b)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     layer.eval()
     with torch.no_grad():
         torch.manual_seed(8)
@@ -264,8 +267,10 @@ def test_training_and_eval_steps_make_no_host_sync(spec: LayerSpec) -> None:
         step_results(layer, x, gy)  # a first call of each kind: lazy set-up may read values
         if DEVICE == "cuda":
             torch.cuda.synchronize()
-            torch.cuda.set_sync_debug_mode("error")
             try:
+                with warnings.catch_warnings():  # torch's notice that the mode is a prototype
+                    warnings.filterwarnings("ignore", "Synchronization debug mode is a prototype")
+                    torch.cuda.set_sync_debug_mode("error")
                 step_results(layer, x, gy)
             finally:
                 torch.cuda.set_sync_debug_mode("default")

@@ -18,6 +18,7 @@ small object per seeded layer).
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -105,8 +106,22 @@ def _traced(
     if generator is None or not torch.compiler.is_compiling():
         return None
     where = torch.device(device if device is not None else generator.device)
-    key = generator.key if isinstance(generator, Keyed) else int(register(generator))
-    return where, key
+    if isinstance(generator, Keyed):
+        return where, generator.key
+    # not register(generator): torch 2.11's dynamo cannot pass a generator to a function of
+    # constant result. id() of an object from outside the graph is a constant (guarded on that
+    # object), and _keep, run once while tracing, files the object under it
+    return where, _keep(id(generator))
+
+
+@torch._dynamo.assume_constant_result  # type: ignore[untyped-decorator]
+def _keep(key: int) -> int:
+    """Files the live object whose ``id`` is ``key`` under it in ``_OBJECTS`` (kept alive there, so
+    the id stays its own); runs while dynamo traces, where the object is an argument of the traced
+    call."""
+    if key not in _OBJECTS:
+        _OBJECTS[key] = ctypes.cast(key, ctypes.py_object).value
+    return key
 
 
 def _generator(key: int, after: Tensor | None) -> torch.Generator:
