@@ -7,13 +7,16 @@
 #   STAGES="tests table" DEADLINE=300 bash benchmarks/cuda_check.sh
 #
 # Stages: tests (tests/test_cuda.py on the GPU), launches (kernels, GPU and wall time per call at
-# both shapes), table (run_all.py eager, both shapes), compiled (run_all.py --compile, the
-# variants and training batch norm at the large shape, float32).
+# both shapes), profile (the torch ops that spend the GPU time, per layer, at the large shape),
+# table (run_all.py eager, both shapes), compiled (run_all.py --compile, the variants and training
+# batch norm at the large shape, float32). TABLE_ARGS replaces the table's --shapes (say
+# "--shapes 128x128x56x56 --dtypes low" to finish a table cut short); PROFILE_LAYERS chooses the
+# profiled layers.
 set -u
 out=${OUT:-cuda_out}
 mkdir -p "$out"
 export PYTHONPATH="$PWD/src:$PWD" PYTHONUNBUFFERED=1
-stages=${STAGES:-tests launches table compiled}
+stages=${STAGES:-tests launches profile table compiled}
 end=$((SECONDS + ${DEADLINE:-400}))
 small=64x64x32x32
 large=128x128x56x56
@@ -39,8 +42,13 @@ stage tests 170 test_cuda.log \
 stage launches 90 launches.log bash -c "
     python3 benchmarks/launches.py --device cuda --shape $small --out $out/launches_small.md &&
     python3 benchmarks/launches.py --device cuda --shape $large --verbose --out $out/launches_large.md"
-stage table 150 table.log \
-    python3 benchmarks/run_all.py --device cuda --min-time 0.08 --shapes $small $large \
+stage profile 90 profile.log \
+    python3 benchmarks/launches.py --device cuda --shape $large --verbose \
+    --layers ${PROFILE_LAYERS:-"BatchNorm2d train" Renorm Ghost L1 Linf InstanceNorm GroupNorm} \
+    --out "$out/profile.md"
+# shellcheck disable=SC2086 # TABLE_ARGS: several words
+stage table 260 table.log \
+    python3 benchmarks/run_all.py --device cuda --min-time 0.08 ${TABLE_ARGS:---shapes $small $large} \
     --out "$out/cuda_table.md"
 stage compiled 400 compiled.log \
     python3 benchmarks/run_all.py --device cuda --compile --min-time 0.08 --shapes $large \

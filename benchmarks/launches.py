@@ -90,32 +90,53 @@ def count_ops(run: Callable[[], object]) -> collections.Counter[str]:
     return counter.counts
 
 
-def gpu_work(run: Callable[[], object], reps: int = 5) -> tuple[float, float, float, str]:
+def gpu_work(
+    run: Callable[[], object], reps: int = 5, by_op: bool = False
+) -> tuple[float, float, float, str]:
     """Per call of ``run`` on a GPU: tasks launched, their summed GPU microseconds, wall
-    microseconds (median, queue drained), and the kernels by name (most frequent first)."""
+    microseconds (median, queue drained), and (``by_op``) the torch ops that spent the most GPU
+    time, with calls and microseconds per call of ``run``."""
     from torch.autograd import DeviceType  # type: ignore[attr-defined]
     from torch.profiler import ProfilerActivity, profile
     from torch.utils.benchmark import Timer
 
     run()
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    activities = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if by_op else [])
+    with profile(activities=activities) as prof:
         for _ in range(reps):
             run()
         torch.cuda.synchronize()
     tasks = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
     gpu_us = sum(e.time_range.elapsed_us() for e in tasks) / reps
     wall_us = Timer("fn()", globals={"fn": run}).blocked_autorange(min_run_time=0.05).median * 1e6
-    names = collections.Counter(e.name[:60] for e in tasks)
-    top = ", ".join(f"{n} x{c / reps:g}" for n, c in names.most_common(8))
+    top = ""
+    if by_op:
+        ops = [
+            e
+            for e in prof.key_averages()
+            if e.device_type == DeviceType.CPU and e.self_device_time_total > 0
+        ]
+        ops.sort(key=lambda e: -e.self_device_time_total)
+        top = ", ".join(
+            f"{e.key.removeprefix('aten::')} x{e.count / reps:g} {e.self_device_time_total / reps:.0f}"
+            for e in ops[:10]
+        )
     return len(tasks) / reps, gpu_us, wall_us, top
 
 
-def rows(shape: tuple[int, ...], verbose: bool, device: str = "cpu") -> list[str]:
+def rows(
+    shape: tuple[int, ...], verbose: bool, device: str = "cpu", names: list[str] | None = None
+) -> list[str]:
     lines = []
+    specs = [
+        s
+        for s in LAYERS + VARIANTS
+        if names is None or any(n.lower() in s.name.lower() for n in names)
+    ]
     for fmt_name in ("NCHW", "channels_last"):
         x, gy = (t.to(device) for t in inputs(shape, fmt_name == "channels_last"))
-        for spec in LAYERS + VARIANTS:
+        for spec in specs:
             ours, theirs = (m.to(device) for m in build(spec, shape))
             runs = [_fwd_bwd(m, x, gy) if spec.training else _fwd(m, x) for m in (ours, theirs)]
             counts = [count_ops(run) for run in runs]
@@ -123,7 +144,7 @@ def rows(shape: tuple[int, ...], verbose: bool, device: str = "cpu") -> list[str
             n_ours, n_theirs = (sum(c.values()) for c in counts)
             detail = ""
             if device == "cuda":
-                (k0, g0, w0, top), (k1, g1, w1, _) = (gpu_work(run) for run in runs)
+                (k0, g0, w0, top), (k1, g1, w1, _) = (gpu_work(run, by_op=verbose) for run in runs)
                 detail = f" | {k0:g} / {k1:g} | {g0:.0f} / {g1:.0f} | {w0:.0f} / {w1:.0f}"
                 if verbose:
                     detail += f" | {top}"
@@ -150,6 +171,9 @@ def main(argv: list[str] | None = None) -> int:
         default="cpu",
         help="cuda: run on the GPU and add GPU tasks, GPU time and wall time per call",
     )
+    parser.add_argument(
+        "--layers", nargs="+", metavar="TEXT", help="only layers whose name contains one of these"
+    )
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device: expected a machine with a CUDA device, got none; use --device cpu")
@@ -159,13 +183,13 @@ def main(argv: list[str] | None = None) -> int:
         where = (
             f"{torch.cuda.get_device_name()}; torch ops, then GPU tasks / GPU us / wall us per call"
         )
-        body = rows(shape, args.verbose, "cuda")
+        body = rows(shape, args.verbose, "cuda", args.layers)
         extra = " GPU tasks (normlab / torch) | GPU us | wall us |"
-        extra += " normlab's kernels |" if args.verbose else ""
+        extra += " normlab's ops by GPU time (calls, us) |" if args.verbose else ""
     else:
         where = "torch ops per call inside accelerator_routes()"
         with accelerator_routes():
-            body = rows(shape, args.verbose)
+            body = rows(shape, args.verbose, names=args.layers)
         extra = " normlab's ops |" if args.verbose else ""
     return emit(
         [

@@ -48,7 +48,8 @@ def _route(monkeypatch: pytest.MonkeyPatch, route: str) -> object:
     """Input layout for a route: "plain" (torch's kernel), "fast-nchw" (normlab's channels-first
     path, forced on small input), "channels-last". Batch renorm must (not) call normlab's
     batch-norm function accordingly: checked when the test ends. "device-nchw" and
-    "device-channels-last": the routes taken on accelerators (:func:`accelerator_routes`)."""
+    "device-channels-last": the routes taken on accelerators (:func:`accelerator_routes`), which
+    must call the accelerators' step (torch's training-mode kernel)."""
     from normlab.functional import _core, _fast, batch_variants
 
     if route.startswith("device"):
@@ -64,8 +65,17 @@ def _route(monkeypatch: pytest.MonkeyPatch, route: str) -> object:
             calls.append(1)
             return super().apply(*args)
 
+    device_calls: list[int] = []
+    on_device = batch_variants._renorm_on_device
+
+    def device_spy(*args):  # type: ignore[no-untyped-def]
+        device_calls.append(1)
+        return on_device(*args)
+
     monkeypatch.setattr(batch_variants, "BatchNormTrain", Spy)
-    _route_checks.append(lambda: bool(calls) == (route != "plain"))
+    monkeypatch.setattr(batch_variants, "_renorm_on_device", device_spy)
+    expected = (route in ("fast-nchw", "channels-last"), route.startswith("device"))
+    _route_checks.append(lambda: (bool(calls), bool(device_calls)) == expected)
     return torch.channels_last if route.endswith("channels-last") else torch.contiguous_format
 
 
