@@ -346,6 +346,109 @@ def test_channels_last_instance_norm_against_the_float64_reference(
     assert torch.autograd.gradgradcheck(ours, (x, w, b))
 
 
+def _group_norm_reference(x: torch.Tensor, groups: int, w, b) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    """Group norm by its definition, channels-first, in x's dtype (float64 here)."""
+    n, c = x.shape[0], x.shape[1]
+    v = x.reshape(n, groups, -1)
+    mean = v.mean(2, keepdim=True)
+    var = ((v - mean) ** 2).mean(2, keepdim=True)
+    y = ((v - mean) / torch.sqrt(var + 1e-5)).reshape(x.shape)
+    shape = (1, c) + (1,) * (x.dim() - 2)
+    return y if w is None else y * w.view(shape) + b.view(shape)
+
+
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("offset", [0.0, 20.0], ids=["centred", "off-centre"])
+@pytest.mark.parametrize(
+    ("shape", "groups"),
+    [((3, 6, 5, 4), 6), ((3, 6, 5, 4), 2), ((2, 4, 3, 2, 3), 4), ((2, 4, 3, 2, 3), 1)],
+    ids=["instance-2d", "groups-2d", "instance-3d", "one-group-3d"],
+)
+def test_channels_last_group_norm_on_accelerators_against_the_float64_reference(
+    affine: bool, offset: float, shape: tuple[int, ...], groups: int
+) -> None:
+    """Group and instance norm of channels-last input on the accelerator routes
+    (ChannelsLastGroupNorm, no layout copies): output, all gradients and running statistics
+    against the definition in float64; float32 within its rounding; channels-last out and in the
+    input gradient; gradcheck and gradgradcheck."""
+    import importlib
+
+    from normlab.functional._core import accelerator_routes
+
+    bn = importlib.import_module("normlab.functional.batch_norm")  # the package's name is taken
+    fmt = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(shape, generator=g, dtype=torch.float64) * 2 + offset).contiguous(
+        memory_format=fmt
+    )
+    c = shape[1]
+    w = (torch.rand(c, generator=g, dtype=torch.float64) + 0.5) if affine else None
+    b = torch.randn(c, generator=g, dtype=torch.float64) if affine else None
+    gy = (torch.randn(shape, generator=g, dtype=torch.float64) + 1.0).contiguous(memory_format=fmt)
+    calls: list[int] = []
+    apply = _fast.ChannelsLastGroupNorm.apply
+
+    def ours(x, w, b):  # type: ignore[no-untyped-def]
+        if groups == c:  # instance norm, through its own function (running statistics)
+            return bn.instance_norm_unchecked(x, None, None, w, b, True, 0.1, 1e-5, "test")
+        return NF.group_norm(x, groups, w, b, eps=1e-5)
+
+    def spy(*args):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        return apply(*args)
+
+    inputs = [t.requires_grad_() for t in (x, w, b) if t is not None]
+    want = _group_norm_reference(x, groups, w, b)
+    want_grads = torch.autograd.grad(want, inputs, gy)
+    with accelerator_routes(), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_fast.ChannelsLastGroupNorm, "apply", spy)
+        y = ours(x, w, b)
+        grads = torch.autograd.grad(y, inputs, gy)
+        assert calls, "channels-last group norm took another route on accelerators"
+        assert y.is_contiguous(memory_format=fmt)
+        assert grads[0].is_contiguous(memory_format=fmt)
+        torch.testing.assert_close(y, want)
+        for got, ref in zip(grads, want_grads, strict=True):
+            torch.testing.assert_close(got, ref)
+        assert torch.autograd.gradcheck(ours, (x, w, b))
+        assert torch.autograd.gradgradcheck(ours, (x, w, b))
+        # float32: within float32 rounding of the float64 result (off-centre input loses
+        # log10(1 + offset^2 / var) digits in the backward's sum of g * x, as torch's kernel)
+        low = [t.detach().float().requires_grad_() for t in (x, w, b) if t is not None]
+        args32 = (low[0], *(low[1:] if affine else (None, None)))
+        y32 = ours(*args32)
+        grads32 = torch.autograd.grad(y32, low, gy.float())
+        tol = 1e-5 * (1 + offset**2 / 4)
+        torch.testing.assert_close(y32.double(), want, rtol=1e-5, atol=1e-5)
+        for got, ref in zip(grads32, want_grads, strict=True):
+            torch.testing.assert_close(got.double(), ref, rtol=tol, atol=tol)
+    if groups == c:  # running statistics: the batch's instance means and unbiased variances
+        with accelerator_routes():
+            rm, rv = torch.zeros(c, dtype=torch.float64), torch.ones(c, dtype=torch.float64)
+            bn.instance_norm_unchecked(x.detach(), rm, rv, w, b, True, 1.0, 1e-5, "test")
+        dims = tuple(range(2, x.dim()))
+        torch.testing.assert_close(rm, x.detach().mean(dims).mean(0))
+        torch.testing.assert_close(rv, x.detach().var(dims).mean(0))
+
+
+def test_channels_last_group_norm_route_only_where_it_applies() -> None:
+    """Accelerators only (the CPU keeps its own routes), channels-last full-precision input with
+    parameters of its dtype, eager and outside forward-mode AD."""
+    from normlab.functional._core import accelerator_routes
+
+    usable = _fast.channels_last_groups_usable
+    x = torch.randn(2, 4, 3, 3).contiguous(memory_format=torch.channels_last)
+    w = torch.ones(4)
+    assert not usable(x, w, None)  # the CPU
+    with accelerator_routes():
+        assert usable(x, w, None)
+        assert not usable(x.contiguous(), w, None)  # channels-first: torch's kernel
+        assert not usable(x.half(), w, None)  # low precision: computed in float32 elsewhere
+        assert not usable(x, w.double(), None)
+        with torch.autograd.forward_ad.dual_level():
+            assert not usable(x, w, None)
+
+
 @pytest.mark.torch_routes
 @pytest.mark.parametrize("affine", [True, False])
 @pytest.mark.parametrize("into", [False, True], ids=["new", "out"])

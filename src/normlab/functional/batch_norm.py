@@ -30,8 +30,10 @@ from normlab.functional._core import (
 )
 from normlab.functional._fast import (
     BatchNormTrain,
+    ChannelsLastGroupNorm,
     InstanceNormTrain,
     PerGroupBatchNorm,
+    channels_last_groups_usable,
     use_fast_batch_stats,
 )
 
@@ -336,14 +338,16 @@ def instance_norm_unchecked(
         # multiply-add into a channels-last output; the input gradient stays channels-last too
         # (PerGroupBatchNorm, a group per sample).
         y, mean, rstd, _ = PerGroupBatchNorm.apply(input, weight, bias, eps, [1] * input.shape[0])  # type: ignore[no-untyped-call]
+    elif channels_last_groups_usable(input, weight, bias):
+        # Channels-last on accelerators: normalized in its own layout, no copies (see the class)
+        y, mean, rstd = ChannelsLastGroupNorm.apply(input, weight, bias, c, eps)  # type: ignore[no-untyped-call]
     else:
         # Channels-first contiguous: torch's group-norm kernel is accurate and fast there (with
         # the fast extra and a gradient to come, InstanceNormTrain's fused backward); on
         # channels-last input it is slower than a copy plus the channels-first kernel, and its
         # float32 weight gradient is ~40x less accurate (tests/nn/test_parity.py); small
         # channels-last samples take that route too, converted back (torch's instance norm
-        # returns channels-first), as do all channels-last ones on accelerators (a kernel
-        # launch per sample cost 26x torch.nn's time on an H200).
+        # returns channels-first), as do low-precision channels-last ones on accelerators.
         first = relayout(input, torch.contiguous_format)
         # torch's group-norm kernel takes low-precision input with float32 parameters on the
         # CPU only: on accelerators normlab computes such input in float32 and returns it in

@@ -18,6 +18,7 @@ from normlab._checks import (
     check_values_per_channel,
 )
 from normlab.functional._core import channels_last_format
+from normlab.functional._fast import ChannelsLastGroupNorm, channels_last_groups_usable
 
 __all__ = ["channel_layer_norm", "channel_layer_norm_unchecked", "group_norm", "layer_norm"]
 
@@ -119,6 +120,8 @@ def group_norm(
             what="values per group",
             fix="use fewer groups, or LayerNorm over more features; one value has no variance",
         )
+    if channels_last_groups_usable(input, weight, bias):  # no layout conversions (see the class)
+        return ChannelsLastGroupNorm.apply(input, weight, bias, num_groups, eps)[0]  # type: ignore[no-any-return, no-untyped-call]
     y = F.group_norm(input, num_groups, weight, bias, eps)
     fmt = channels_last_format(input)
     if fmt is not None and not y.is_contiguous(memory_format=fmt):
