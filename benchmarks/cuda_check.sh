@@ -9,14 +9,15 @@
 # Stages: tests (tests/test_cuda.py on the GPU), launches (kernels, GPU and wall time per call at
 # both shapes), profile (the torch ops that spend the GPU time, per layer, at the large shape),
 # table (run_all.py eager, both shapes), compiled (run_all.py --compile, the variants and training
-# batch norm at the large shape, float32). TABLE_ARGS replaces the table's --shapes (say
-# "--shapes 128x128x56x56 --dtypes low" to finish a table cut short); PROFILE_LAYERS chooses the
-# profiled layers.
+# batch norm at the large shape, float32), clgroups (channels-last group/instance norm, both
+# routes, benchmarks/cl_groups.py). TABLE_ARGS replaces the table's --shapes (say
+# "--shapes 128x128x56x56 --dtypes low" to finish a table cut short); PROFILE_LAYERS and
+# COMPILED_LAYERS choose those stages' layers.
 set -u
 out=${OUT:-cuda_out}
 mkdir -p "$out"
 export PYTHONPATH="$PWD/src:$PWD" PYTHONUNBUFFERED=1
-stages=${STAGES:-tests launches profile table compiled}
+stages=${STAGES:-tests launches profile clgroups table compiled}
 end=$((SECONDS + ${DEADLINE:-400}))
 small=64x64x32x32
 large=128x128x56x56
@@ -50,8 +51,10 @@ stage profile 90 profile.log \
 stage table 260 table.log \
     python3 benchmarks/run_all.py --device cuda --min-time 0.08 ${TABLE_ARGS:---shapes $small $large} \
     --out "$out/cuda_table.md"
+stage clgroups 60 clgroups.log \
+    python3 benchmarks/cl_groups.py --device cuda --out "$out/cl_groups.md"
 stage compiled 400 compiled.log \
     python3 benchmarks/run_all.py --device cuda --compile --min-time 0.08 --shapes $large \
-    --dtypes float32 --layers "BatchNorm2d train" Renorm Ghost L1 Linf Noisy \
+    --dtypes float32 --layers ${COMPILED_LAYERS:-"BatchNorm2d train" Renorm Ghost L1 Linf Noisy} \
     --out "$out/cuda_compiled.md"
 echo "== done after ${SECONDS}s"

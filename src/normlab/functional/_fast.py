@@ -623,9 +623,10 @@ def _grouped_forward(
     var, mean = torch.var_mean(xv, dim=(1, 3), correction=0, keepdim=True)
     rstd = torch.rsqrt(var + eps)
     scale = rstd if weight is None else rstd * weight.view(xv.shape[2], xv.shape[3])
-    shift = -mean * scale
-    if bias is not None:
-        shift = shift + bias.view(xv.shape[2], xv.shape[3])
+    if bias is None:
+        shift = -mean * scale
+    else:  # bias - mean * scale, one kernel
+        shift = torch.addcmul(bias.view(xv.shape[2], xv.shape[3]), mean, scale, value=-1)
     return torch.addcmul(shift, xv, scale), mean, rstd
 
 
@@ -639,7 +640,7 @@ class ChannelsLastGroupNorm(torch.autograd.Function):
     Here the memory is read as ``(N, P, G, K)`` (``P`` positions, ``G`` groups of ``K``
     channels). Forward: ``var_mean`` over ``(P, K)``, then one multiply-add (3 passes over the
     activation). Backward: per-(sample, channel) sums of ``g`` and ``g * x`` over the positions
-    (``g * x`` materialized), then ``dx = A g + B x + C`` with per-(sample, channel) ``A`` and
+    (``g * x`` materialized), then ``dx = A g - B x + C`` with per-(sample, channel) ``A`` and
     per-(sample, group) ``B``, ``C`` -- torch's group-norm backward formula, 7 passes. Double
     backward differentiates the forward's torch ops again.
 
@@ -688,22 +689,26 @@ class ChannelsLastGroupNorm(torch.autograd.Function):
         count = xv.shape[1] * k
         sum_g = gv.sum(1, keepdim=True)  # (N, 1, G, K)
         prod = gv * xv
-        sum_gx = prod.sum(1, keepdim=True)
-        # sum over the group of g * x_hat, without the weight: rstd * (sum g x - mean sum g)
-        gx_hat = (sum_gx - mean * sum_g) * rstd  # (N, 1, G, K)
+        # sum over the positions of g * x_hat, without the weight: rstd * (sum g x - mean sum g)
+        gx_hat = torch.addcmul(prod.sum(1, keepdim=True), mean, sum_g, value=-1).mul_(rstd)
         grad_w = gx_hat.sum((0, 1)).flatten() if need_w and weight is not None else None
         grad_b = sum_g.sum((0, 1)).flatten() if need_b and ctx.has_bias else None
         grad_x = None
         if need_x:
-            w = weight.view(groups, k) if weight is not None else None
-            wg = sum_g if w is None else sum_g * w
-            wgx = gx_hat if w is None else gx_hat * w
-            t1 = wg.sum(3, keepdim=True) / count  # mean of w g over the group, (N, 1, G, 1)
-            t2 = wgx.sum(3, keepdim=True) / count  # mean of w g x_hat over the group
-            scale = rstd if w is None else rstd * w  # A, per (sample, channel)
-            b = -rstd * rstd * t2  # B, per (sample, group)
-            c = -rstd * t1 - b * mean  # C
-            grad_x = _from_grouped(torch.addcmul(c, xv, b, out=prod).addcmul_(gv, scale), x)
+            # dx = A g - B x + C: A = rstd w per (sample, channel); per (sample, group)
+            # B = rstd^2 mean(w g x_hat), C = B mean - rstd mean(w g), means over the group
+            both = torch.cat((sum_g, gx_hat), 1)  # (N, 2, G, K)
+            if weight is not None:
+                both = both * weight.view(groups, k)
+            s1, s2 = both.sum(3, keepdim=True).unbind(1)  # (N, G, 1) each
+            r = rstd.squeeze(1)
+            b = (r * r).mul_(s2).div_(count)
+            c = torch.addcmul(b * mean.squeeze(1), r, s1, value=-1.0 / count)
+            scale = rstd if weight is None else rstd * weight.view(groups, k)
+            b, c = b.unsqueeze(1), c.unsqueeze(1)
+            grad_x = _from_grouped(
+                torch.addcmul(c, xv, b, value=-1, out=prod).addcmul_(gv, scale), x
+            )
         return grad_x, grad_w, grad_b, None, None
 
 
