@@ -34,6 +34,7 @@ __all__ = [
     "randn",
     "register",
     "seeded",
+    "uniform_normal",
 ]
 
 _OBJECTS: dict[int, Any] = {}
@@ -214,3 +215,36 @@ def randint(
     if (traced := _traced(generator, device)) is not None:
         return _randint_op(high, *traced, after)  # type: ignore[no-any-return]
     return torch.randint(0, high, (1,), device=device, generator=generator)  # type: ignore[arg-type]
+
+
+@torch.library.custom_op("normlab::uniform_normal", mutates_args=(), tags=_SEEDED)
+def _uniform_normal_op(
+    shape: Sequence[int], device: torch.device, key: int, after: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    fill = device_generator(_generator(key, after), device)
+    u = torch.rand(tuple(shape), device=device, generator=fill)
+    return u, torch.randn(tuple(shape), device=device, generator=fill)
+
+
+@_uniform_normal_op.register_fake
+def _(
+    shape: Sequence[int], device: torch.device, key: int, after: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    return torch.empty(tuple(shape), device=device), torch.empty(tuple(shape), device=device)
+
+
+def uniform_normal(
+    shape: Sequence[int],
+    generator: torch.Generator,
+    device: torch.device,
+    *,
+    after: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """``(torch.rand(shape), torch.randn(shape))`` drawn on ``device`` from one generator of that
+    device seeded by a draw from ``generator`` (a layer's CPU generator; :func:`device_generator`),
+    eagerly and compiled alike: activation-sized noise for an accelerator, drawn there."""
+    if (traced := _traced(generator, device)) is not None:
+        return _uniform_normal_op(list(shape), *traced, after)  # type: ignore[no-any-return]
+    fill = device_generator(generator, device)
+    u = torch.rand(tuple(shape), device=device, generator=fill)
+    return u, torch.randn(tuple(shape), device=device, generator=fill)
