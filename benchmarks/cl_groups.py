@@ -4,8 +4,9 @@ normlab normalizes channels-last input on accelerators in its own layout
 (:class:`normlab.functional._fast.ChannelsLastGroupNorm`: ~24 small ops around 10 passes over the
 activation) instead of copying it to channels-first for torch's group-norm kernels and the results
 back (4 copies, few ops). On a GPU the first wins once the copies' bytes outweigh the extra
-launches. This script times training forward+backward of both routes and of torch.nn (which
-returns channels-first output) at several sizes, in alternating rounds, to find that crossover.
+launches; normlab takes it from ``_MIN_BYTES_CL_GROUPS`` on. This script times training
+forward+backward of both routes (each forced at every size) and of torch.nn (which returns
+channels-first output) at several sizes, in alternating rounds, to find that crossover.
 
     python benchmarks/cl_groups.py --device cuda
     python benchmarks/cl_groups.py --shapes 8x16x8x8 --min-time 0.05   # smoke run on the CPU
@@ -23,26 +24,22 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import normlab.nn  # noqa: F401 (imports the modules patched below)
 from _harness import emit, machine, time_fn
 from layers import LAYERS, _fwd_bwd, build, inputs
+from normlab.functional import _fast
 from normlab.functional._core import accelerator_routes
-
-_MODULES = ("normlab.functional.batch_norm", "normlab.functional.normalization")
 
 
 @contextlib.contextmanager
-def copy_route() -> Iterator[None]:
-    """normlab's channels-last group and instance norm by the copy route (the route before)."""
-    mods = [sys.modules[m] for m in _MODULES]
-    saved = [m.channels_last_groups_usable for m in mods]  # type: ignore[attr-defined]
-    for m in mods:
-        m.channels_last_groups_usable = lambda *a: False  # type: ignore[attr-defined]
+def route(copy_free: bool) -> Iterator[None]:
+    """normlab's channels-last group and instance norm by one route at every size: the copy-free
+    route (``copy_free``) or the copy route (the only one before)."""
+    saved = _fast._MIN_BYTES_CL_GROUPS
+    _fast._MIN_BYTES_CL_GROUPS = 0 if copy_free else 1 << 62
     try:
         yield
     finally:
-        for m, f in zip(mods, saved, strict=True):
-            m.channels_last_groups_usable = f  # type: ignore[attr-defined]
+        _fast._MIN_BYTES_CL_GROUPS = saved
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,9 +74,9 @@ def main(argv: list[str] | None = None) -> int:
                 run_ours, run_theirs = _fwd_bwd(ours, x, gy), _fwd_bwd(theirs, x, gy)
                 times: dict[str, list[float]] = {"new": [], "copy": [], "torch": []}
                 for _ in range(3):  # alternating rounds
-                    times["new"].append(time_fn(run_ours, args.min_time / 3).median)
-                    with copy_route():
-                        times["copy"].append(time_fn(run_ours, args.min_time / 3).median)
+                    for key, copy_free in (("new", True), ("copy", False)):
+                        with route(copy_free):
+                            times[key].append(time_fn(run_ours, args.min_time / 3).median)
                     times["torch"].append(time_fn(run_theirs, args.min_time / 3).median)
                 med = {k: sorted(v)[1] * 1e6 for k, v in times.items()}
                 lines.append(

@@ -180,6 +180,23 @@ def test_launches_benchmark_counts_ops_on_the_accelerator_routes(tmp_path: Path)
     assert counts == {"arange": 1, "mul": 1, "sum": 1}
 
 
+def test_cl_groups_benchmark_forces_each_route(tmp_path: Path) -> None:
+    cl_groups = _load("cl_groups")
+    from normlab.functional import _fast
+    from normlab.functional._core import accelerator_routes
+
+    x = torch.randn(2, 4, 3, 3).contiguous(memory_format=torch.channels_last)
+    with accelerator_routes():
+        for copy_free in (True, False):
+            with cl_groups.route(copy_free):
+                assert _fast.channels_last_groups_usable(x) == copy_free
+    out = tmp_path / "table.md"
+    assert cl_groups.main(["--shapes", "2x32x4x4", "--min-time", "0.003", "--out", str(out)]) == 0
+    table = out.read_text()
+    assert "| InstanceNorm2d(affine) | 2x32x4x4 |" in table
+    assert "| GroupNorm(32) | 2x32x4x4 |" in table
+
+
 def test_machine_line_names_the_cpu_generation() -> None:
     """The tables' header names the CPU's family, vector width and caches where the OS says them
     (one model name covers hosts on which the loops compare differently with torch)."""

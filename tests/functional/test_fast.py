@@ -365,7 +365,11 @@ def _group_norm_reference(x: torch.Tensor, groups: int, w, b) -> torch.Tensor:  
     ids=["instance-2d", "groups-2d", "instance-3d", "one-group-3d"],
 )
 def test_channels_last_group_norm_on_accelerators_against_the_float64_reference(
-    affine: bool, offset: float, shape: tuple[int, ...], groups: int
+    monkeypatch: pytest.MonkeyPatch,
+    affine: bool,
+    offset: float,
+    shape: tuple[int, ...],
+    groups: int,
 ) -> None:
     """Group and instance norm of channels-last input on the accelerator routes
     (ChannelsLastGroupNorm, no layout copies): output, all gradients and running statistics
@@ -376,6 +380,7 @@ def test_channels_last_group_norm_on_accelerators_against_the_float64_reference(
     from normlab.functional._core import accelerator_routes
 
     bn = importlib.import_module("normlab.functional.batch_norm")  # the package's name is taken
+    monkeypatch.setattr(_fast, "_MIN_BYTES_CL_GROUPS", 1)
     fmt = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
     g = torch.Generator().manual_seed(0)
     x = (torch.randn(shape, generator=g, dtype=torch.float64) * 2 + offset).contiguous(
@@ -431,14 +436,20 @@ def test_channels_last_group_norm_on_accelerators_against_the_float64_reference(
         torch.testing.assert_close(rv, x.detach().var(dims).mean(0))
 
 
-def test_channels_last_group_norm_route_only_where_it_applies() -> None:
+def test_channels_last_group_norm_route_only_where_it_applies(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """Accelerators only (the CPU keeps its own routes), channels-last full-precision input with
-    parameters of its dtype, eager and outside forward-mode AD."""
+    parameters of its dtype, large enough, eager and outside forward-mode AD."""
     from normlab.functional._core import accelerator_routes
 
     usable = _fast.channels_last_groups_usable
     x = torch.randn(2, 4, 3, 3).contiguous(memory_format=torch.channels_last)
     w = torch.ones(4)
+    monkeypatch.setattr(_fast, "_MIN_BYTES_CL_GROUPS", x.numel() * 4 + 4)
+    with accelerator_routes():
+        assert not usable(x, w, None)  # below the size where the route pays off
+    monkeypatch.setattr(_fast, "_MIN_BYTES_CL_GROUPS", x.numel() * 4)
     assert not usable(x, w, None)  # the CPU
     with accelerator_routes():
         assert usable(x, w, None)

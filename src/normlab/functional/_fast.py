@@ -588,12 +588,23 @@ class InstanceNormTrain(torch.autograd.Function):
         )
 
 
+# ChannelsLastGroupNorm from this many bytes of input on. Its ~24 launches against the copy
+# route's ~12 cost more than the copies save on small tensors: on the H200 (a host whose launches
+# cost ~40 us each), training forward+backward of instance norm took 1.72x torch.nn's time at
+# 64x64x32x32 (16 MiB; the copy route 0.86x), 1.37x at 64x128x56x56 (98 MiB; copy route 1.50x)
+# and 0.68x at 128x128x56x56 (196 MiB; copy route 1.50x); group norm 2.97x / 1.19x / 0.74x
+# (copy route 1.38x / 1.22x / 1.23x). `python benchmarks/cl_groups.py --device cuda`.
+_MIN_BYTES_CL_GROUPS = 96 << 20
+
+
 def channels_last_groups_usable(x: Tensor, *params: Tensor | None) -> bool:
     """Whether :class:`ChannelsLastGroupNorm` takes ``x``: a channels-last float32/float64 tensor
-    on an accelerator, with parameters of its dtype and device (or none), outside
-    ``torch.compile``, ``torch.func`` transforms and forward-mode AD (:func:`_eligible`)."""
+    of at least ``_MIN_BYTES_CL_GROUPS`` on an accelerator, with parameters of its dtype and
+    device (or none), outside ``torch.compile``, ``torch.func`` transforms and forward-mode AD
+    (:func:`_eligible`)."""
     return (
         on_accelerator(x)
+        and x.numel() * x.element_size() >= _MIN_BYTES_CL_GROUPS
         and channels_last_format(x) is not None
         and _eligible(x, params, accelerators=True)
     )

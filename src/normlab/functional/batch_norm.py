@@ -339,7 +339,7 @@ def instance_norm_unchecked(
         # (PerGroupBatchNorm, a group per sample).
         y, mean, rstd, _ = PerGroupBatchNorm.apply(input, weight, bias, eps, [1] * input.shape[0])  # type: ignore[no-untyped-call]
     elif channels_last_groups_usable(input, weight, bias):
-        # Channels-last on accelerators: normalized in its own layout, no copies (see the class)
+        # Large channels-last input on accelerators: normalized in its own layout, no copies
         y, mean, rstd = ChannelsLastGroupNorm.apply(input, weight, bias, c, eps)  # type: ignore[no-untyped-call]
     else:
         # Channels-first contiguous: torch's group-norm kernel is accurate and fast there (with
@@ -347,7 +347,8 @@ def instance_norm_unchecked(
         # channels-last input it is slower than a copy plus the channels-first kernel, and its
         # float32 weight gradient is ~40x less accurate (tests/nn/test_parity.py); small
         # channels-last samples take that route too, converted back (torch's instance norm
-        # returns channels-first), as do low-precision channels-last ones on accelerators.
+        # returns channels-first), as do small or low-precision channels-last ones on
+        # accelerators (channels_last_groups_usable).
         first = relayout(input, torch.contiguous_format)
         # torch's group-norm kernel takes low-precision input with float32 parameters on the
         # CPU only: on accelerators normlab computes such input in float32 and returns it in

@@ -120,7 +120,7 @@ def group_norm(
             what="values per group",
             fix="use fewer groups, or LayerNorm over more features; one value has no variance",
         )
-    if channels_last_groups_usable(input, weight, bias):  # no layout conversions (see the class)
+    if channels_last_groups_usable(input, weight, bias):  # large, channels-last: no copies
         return ChannelsLastGroupNorm.apply(input, weight, bias, num_groups, eps)[0]  # type: ignore[no-any-return, no-untyped-call]
     y = F.group_norm(input, num_groups, weight, bias, eps)
     fmt = channels_last_format(input)
