@@ -218,8 +218,8 @@ def _renorm_on_device(
     with torch.no_grad():
         x = input.detach()
         if channels_last_format(x) is None and x.dtype in (torch.float32, torch.float64):
-            # one reduction kernel: 4x faster on channels-first input than torch's statistics
-            # kernel (a mean over the same dims took 92 us against its 381 us on the H200)
+            # one reduction kernel: 2.2x faster on channels-first input than torch's statistics
+            # kernel (173 us against 381 us on the H200 at 128x128x56x56 float32)
             var, mean = torch.var_mean(x, dim=[0, *range(2, x.dim())], correction=0)
         else:  # channels-last: torch's statistics kernel reads it at full speed (96 us there)
             mean, var = torch.batch_norm_update_stats(x, None, None, 0.0)  # var: biased
