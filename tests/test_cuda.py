@@ -197,7 +197,7 @@ def test_seeded_layer_refuses_to_compile_for_an_accelerator() -> None:
     torch._dynamo.reset()
 
 
-COMPILED = ["bn2d", "gn", "l1", "linf", "renorm2d", "ghost"]
+COMPILED = ["bn2d", "gn", "l1", "linf", "renorm2d", "ghost", "noisy"]
 
 
 @pytest.mark.parametrize("spec_id", COMPILED)
