@@ -164,7 +164,11 @@ def check_matches_parameters(
 ) -> None:
     """``x`` is on the parameters' device, and float64 on neither or both sides (float16 and
     bfloat16 input with float32 parameters is mixed precision, which the layers support)."""
-    p = next((t for t in params if t is not None), None)  # a layer's parameters share both
+    p = None
+    for t in params:  # the first parameter (a layer's share both); not next(genexpr, None),
+        if t is not None:  # which torch 2.8's dynamo cannot trace
+            p = t
+            break
     if p is not None:
         if p.device != x.device:
             fail(

@@ -29,6 +29,15 @@ pytestmark = pytest.mark.filterwarnings(
 )
 
 
+_TORCH = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
+
+
+def refusal(message: str) -> str:
+    """What a compiled layer's refusal shows: its own message; on torch < 2.11 (2.8 seen) dynamo
+    replaces the layer's exception with "Observed exception" and the exception's type only."""
+    return message if _TORCH >= (2, 11) else f"{message}|Observed exception"
+
+
 @pytest.fixture(autouse=True)
 def _fresh_dynamo() -> Iterator[None]:
     torch._dynamo.reset()
@@ -148,7 +157,8 @@ def test_cumulative_average_compiles_where_torch_nn_does_not() -> None:
     torch.testing.assert_close(ours.running_mean, stacked.mean(0).float())
     assert int(ours.num_batches_tracked) == 3
     theirs = torch.compile(nn.BatchNorm1d(3, momentum=None), fullgraph=True, dynamic=False)
-    with pytest.raises(Exception, match="data-dependent"):
+    # torch 2.8 names the same stop differently (an unsupported Tensor.item())
+    with pytest.raises(Exception, match=r"data-dependent|Tensor\.item\(\)"):
         theirs(xs[0])
 
 
@@ -171,5 +181,5 @@ def test_compiled_dropconnect_draws_what_eager_draws(mode: str, inference: str) 
 
 def test_monte_carlo_dropconnect_inference_refuses_to_compile() -> None:
     layer = nl.DropConnectLinear(5, 4, inference="mc", samples=3).eval()
-    with pytest.raises(Exception, match=r"inference='mc' under torch.compile"):
+    with pytest.raises(Exception, match=refusal(r"inference='mc' under torch.compile")):
         torch.compile(layer, fullgraph=True)(torch.randn(2, 5))

@@ -91,8 +91,9 @@ class _DropConnect:
             inference=self.inference,
             activation=self.activation,
             samples=self.samples,
-            # compiled, a stand-in for a generator made while tracing (normlab.functional._rng)
-            generator=cast(torch.Generator | None, generator),
+            # compiled, a stand-in for a generator made while tracing (normlab.functional._rng);
+            # the type as a string: torch 2.8's dynamo cannot trace a union object
+            generator=cast("torch.Generator | None", generator),
         )
 
     def _extra(self) -> str:
