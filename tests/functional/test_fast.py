@@ -354,7 +354,8 @@ def _group_norm_reference(x: torch.Tensor, groups: int, w, b) -> torch.Tensor:  
     var = ((v - mean) ** 2).mean(2, keepdim=True)
     y = ((v - mean) / torch.sqrt(var + 1e-5)).reshape(x.shape)
     shape = (1, c) + (1,) * (x.dim() - 2)
-    return y if w is None else y * w.view(shape) + b.view(shape)
+    y = y if w is None else y * w.view(shape)
+    return y if b is None else y + b.view(shape)
 
 
 @pytest.mark.parametrize("affine", [True, False])
@@ -434,6 +435,48 @@ def test_channels_last_group_norm_on_accelerators_against_the_float64_reference(
         dims = tuple(range(2, x.dim()))
         torch.testing.assert_close(rm, x.detach().mean(dims).mean(0))
         torch.testing.assert_close(rv, x.detach().var(dims).mean(0))
+
+
+@pytest.mark.parametrize("params", ["weight", "bias"])
+@pytest.mark.parametrize("grad_layout", ["channels_last", "channels_first", "expanded"])
+def test_channels_last_group_norm_with_one_parameter_and_any_gradient_layout(
+    monkeypatch: pytest.MonkeyPatch, params: str, grad_layout: str
+) -> None:
+    """ChannelsLastGroupNorm with a weight but no bias and the reverse, and an output gradient
+    that is channels-first or a zero-stride expansion (the gradient of ``y.sum()``): output and
+    gradients against the definition in float64, and its second derivatives."""
+    from normlab.functional._core import accelerator_routes
+
+    monkeypatch.setattr(_fast, "_MIN_BYTES_CL_GROUPS", 1)
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(2, 6, 3, 4, generator=g, dtype=torch.float64) + 1).contiguous(
+        memory_format=torch.channels_last
+    )
+    w = torch.rand(6, generator=g, dtype=torch.float64) + 0.5 if params == "weight" else None
+    b = torch.randn(6, generator=g, dtype=torch.float64) if params == "bias" else None
+    gy = torch.randn(x.shape, generator=g, dtype=torch.float64)
+    if grad_layout == "channels_last":
+        gy = gy.contiguous(memory_format=torch.channels_last)
+    elif grad_layout == "expanded":
+        gy = torch.tensor(0.7, dtype=torch.float64).expand(x.shape)
+    inputs = [t.requires_grad_() for t in (x, w, b) if t is not None]
+    want = _group_norm_reference(x, 3, w, b)
+    with accelerator_routes():
+        assert _fast.channels_last_groups_usable(x, w, b)
+        y = NF.group_norm(x, 3, w, b, eps=1e-5)
+        torch.testing.assert_close(y, want)
+        for got, ref in zip(
+            torch.autograd.grad(y, inputs, gy),
+            torch.autograd.grad(want, inputs, gy),
+            strict=True,
+        ):
+            torch.testing.assert_close(got, ref)
+
+        def ours(x, param):  # type: ignore[no-untyped-def]
+            pair = (param, None) if params == "weight" else (None, param)
+            return _fast.ChannelsLastGroupNorm.apply(x, *pair, 3, 1e-5)[0]
+
+        assert torch.autograd.gradgradcheck(ours, tuple(inputs))
 
 
 def test_channels_last_group_norm_route_only_where_it_applies(

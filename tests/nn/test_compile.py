@@ -89,22 +89,47 @@ def test_compiled_layer_matches_eager(spec: LayerSpec) -> None:
 
 @pytest.mark.parametrize("per", ["element", "channel"])
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "cl"])
+@pytest.mark.parametrize("default", [torch.float32, torch.float64], ids=["f32", "f64-default"])
 def test_compiled_noisy_batch_norm_draws_on_the_accelerator_as_eager(
-    per: str, fmt: torch.memory_format
+    per: str, fmt: torch.memory_format, default: torch.dtype
 ) -> None:
     """On accelerators noisy batch norm draws its noise there from a device generator seeded by
     the layer's own, eager and compiled alike (compiled, it drew on the CPU and copied: 846x
-    BatchNorm2d's forward on an H200): same outputs, gradients and running statistics."""
+    BatchNorm2d's forward on an H200): same outputs, gradients and running statistics -- also
+    with torch's default dtype float64 (the draws themselves depend on the dtype)."""
     from normlab.functional._core import accelerator_routes
 
-    eager = nl.NoisyBatchNorm(3, seed=1, per=per)
+    eager = nl.NoisyBatchNorm(3, seed=1, per=per, dtype=torch.float32)
     compiled_layer = copy.deepcopy(eager)
     compiled = torch.compile(compiled_layer, fullgraph=True, dynamic=False)
     gy = _input((4, 3, 5, 6), 3).contiguous(memory_format=fmt)
-    with accelerator_routes():
-        for step in range(2):  # the generators move on together
-            x = _input((4, 3, 5, 6), 20 + step).contiguous(memory_format=fmt)
-            _assert_same(_step(compiled, x, gy), _step(eager, x, gy))
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(default)
+    try:
+        with accelerator_routes():
+            for step in range(2):  # the generators move on together
+                x = _input((4, 3, 5, 6), 20 + step).contiguous(memory_format=fmt)
+                _assert_same(_step(compiled, x, gy), _step(eager, x, gy))
+    finally:
+        torch.set_default_dtype(before)
+
+
+def test_one_compiled_function_draws_from_each_layers_own_generator() -> None:
+    """The graph knows a generator by its id() (normlab.functional._rng): dynamo guards on the
+    object, so a second layer, or a layer given a new generator, recompiles rather than drawing
+    from the first generator."""
+
+    def step(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return layer(x)  # type: ignore[no-any-return]
+
+    compiled = torch.compile(step, fullgraph=True, dynamic=False)
+    x = _input((4, 3, 5, 6), 1)
+    for seed in (1, 2):
+        ours, eager = nl.NoisyBatchNorm(3, seed=seed), nl.NoisyBatchNorm(3, seed=seed)
+        torch.testing.assert_close(compiled(ours, x), eager(x))
+    ours.generator = torch.Generator().manual_seed(5)
+    eager.generator = torch.Generator().manual_seed(5)
+    torch.testing.assert_close(compiled(ours, x), eager(x))
 
 
 @pytest.mark.parametrize(

@@ -221,16 +221,24 @@ def randint(
 def _uniform_normal_op(
     shape: Sequence[int], device: torch.device, key: int, after: Tensor | None
 ) -> tuple[Tensor, Tensor]:
-    fill = device_generator(_generator(key, after), device)
-    u = torch.rand(tuple(shape), device=device, generator=fill)
-    return u, torch.randn(tuple(shape), device=device, generator=fill)
+    return _uniform_normal(shape, device_generator(_generator(key, after), device), device)
 
 
 @_uniform_normal_op.register_fake
 def _(
     shape: Sequence[int], device: torch.device, key: int, after: Tensor | None
 ) -> tuple[Tensor, Tensor]:
-    return torch.empty(tuple(shape), device=device), torch.empty(tuple(shape), device=device)
+    u = torch.empty(tuple(shape), device=device, dtype=torch.float32)
+    return u, torch.empty_like(u)
+
+
+def _uniform_normal(
+    shape: Sequence[int], fill: torch.Generator, device: torch.device
+) -> tuple[Tensor, Tensor]:
+    """float32 ``rand`` then ``randn`` of ``shape`` from ``fill`` (float32 whatever torch's default
+    dtype: the draws, not only their precision, depend on it)."""
+    u = torch.rand(tuple(shape), device=device, generator=fill, dtype=torch.float32)
+    return u, torch.randn(tuple(shape), device=device, generator=fill, dtype=torch.float32)
 
 
 def uniform_normal(
@@ -240,11 +248,9 @@ def uniform_normal(
     *,
     after: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """``(torch.rand(shape), torch.randn(shape))`` drawn on ``device`` from one generator of that
+    """float32 ``(torch.rand(shape), torch.randn(shape))`` drawn on ``device`` from one generator of that
     device seeded by a draw from ``generator`` (a layer's CPU generator; :func:`device_generator`),
     eagerly and compiled alike: activation-sized noise for an accelerator, drawn there."""
     if (traced := _traced(generator, device)) is not None:
         return _uniform_normal_op(list(shape), *traced, after)  # type: ignore[no-any-return]
-    fill = device_generator(generator, device)
-    u = torch.rand(tuple(shape), device=device, generator=fill)
-    return u, torch.randn(tuple(shape), device=device, generator=fill)
+    return _uniform_normal(shape, device_generator(generator, device), device)
