@@ -501,6 +501,9 @@ def test_channels_last_group_norm_route_only_where_it_applies(
         assert not usable(x, w.double(), None)
         with torch.autograd.forward_ad.dual_level():
             assert not usable(x, w, None)
+        with monkeypatch.context() as tracing:  # torch.jit.trace itself warns (deprecated)
+            tracing.setattr(torch.jit, "is_tracing", lambda: True)
+            assert not usable(x, w, None)
 
 
 @pytest.mark.torch_routes

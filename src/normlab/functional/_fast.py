@@ -600,11 +600,12 @@ _MIN_BYTES_CL_GROUPS = 96 << 20
 def channels_last_groups_usable(x: Tensor, *params: Tensor | None) -> bool:
     """Whether :class:`ChannelsLastGroupNorm` takes ``x``: a channels-last float32/float64 tensor
     of at least ``_MIN_BYTES_CL_GROUPS`` on an accelerator, with parameters of its dtype and
-    device (or none), outside ``torch.compile``, ``torch.func`` transforms and forward-mode AD
-    (:func:`_eligible`)."""
+    device (or none), outside ``torch.compile``, ``torch.func`` transforms, forward-mode AD
+    (:func:`_eligible`) and ``torch.jit.trace`` (which cannot record a Python function)."""
     return (
         on_accelerator(x)
         and x.numel() * x.element_size() >= _MIN_BYTES_CL_GROUPS
+        and not torch.jit.is_tracing()
         and channels_last_format(x) is not None
         and _eligible(x, params, accelerators=True)
     )
