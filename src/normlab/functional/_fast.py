@@ -605,7 +605,7 @@ def channels_last_groups_usable(x: Tensor, *params: Tensor | None) -> bool:
     return (
         on_accelerator(x)
         and x.numel() * x.element_size() >= _MIN_BYTES_CL_GROUPS
-        and not torch.jit.is_tracing()
+        and not torch.jit.is_tracing()  # type: ignore[attr-defined, no-untyped-call]
         and channels_last_format(x) is not None
         and _eligible(x, params, accelerators=True)
     )
