@@ -197,6 +197,22 @@ def test_cl_groups_benchmark_forces_each_route(tmp_path: Path) -> None:
     assert "| GroupNorm(32) | 2x32x4x4 |" in table
 
 
+def test_cuda_check_script_parses_and_skips_what_is_not_asked(tmp_path: Path) -> None:
+    """benchmarks/cuda_check.sh (the GPU checks of a short lease) is valid bash, and with no
+    stage asked it runs none (no GPU needed)."""
+    script = BENCH / "cuda_check.sh"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    done = subprocess.run(
+        ["bash", str(script)],
+        env={"PATH": "/usr/bin:/bin", "STAGES": "none", "OUT": str(tmp_path), "DEADLINE": "5"},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert "== done after" in done.stdout
+    assert "== tests" not in done.stdout
+
+
 def test_machine_line_names_the_cpu_generation() -> None:
     """The tables' header names the CPU's family, vector width and caches where the OS says them
     (one model name covers hosts on which the loops compare differently with torch)."""
