@@ -33,7 +33,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _harness import emit
-from layers import LAYERS, VARIANTS, _fwd, _fwd_bwd, build, inputs
+from layers import LAYERS, VARIANTS, _fwd, _fwd_bwd, build, inputs, matching
 from normlab.functional._core import accelerator_routes
 
 # ops that launch no kernel of their own (views, metadata, allocations)
@@ -129,11 +129,7 @@ def rows(
     shape: tuple[int, ...], verbose: bool, device: str = "cpu", names: list[str] | None = None
 ) -> list[str]:
     lines = []
-    specs = [
-        s
-        for s in LAYERS + VARIANTS
-        if names is None or any(n.lower() in s.name.lower() for n in names)
-    ]
+    specs = matching(LAYERS + VARIANTS, names)
     for fmt_name in ("NCHW", "channels_last"):
         x, gy = (t.to(device) for t in inputs(shape, fmt_name == "channels_last"))
         for spec in specs:

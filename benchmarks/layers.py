@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -119,6 +119,14 @@ VARIANTS = [
     ),
     Layer("Conv2d3x3+WS vs Conv2d3x3", lambda c, s: _ws_conv(c), lambda c, s: _conv(c)),
 ]
+
+
+def matching(specs: Sequence[Layer], names: Sequence[str] | None) -> list[Layer]:
+    """The ``specs`` whose row name contains one of ``names`` (case-insensitive), in their order;
+    all of them when ``names`` is None."""
+    if names is None:
+        return list(specs)
+    return [s for s in specs if any(n.lower() in s.name.lower() for n in names)]
 
 
 def inputs(

@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _harness import emit, fix_allocator, machine
-from layers import LAYERS, VARIANTS, Layer, _fwd, _fwd_bwd, build, inputs
+from layers import LAYERS, VARIANTS, Layer, _fwd, _fwd_bwd, build, inputs, matching
 
 
 def paired(
@@ -64,11 +64,7 @@ def paired(
 
 def select(names: Sequence[str]) -> list[Layer]:
     """The layers whose row names contain one of ``names`` (case-insensitive), in table order."""
-    chosen = [
-        spec
-        for spec in (*LAYERS, *VARIANTS)
-        if any(name.lower() in spec.name.lower() for name in names)
-    ]
+    chosen = matching((*LAYERS, *VARIANTS), names)
     if not chosen:
         known = ", ".join(repr(spec.name) for spec in (*LAYERS, *VARIANTS))
         raise SystemExit(

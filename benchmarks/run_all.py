@@ -59,6 +59,7 @@ from layers import (
     _fwd_bwd,
     build,
     inputs,
+    matching,
 )
 from normlab.experiments.config import RunConfig
 from normlab.experiments.models import build_model
@@ -250,13 +251,6 @@ def _shape(spec: str) -> tuple[int, ...]:
     return tuple(int(v) for v in spec.split("x"))
 
 
-def _chosen(specs: list[Layer], names: list[str] | None) -> list[Layer]:
-    """The specs whose name contains one of ``names`` (all of them when ``names`` is None)."""
-    if names is None:
-        return specs
-    return [s for s in specs if any(n.lower() in s.name.lower() for n in names)]
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -317,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     low = torch.float16 if args.device == "cuda" else torch.bfloat16
     dtypes = [torch.float32 if d == "float32" else low for d in args.dtypes]
-    layers, all_variants = (_chosen(specs, args.layers) for specs in (LAYERS, VARIANTS))
+    layers, all_variants = (matching(specs, args.layers) for specs in (LAYERS, VARIANTS))
     if not layers + all_variants:
         parser.error(
             f"--layers: expected text found in a layer's name, got {args.layers}; names: "

@@ -70,12 +70,12 @@ def test_run_all_chooses_layers_by_name_and_names_them_when_none_match(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     run_all = _load("run_all")
-    chosen = run_all._chosen(run_all.VARIANTS, ["RENORM", "ghost"])
+    chosen = run_all.matching(run_all.VARIANTS, ["RENORM", "ghost"])
     assert [s.name for s in chosen] == [
         "BatchRenorm2d (r,d active) vs BN2d",
         "GhostBatchNorm(vbs=N/4) vs BN2d",
     ]
-    assert run_all._chosen(run_all.LAYERS, None) == run_all.LAYERS
+    assert run_all.matching(run_all.LAYERS, None) == run_all.LAYERS
     with pytest.raises(SystemExit):
         run_all.main(["--quick", "--layers", "no-such-layer"])
     err = capsys.readouterr().err
