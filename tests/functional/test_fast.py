@@ -479,6 +479,53 @@ def test_channels_last_group_norm_with_one_parameter_and_any_gradient_layout(
         assert torch.autograd.gradgradcheck(ours, tuple(inputs))
 
 
+@pytest.mark.parametrize("route", ["instance-first", "groups-last"])
+def test_group_norm_routes_double_backward_matches_torch(
+    monkeypatch: pytest.MonkeyPatch, loops: str, route: str
+) -> None:
+    """Gradients taken with create_graph=True, and Hessian-vector products through them, equal
+    torch's for InstanceNormTrain (channels-first) and ChannelsLastGroupNorm (accelerator routes):
+    their double-backward recomputation (gradgradcheck alone would accept a consistently wrong
+    one)."""
+    import contextlib
+
+    from normlab.functional._core import accelerator_routes
+
+    monkeypatch.setattr(_fast, "_MIN_BYTES_CL_GROUPS", 1)
+    monkeypatch.setattr(kernels, "_MIN_NUMEL", 1)  # the loops' route for this small input
+    g = torch.Generator().manual_seed(4)
+    x0 = torch.randn(2, 6, 5, 4, generator=g, dtype=torch.float64) + 0.5
+    v = torch.randn(x0.shape, generator=g, dtype=torch.float64)
+    w0 = torch.rand(6, generator=g, dtype=torch.float64) + 0.5
+    if route == "instance-first":
+        ours = lambda x, w: NF.instance_norm(x, weight=w, training=True)  # noqa: E731
+        theirs = lambda x, w: F.instance_norm(x, weight=w)  # noqa: E731
+        routes: contextlib.AbstractContextManager[object] = contextlib.nullcontext()
+        spied = _fast.InstanceNormTrain
+    else:
+        x0 = x0.contiguous(memory_format=torch.channels_last)
+        ours = lambda x, w: NF.group_norm(x, 3, w)  # noqa: E731
+        theirs = lambda x, w: F.group_norm(x.contiguous(), 3, w)  # noqa: E731
+        routes = accelerator_routes()
+        spied = _fast.ChannelsLastGroupNorm
+    calls: list[int] = []
+    apply = spied.apply
+    monkeypatch.setattr(spied, "apply", lambda *a: (calls.append(1), apply(*a))[1])
+    results = []
+    with routes:
+        for fn in (ours, theirs):
+            x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+            loss = (fn(x, w) ** 3).sum()
+            gx, gw = torch.autograd.grad(loss, (x, w), create_graph=True)
+            hvp = torch.autograd.grad((gx * v).sum() + gw.sum(), (x, w))
+            results.append((gx, gw, *hvp))
+    # InstanceNormTrain serves channels-first input where the loops do
+    used = route == "groups-last" or loops == "loops"
+    assert bool(calls) == used, f"{spied.__name__} was {'not ' if used else ''}used"
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-8)
+
+
 def test_channels_last_group_norm_route_only_where_it_applies(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

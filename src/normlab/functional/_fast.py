@@ -29,6 +29,7 @@ Saved for backward: ``x``, ``weight``, per-channel mean and inverse std -- the s
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -548,15 +549,14 @@ class InstanceNormTrain(torch.autograd.Function):
         positions = x.numel() // (n * c)
         has_bias = ctx.bias_dtype is not None
         if torch.is_grad_enabled():  # double backward: differentiate the kernel's forward again
-            wanted = [t for t, need in ((x, need_x), (weight, need_w)) if t is not None and need]
-            grads: tuple[Tensor, ...] = ()
-            if wanted:  # (a gradient for the bias alone needs no second pass through the kernel)
-                with torch.enable_grad():
-                    y = torch.native_group_norm(x, weight, None, n, c, positions, c, ctx.eps)[0]
-                grads = torch.autograd.grad(y, wanted, grad_out, create_graph=True)
-            got = iter(grads)
-            grad_x = next(got) if need_x else None
-            grad_w = next(got) if need_w and weight is not None else None
+            grad_x, grad_w = _grads_again(
+                lambda x, w: torch.native_group_norm(x, w, None, n, c, positions, c, ctx.eps)[0],
+                x,
+                weight,
+                grad_out,
+                need_x,
+                need_w,
+            )
             grad_b = grad_out.sum([0, *range(2, x.dim())]) if need_b and has_bias else None
         elif kernels.usable(x, grad_out):
             grad_x, grad_w64, grad_b64 = kernels.instance_norm_backward(
@@ -686,15 +686,14 @@ class ChannelsLastGroupNorm(torch.autograd.Function):
         xv = _grouped_view(x, groups)
         gv = _grouped_view(grad_out, groups)  # reshape: a copy only if not channels-last
         if torch.is_grad_enabled():  # double backward: differentiate the forward's ops again
-            wanted = [t for t, need in ((x, need_x), (weight, need_w)) if t is not None and need]
-            grads: tuple[Tensor, ...] = ()
-            if wanted:
-                with torch.enable_grad():
-                    yv = _grouped_forward(_grouped_view(x, groups), weight, None, ctx.eps)[0]
-                grads = torch.autograd.grad(yv, wanted, gv, create_graph=True)
-            got = iter(grads)
-            grad_x = next(got) if need_x else None
-            grad_w = next(got) if need_w and weight is not None else None
+            grad_x, grad_w = _grads_again(
+                lambda x, w: _grouped_forward(_grouped_view(x, groups), w, None, ctx.eps)[0],
+                x,
+                weight,
+                gv,
+                need_x,
+                need_w,
+            )
             grad_b = gv.sum((0, 1)).flatten() if need_b and ctx.has_bias else None
             return grad_x, grad_w, grad_b, None, None
         k = xv.shape[3]
@@ -967,6 +966,29 @@ def _per_group_backward(
         None if grad_w is None or weight is None else grad_w.to(weight.dtype),
         None if grad_b is None or bias_dtype is None else grad_b.to(bias_dtype),
     )
+
+
+def _grads_again(
+    forward: Callable[[Tensor, Tensor | None], Tensor],
+    x: Tensor,
+    weight: Tensor | None,
+    grad_out: Tensor,
+    need_x: bool,
+    need_w: bool,
+) -> tuple[Tensor | None, Tensor | None]:
+    """Input and weight gradients of ``forward(x, weight)`` (a normalization without its bias),
+    recomputed differentiably (``create_graph``): the double-backward route of functions whose
+    own backward is not differentiable. Only the gradients asked for; a bias gradient needs no
+    second pass through the forward."""
+    wanted = [t for t, need in ((x, need_x), (weight, need_w)) if t is not None and need]
+    grads: tuple[Tensor, ...] = ()
+    if wanted:
+        with torch.enable_grad():
+            y = forward(x, weight)
+        grads = torch.autograd.grad(y, wanted, grad_out, create_graph=True)
+    got = iter(grads)
+    grad_x = next(got) if need_x else None
+    return grad_x, next(got) if need_w and weight is not None else None
 
 
 def _per_group_grads(
