@@ -22,18 +22,24 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import datetime
+import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+if "cuda" not in sys.argv[1:]:  # CPU counts: Triton kernels in its interpreter, which must be
+    # chosen before triton's first import (torch._dynamo imports it when it is installed)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _harness import emit
 from layers import LAYERS, VARIANTS, _fwd, _fwd_bwd, build, inputs, matching
+from normlab.functional import _triton
 from normlab.functional._core import accelerator_routes
 
 # ops that launch no kernel of their own (views, metadata, allocations)
@@ -76,17 +82,45 @@ class OpCounter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         name = func.overloadpacket.__name__
-        if name not in _FREE:
+        if name not in _FREE and not _IN_KERNEL[0]:
             self.counts[name] += 1
         return func(*args, **(kwargs or {}))
 
 
+_IN_KERNEL = [False]  # inside a Triton kernel: on the CPU its interpreter's own torch ops
+
+
+@contextlib.contextmanager
+def _kernels_uncounted() -> Iterator[None]:
+    """Within this block the torch ops a Triton kernel's launch makes (on the CPU: its
+    interpreter's copies) are not counted; the kernel itself is, by ``_triton.LAUNCHES``."""
+    launch = _triton._launch
+
+    def uncounted(*args: Any, **kwargs: Any) -> bool:
+        _IN_KERNEL[0] = True
+        try:
+            return launch(*args, **kwargs)
+        finally:
+            _IN_KERNEL[0] = False
+
+    _triton._launch = uncounted  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        _triton._launch = launch  # type: ignore[assignment]
+
+
 def count_ops(run: Callable[[], object]) -> collections.Counter[str]:
-    """The ops of one call of ``run`` (after one uncounted call: lazy set-up is not counted)."""
+    """The ops of one call of ``run`` (after one uncounted call: lazy set-up is not counted),
+    normlab's Triton kernels among them (``triton:`` and the kernel's name)."""
     run()
     counter = OpCounter()
-    with counter:
+    before = collections.Counter(_triton.LAUNCHES)
+    with counter, _kernels_uncounted():
         run()
+    kernels = collections.Counter(_triton.LAUNCHES)
+    kernels.subtract(before)
+    counter.counts.update({f"triton:{k}": n for k, n in kernels.items() if n})
     return counter.counts
 
 
@@ -170,7 +204,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--layers", nargs="+", metavar="TEXT", help="only layers whose name contains one of these"
     )
+    parser.add_argument(
+        "--no-triton",
+        action="store_true",
+        help="count the torch ops that stand in for normlab's Triton kernels where triton is "
+        "missing (on the CPU the kernels run in Triton's interpreter when triton is installed)",
+    )
     args = parser.parse_args(argv)
+    if args.no_triton:
+        os.environ["NORMLAB_TRITON"] = "0"
+        _triton.available.cache_clear()
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device: expected a machine with a CUDA device, got none; use --device cpu")
     shape = tuple(int(v) for v in args.shape.split("x"))
@@ -183,8 +226,9 @@ def main(argv: list[str] | None = None) -> int:
         extra = " GPU tasks (normlab / torch) | GPU us | wall us |"
         extra += " normlab's ops by GPU time (calls, us) |" if args.verbose else ""
     else:
-        where = "torch ops per call inside accelerator_routes()"
-        with accelerator_routes():
+        kernels = "with" if _triton.available() and not args.no_triton else "without"
+        where = f"torch ops per call inside accelerator_routes(), {kernels} the Triton kernels"
+        with accelerator_routes(), _triton.interpreted():
             body = rows(shape, args.verbose, names=args.layers)
         extra = " normlab's ops |" if args.verbose else ""
     return emit(

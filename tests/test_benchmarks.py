@@ -175,6 +175,11 @@ def test_launches_benchmark_counts_ops_on_the_accelerator_routes(tmp_path: Path)
     assert "| L1BatchNorm vs BN2d | channels_last | fwd+bwd |" in table
     row = next(line for line in table.splitlines() if line.startswith("| BatchNorm2d train | NCHW"))
     assert "native_batch_norm_backward 1" in row
+    from normlab.functional import _triton
+
+    if _triton.available():  # its guard: one Triton kernel (interpreted here), not four ops
+        assert "triton:guarded_copy 1" in row
+        assert "where" not in row
     # the counter sees ops, not views
     counts = launches.count_ops(lambda: torch.arange(6.0).view(2, 3).t().mul(2).sum())
     assert counts == {"arange": 1, "mul": 1, "sum": 1}

@@ -10,6 +10,7 @@ what only a GPU shows (its kernels, autocast's float16 casts) needs a machine wi
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import traceback
@@ -23,6 +24,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 import normlab.nn as nl
+from normlab.functional import _triton
 from normlab.functional._core import accelerator_routes
 from tests.nn.specs import SPECS, LayerSpec
 from tests.nn.test_compile import _assert_same as assert_same
@@ -37,13 +39,24 @@ pytestmark = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _routes() -> Iterator[None]:
-    """On the CPU: the accelerators' routes (on a GPU they are taken anyway)."""
-    if DEVICE == "cpu":
-        with accelerator_routes():
-            yield
-    else:
+# normlab's Triton kernels for the per-channel steps (functional/_triton.py), and the torch ops
+# that stand in for them where triton is missing; on the CPU the kernels run in Triton's
+# interpreter (tests/conftest.py)
+KERNELS = ["torch-ops"] + (
+    ["triton"] if _triton.available() and (DEVICE != "cpu" or _triton._interpreter()) else []
+)
+
+
+@pytest.fixture(autouse=True, params=KERNELS)
+def _routes(request: pytest.FixtureRequest) -> Iterator[None]:
+    """On the CPU: the accelerators' routes (on a GPU they are taken anyway); with and without
+    the Triton kernels."""
+    with contextlib.ExitStack() as stack:
+        if DEVICE == "cpu":
+            stack.enter_context(accelerator_routes())
+            stack.enter_context(_triton.interpreted())
+        if request.param == "torch-ops":
+            stack.enter_context(_triton.off())
         yield
 
 

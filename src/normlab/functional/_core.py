@@ -36,6 +36,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from normlab.functional import _triton
+
 __all__ = [
     "FULL_PRECISION",
     "Moments",
@@ -514,6 +516,16 @@ def store_if_finite_(
     sync and no warning (``nonnegative``: as in :func:`all_finite`)."""
     with torch.no_grad():
         if on_device_only(stats[0]):
+            if (
+                len(updates) == 2
+                and _triton.usable(*stats)
+                and _triton.guarded_copy_(
+                    ((updates[0][0], updates[0][1]), (updates[1][0], updates[1][1])),
+                    tuple(s.detach().reshape(-1) for s in stats),
+                    when_finite=True,
+                )
+            ):  # one kernel, not three or four
+                return
             ok = all_finite(*stats, nonnegative=nonnegative)
             for buffer, new in updates:  # one kernel per buffer
                 torch.where(ok, new.to(buffer.dtype), buffer, out=buffer)

@@ -15,6 +15,7 @@ from normlab._checks import (
     fail,
 )
 from normlab.functional import _kernels as kernels
+from normlab.functional import _triton
 from normlab.functional._core import (
     all_finite,
     apply_function,
@@ -185,6 +186,11 @@ def batch_norm_unchecked(
     kept = torch.cat((running_mean, running_var))
     y = _native_batch_norm(input, weight, bias, running_mean, running_var, True, momentum, eps)
     if on_device_only(running_var):  # an accelerator: the choice stays on the device, no sync
+        olds = ((running_mean.data, kept[:c]), (running_var.data, kept[c:]))
+        if _triton.usable(running_var) and _triton.guarded_copy_(
+            olds, (running_var.data,), when_finite=False
+        ):  # one kernel, not four
+            return y
         with torch.no_grad():
             ok = all_finite(running_var, nonnegative=True)
             for buffer, old in ((running_mean, kept[:c]), (running_var, kept[c:])):

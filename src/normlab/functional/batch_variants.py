@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from normlab._checks import check_values_per_channel, fail
+from normlab.functional import _triton
 from normlab.functional._core import (
     apply_function,
     channels_last_format,
@@ -223,6 +224,13 @@ def _renorm_on_device(
             var, mean = torch.var_mean(x, dim=[0, *range(2, x.dim())], correction=0)
         else:  # channels-last: torch's statistics kernel reads it at full speed (96 us there)
             mean, var = torch.batch_norm_update_stats(x, None, None, 0.0)  # var: biased
+    stats = (mean, var, running_mean, running_std)
+    fused = _triton.renorm_step(weight, bias, stats, (r_max, d_max), momentum, eps)
+    if fused is not None:  # r, d, the folded affine map and the running update in one kernel
+        return torch.batch_norm(
+            input, *fused, None, None, True, 0.0, eps, torch.backends.cudnn.enabled
+        )
+    with torch.no_grad():
         std = (var + eps).sqrt_()
         low = r_max.reciprocal() if isinstance(r_max, Tensor) else 1.0 / r_max
         r = (std / running_std).clamp_(low, r_max)  # type: ignore[arg-type]

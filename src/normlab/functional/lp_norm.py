@@ -16,6 +16,7 @@ from torch import Tensor
 
 from normlab._checks import check_values_per_channel
 from normlab.functional import _kernels as kernels
+from normlab.functional import _triton
 from normlab.functional._core import (
     apply_function,
     channel_affine,
@@ -231,6 +232,52 @@ def _epilogue_forward(
     return y, mean, scale
 
 
+def _coefficients(
+    mean: Tensor,
+    dispersion: Tensor,
+    count: int,
+    constant: float,
+    eps: float,
+    weight: Tensor | None,
+    running: _Running,
+    owner: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The fused functions' forward coefficients without the fast extra: ``(scale, denom, a)``,
+    ``scale = dispersion / count * K`` in ``mean``'s dtype, ``denom = scale + eps``, ``a = weight
+    / denom``; and the running statistics' update. One Triton kernel on GPUs, else torch ops."""
+    fused = _triton.lp_forward(mean, dispersion, count, constant, eps, weight, running)
+    if fused is not None:
+        return fused
+    scale = (dispersion / count * constant).to(mean.dtype)
+    denom = scale + eps
+    a = (1.0 / denom) if weight is None else weight / denom
+    _update_running(running, mean, scale, owner)
+    return scale, denom, a
+
+
+def _grad_coefficients(
+    denom: Tensor,
+    weight: Tensor | None,
+    sums: tuple[Tensor, Tensor, Tensor],
+    factor: float,
+    count: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The fused functions' backward coefficients without the fast extra, from ``sums = (S =
+    sum(dy (x - mu)), sum(dy), the signs' sum)``: ``(alpha, beta, shift, grad_weight)``, the input
+    gradient ``alpha dy + beta sign(x - mu) + shift`` (``alpha = weight / D``, ``beta = -weight S
+    / D^2 * factor``, ``shift = -(alpha sum(dy) + beta signs) / count``) and ``S / D``. One
+    Triton kernel on GPUs, else torch ops."""
+    fused = _triton.lp_backward(denom, weight, sums, factor, count)
+    if fused is not None:
+        return fused
+    sum_dy_z, sum_dy, sign_sum = sums
+    gamma = torch.ones_like(denom) if weight is None else weight
+    alpha = gamma / denom
+    beta = -gamma * sum_dy_z / denom.square() * factor
+    shift = -(alpha * sum_dy + beta * sign_sum) / count
+    return alpha, beta, shift, sum_dy_z / denom
+
+
 def _fused(x: Tensor, *params: Tensor | None) -> bool:
     """Whether the fused functions (:class:`L1BatchNormTrain`, :class:`LinfBatchNormTrain`) apply:
     eager float32/float64 with matching parameters (low precision, ``torch.compile``,
@@ -297,11 +344,8 @@ class L1BatchNormTrain(torch.autograd.Function):
             return _epilogue_forward(
                 ctx, (x, weight, mean, *extra), sums, count, constants, bias, running, owner
             )
-        scale = (sums / count * constant).to(x.dtype)
-        denom = scale + eps
-        a = (1.0 / denom) if weight is None else weight / denom
+        scale, denom, a = _coefficients(mean, sums, count, constant, eps, weight, running, owner)
         _remember(ctx, (x, weight, mean, denom, *extra), eps, constant, 1, bias, scale, 8.0)
-        _update_running(running, mean, scale, owner)
         if z is not None:  # (on accelerators ctx.centred is False) the output from z, in place
             return channel_affine(z, a, bias, out=z), mean, scale
         return _scaled_output(x, mean, a, bias, ctx.centred), mean, scale
@@ -335,21 +379,22 @@ class L1BatchNormTrain(torch.autograd.Function):
                 None,
                 None,
             )
-        grad_x = None
+        grad_x = grad_w = None
         if need_x:
-            # a * dy + b * sign(x - mu) + c
-            gamma = torch.ones_like(denom) if weight is None else weight
-            alpha = gamma / denom
-            beta = -ctx.constant * gamma * sum_dy_z / (count * denom.square())
-            # sign(x - mu) in the buffer that becomes dx, then whole-tensor passes over it
-            # (chunk by chunk, five broadcast ops per chunk measured 1.05-1.14x slower)
+            # a * dy + b * sign(x - mu) + c; sign(x - mu) in the buffer that becomes dx, then
+            # whole-tensor passes over it (chunk by chunk, five broadcast ops per chunk
+            # measured 1.05-1.14x slower)
             sign = channel_affine(x, None, -mean).sign_()
-            shift = -(alpha * sum_dy + beta * channel_sums(sign)) / count
+            alpha, beta, shift, grad_w = _grad_coefficients(
+                denom, weight, (sum_dy_z, sum_dy, channel_sums(sign)), ctx.constant / count, count
+            )
             grad_x = channel_affine(sign, beta, shift, out=sign)
             grad_x.addcmul_(grad, alpha.view(channel_view_shape(x.dim(), x.shape[1])))
         return (
             grad_x,
-            sum_dy_z / denom if need_w and weight is not None else None,
+            (sum_dy_z / denom if grad_w is None else grad_w)
+            if need_w and weight is not None
+            else None,
             sum_dy if need_b and ctx.has_bias else None,
             None,
             None,
@@ -642,13 +687,10 @@ class LinfBatchNormTrain(torch.autograd.Function):
             saved = (x, weight, mean, offsets, signs)
             constants = (eps, constant, k, within)
             return _epilogue_forward(ctx, saved, top.mean(1), 1, constants, bias, running, owner)
-        scale = top.mean(1) * constant
-        denom = scale + eps
-        a = (1.0 / denom) if weight is None else weight / denom
+        scale, denom, a = _coefficients(mean, top.mean(1), 1, constant, eps, weight, running, owner)
         _remember(
             ctx, (x, weight, mean, denom, offsets, signs), eps, constant, k, bias, scale, within
         )
-        _update_running(running, mean, scale, owner)
         return _scaled_output(x, mean, a, bias, ctx.centred), mean, scale
 
     @staticmethod
@@ -672,10 +714,9 @@ class LinfBatchNormTrain(torch.autograd.Function):
                     denom, weight, sums, ctx.constant / ctx.k, count
                 )[:3]
             else:
-                gamma = torch.ones_like(denom) if weight is None else weight
-                alpha = gamma / denom
-                coef = -gamma * sum_dy_z / denom.square() * (ctx.constant / ctx.k)
-                shift = -(alpha * sum_dy + coef * signs.sum(1)) / count
+                alpha, coef, shift, _ = _grad_coefficients(
+                    denom, weight, (sum_dy_z, sum_dy, signs.sum(1)), ctx.constant / ctx.k, count
+                )
             grad_x = channel_affine(grad, alpha, shift)
             flat = torch.as_strided(grad_x, (grad_x.numel(),), (1,))
             flat.index_put_((offsets.flatten(),), (coef.view(-1, 1) * signs).flatten(), True)

@@ -15,7 +15,7 @@ from normlab._checks import (
     check_positive_int,
     fail,
 )
-from normlab.functional import _rng
+from normlab.functional import _rng, _triton
 from normlab.functional._core import (
     channel_view_shape,
     channels_last_format,
@@ -236,6 +236,9 @@ class _BatchRenorm(InputChecks, nn.Module):
         limit) and ``+inf`` after it (1), ``-inf`` before it (0) -- then ``lerp`` from the neutral
         limits ``(1, 0)`` to the final ones."""
         schedule = self.renorm_schedule.double()
+        fused = _triton.renorm_limits(schedule, self.num_batches_tracked)
+        if fused is not None:  # one kernel
+            return fused
         final, warmup, end = schedule[:2], schedule[2], schedule[3:]
         progress = ((self.num_batches_tracked - warmup) / (end - warmup)).nan_to_num_(1.0, 1.0, 0.0)
         return torch.lerp(_neutral_limits(schedule.device), final, progress.clamp_(0.0, 1.0))

@@ -1,0 +1,382 @@
+"""Fused Triton kernels for the per-channel steps of the accelerator routes.
+
+On a GPU every torch op is a kernel launch, and on small and mid-sized activations the launches,
+not the bytes, set a layer's time (docs/benchmarks.md: on the H200 each cost its host ~40 us,
+and batch renorm's training step took 31 ops where torch.nn's batch norm takes 3). The
+per-channel arithmetic between the big passes -- batch renorm's ``r``, ``d`` and folded affine
+map, the running statistics' finiteness guard -- reads and writes a few vectors of ``C`` values:
+here it is one kernel each (``_triton_kernels.py``) instead of ten to twenty ops.
+
+Used for CUDA tensors when ``triton`` is importable (it ships with torch's CUDA builds) and not
+switched off with ``NORMLAB_TRITON=0``; never under ``torch.compile`` (inductor fuses the torch
+ops itself), ``torch.func`` transforms or jit tracing. Elsewhere (no triton, other devices) the
+callers run their torch ops. If a kernel fails to compile on a device the first time, a
+``RuntimeWarning`` says so and the torch ops take over for the rest of the process.
+
+Tests run the kernels on the CPU in Triton's interpreter (:func:`interpreted`, inside
+``accelerator_routes()``, with ``TRITON_INTERPRET=1`` set before triton's import), which needs
+only the ``triton`` package.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import functools
+import math
+import os
+import struct
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import Tensor
+
+_BLOCK = 1024  # channels per block of a kernel's loop
+_INTERPRET = [False]  # set by interpreted(): CPU tensors run the kernels in the interpreter
+_OFF = [False]  # set by off(): no kernels on any device
+_BROKEN: set[tuple[str, str]] = set()  # (kernel, device type) pairs that failed to compile
+_GOOD: set[tuple[str, str]] = set()  # pairs that ran once
+LAUNCHES: collections.Counter[str] = collections.Counter()  # per kernel (benchmarks/launches.py)
+
+
+@functools.cache
+def available() -> bool:
+    """Whether ``triton`` is importable and not switched off (``NORMLAB_TRITON=0``)."""
+    if os.environ.get("NORMLAB_TRITON", "1") == "0":
+        return False
+    try:
+        from normlab.functional import _triton_kernels  # noqa: F401
+    except Exception:  # ImportError, or a triton that fails at import on this machine
+        return False
+    return True
+
+
+def usable(*tensors: Tensor | None) -> bool:
+    """Whether the kernels may run on these tensors now: all on one CUDA device (or on the CPU
+    inside :func:`interpreted`), eager (not compiling, tracing or under ``torch.func``), and
+    triton :func:`available`."""
+    if torch.compiler.is_compiling():  # first: nothing below is for dynamo to trace
+        return False
+    present = [t for t in tensors if t is not None]
+    if not present:
+        return False
+    device = present[0].device
+    if _OFF[0] or (device.type != "cuda" and not (device.type == "cpu" and _INTERPRET[0])):
+        return False
+    if not available() or (device.type == "cpu" and not _interpreter()):
+        return False
+    return (
+        all(t.device == device for t in present)
+        and not torch.jit.is_tracing()  # type: ignore[attr-defined, no-untyped-call]
+        and not torch._C._are_functorch_transforms_active()
+    )
+
+
+def _interpreter() -> bool:
+    """Whether triton builds its kernels for its interpreter (``TRITON_INTERPRET=1`` when it was
+    first imported: triton's own library functions are built then too)."""
+    from normlab.functional import _triton_kernels
+
+    return type(_triton_kernels.guarded_copy).__name__ == "InterpretedFunction"
+
+
+@contextlib.contextmanager
+def interpreted(on: bool = True) -> Iterator[None]:
+    """Within this block, CPU tensors run the kernels in Triton's interpreter (for tests, with
+    ``accelerator_routes()``), if triton was imported with ``TRITON_INTERPRET=1`` in the
+    environment (the test suite's conftest sets it where no GPU is present). Not thread-safe."""
+    _INTERPRET[0], before = on, _INTERPRET[0]
+    try:
+        yield
+    finally:
+        _INTERPRET[0] = before
+
+
+@contextlib.contextmanager
+def off() -> Iterator[None]:
+    """Within this block no kernel runs, on any device: the callers' torch ops (for tests and
+    benchmarks of those routes). Not thread-safe."""
+    _OFF[0], before = True, _OFF[0]
+    try:
+        yield
+    finally:
+        _OFF[0] = before
+
+
+def _launch(name: str, device: torch.device, *args: Any, **meta: Any) -> bool:
+    """Run kernel ``name`` as one program; ``False`` (the caller runs its torch ops) if it is
+    known broken on this device type, or fails to compile here now (then a warning, once)."""
+    key = (name, device.type)
+    if key in _BROKEN:
+        return False
+    from normlab.functional import _triton_kernels
+
+    kernel = getattr(_triton_kernels, name)
+    if device.type != "cpu":  # no fused multiply-adds: the interpreter's arithmetic (numpy's)
+        meta["enable_fp_fusion"] = False
+    LAUNCHES[name] += 1
+    if key in _GOOD:
+        kernel[(1,)](*args, BLOCK=_BLOCK, **meta)
+        return True
+    try:
+        kernel[(1,)](*args, BLOCK=_BLOCK, **meta)
+    except Exception as error:  # a compiler error on this device: fall back, say so once
+        _BROKEN.add(key)
+        warnings.warn(
+            f"normlab: the Triton kernel {name} failed on {device.type} "
+            f"({type(error).__name__}: {error}); normlab uses torch ops there instead (slower on "
+            "small tensors, same results). Set NORMLAB_TRITON=0 to skip the kernels, and "
+            "report the error with your torch and triton versions.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return False
+    _GOOD.add(key)
+    return True
+
+
+def _halves(value: float) -> tuple[float, float]:
+    """``value`` as two float32 numbers whose sum is it to ~48 bits: Triton passes Python floats
+    to kernels as float32 (``_triton_kernels._join`` adds them back in float64)."""
+    try:
+        hi = _to_float32(value)
+    except OverflowError:  # beyond float32's range: infinite there
+        hi = math.copysign(math.inf, value)
+    return hi, _to_float32(value - hi) if math.isfinite(hi) else 0.0
+
+
+def _to_float32(value: float) -> float:
+    return float(struct.unpack("f", struct.pack("f", value))[0])
+
+
+def guarded_copy_(
+    pairs: tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]],
+    checks: tuple[Tensor, ...],
+    when_finite: bool,
+) -> bool:
+    """In one kernel: ``dst.copy_(src)`` for both ``(dst, src)`` pairs (contiguous, ``C`` values
+    each) if every value of the 1-D ``checks`` (one or two tensors) is finite (``when_finite``),
+    or if one is not (``not when_finite``). ``False`` if it did not run (the caller's torch ops
+    then do the same)."""
+    (dst_a, src_a), (dst_b, src_b) = pairs
+    tensors = (dst_a, src_a, dst_b, src_b, *checks)
+    if len(checks) not in (1, 2) or not all(t.is_contiguous() for t in tensors):
+        return False
+    n = dst_a.numel()
+    if any(t.numel() != n for t in (src_a, dst_b, src_b)):
+        return False
+    check_b = checks[-1]
+    return _launch(
+        "guarded_copy",
+        dst_a.device,
+        checks[0],
+        checks[0].numel(),
+        check_b,
+        check_b.numel(),
+        dst_a,
+        src_a,
+        dst_b,
+        src_b,
+        n,
+        WHEN_FINITE=when_finite,
+        CHECK_B=len(checks) == 2,
+    )
+
+
+class RenormStep(torch.autograd.Function):
+    """Batch renorm's per-channel step (``_triton_kernels.renorm_step``) as a differentiable map
+    of ``(weight, bias)`` to the folded affine map ``(weight r, weight d + bias)``; the running
+    statistics move inside the forward (if the variances are finite). Backward: ``grad_weight =
+    grad_scale r + grad_shift d`` in one kernel, ``grad_bias = grad_shift``."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        stats: tuple[Tensor, Tensor, Tensor, Tensor],
+        limits: tuple[float | Tensor, float | Tensor],
+        momentum: float,
+        eps: float,
+    ) -> tuple[Tensor, Tensor]:
+        mean, var, running_mean, running_std = stats
+        r_max, d_max = limits
+        c = mean.numel()
+        dtype = weight.dtype if weight is not None else mean.dtype
+        scale, shift, r, d = torch.empty(4, c, dtype=dtype, device=mean.device).unbind()
+        tensors = isinstance(r_max, Tensor)
+        ran = _launch(
+            "renorm_step",
+            mean.device,
+            mean,
+            var,
+            running_mean,
+            running_std,
+            weight if weight is not None else mean,
+            bias if bias is not None else mean,
+            r_max if isinstance(r_max, Tensor) else mean,
+            d_max if isinstance(d_max, Tensor) else mean,
+            scale,
+            shift,
+            r,
+            d,
+            c,
+            *_halves(0.0 if isinstance(r_max, Tensor) else float(r_max)),
+            *_halves(0.0 if isinstance(d_max, Tensor) else float(d_max)),
+            *_halves(momentum),
+            *_halves(eps),
+            HAS_WEIGHT=weight is not None,
+            HAS_BIAS=bias is not None,
+            LIMIT_TENSORS=tensors,
+        )
+        if not ran:
+            raise _NotRun
+        ctx.save_for_backward(r, d)
+        ctx.has_weight = weight is not None
+        return scale, shift
+
+    @staticmethod
+    def backward(
+        ctx: Any, grad_scale: Tensor | None, grad_shift: Tensor | None
+    ) -> tuple[Tensor | None, ...]:
+        r, d = ctx.saved_tensors
+        need_weight, need_bias = ctx.needs_input_grad[:2]
+        grad_weight = None
+        if need_weight and ctx.has_weight:
+            gs = torch.zeros_like(r) if grad_scale is None else grad_scale.contiguous()
+            gb = torch.zeros_like(d) if grad_shift is None else grad_shift.contiguous()
+            if torch.is_grad_enabled() or not _launch(
+                "renorm_weight_grad",
+                r.device,
+                gs,
+                gb,
+                r,
+                d,
+                out := torch.empty_like(r),
+                r.numel(),
+            ):
+                out = torch.addcmul(gs * r, gb, d)  # differentiable (double backward), or no kernel
+            grad_weight = out
+        grad_bias = grad_shift if need_bias else None
+        return grad_weight, grad_bias, None, None, None, None
+
+
+class _NotRun(Exception):
+    """The renorm kernel did not run (it failed to compile here): the caller's torch ops run."""
+
+
+def renorm_step(
+    weight: Tensor | None,
+    bias: Tensor | None,
+    stats: tuple[Tensor, Tensor, Tensor, Tensor],
+    limits: tuple[float | Tensor, float | Tensor],
+    momentum: float,
+    eps: float,
+) -> tuple[Tensor, Tensor] | None:
+    """Batch renorm's folded affine map ``(weight r, weight d + bias)`` and the running
+    statistics' update in one kernel (:class:`RenormStep`), or ``None`` where the kernel cannot run
+    (the caller's torch ops then do both). ``stats``: the batch's mean and biased variance and
+    the running mean and std, contiguous ``(C,)``; ``limits``: ``(r_max, d_max)``."""
+    params = (weight, bias)
+    tensors = [*stats, *(t for t in params if t is not None)]
+    tensors += [t for t in limits if isinstance(t, Tensor)]
+    if not usable(*tensors) or not all(t.is_contiguous() for t in tensors):
+        return None
+    if torch.autograd.forward_ad._current_level >= 0:  # no jvp rule for the kernel
+        return None
+    try:
+        out: tuple[Tensor, Tensor] = RenormStep.apply(  # type: ignore[no-untyped-call]
+            weight, bias, stats, limits, momentum, eps
+        )
+    except _NotRun:
+        return None
+    return out
+
+
+def renorm_limits(schedule: Tensor, count: Tensor) -> Tensor | None:
+    """Batch renorm's ``(r_max, d_max)`` as a ``(2,)`` float64 tensor, from the float64 schedule
+    ``(r_max, d_max, warmup, r_end, d_end)`` and the step ``count`` (0-dim), in one kernel (or
+    ``None``: the caller's torch ops)."""
+    if not usable(schedule, count) or not schedule.is_contiguous():
+        return None
+    out = torch.empty(2, dtype=torch.float64, device=schedule.device)
+    return out if _launch("renorm_limits", schedule.device, schedule, count, out) else None
+
+
+def lp_forward(
+    mean: Tensor,
+    dispersion: Tensor,
+    count: int,
+    constant: float,
+    eps: float,
+    weight: Tensor | None,
+    running: tuple[Tensor, Tensor, float | Tensor] | None,
+) -> tuple[Tensor, Tensor, Tensor] | None:
+    """Lp batch norm's per-channel forward step in one kernel: ``(scale, denom, a)`` in
+    ``mean``'s dtype (``scale = dispersion / count * constant``, ``denom = scale + eps``, ``a =
+    weight / denom``), and the running statistics ``running = (running_mean, running_scale,
+    momentum)`` moved towards ``(mean, scale)`` if every statistic is finite; ``None`` where the
+    kernel cannot run (then the caller's torch ops do both)."""
+    buffers = () if running is None else running[:2]
+    momentum = 0.0 if running is None else running[2]  # a tensor: a cumulative average's factor
+    factor = momentum if isinstance(momentum, Tensor) else None
+    tensors = (mean, dispersion, weight, *buffers, factor)
+    present = [t for t in tensors if t is not None]
+    if not usable(*present) or not all(t.is_contiguous() for t in present):
+        return None
+    c = mean.numel()
+    scale, denom, a = torch.empty(3, c, dtype=mean.dtype, device=mean.device).unbind()
+    ran = _launch(
+        "lp_forward",
+        mean.device,
+        mean,
+        dispersion,
+        weight if weight is not None else mean,
+        buffers[0] if buffers else mean,
+        buffers[1] if buffers else mean,
+        scale,
+        denom,
+        a,
+        c,
+        count,
+        *_halves(constant),
+        *_halves(eps),
+        *_halves(0.0 if factor is not None else float(momentum)),
+        factor if factor is not None else mean,
+        HAS_WEIGHT=weight is not None,
+        RUNNING=running is not None,
+        MOMENTUM_TENSOR=factor is not None,
+    )
+    return (scale, denom, a) if ran else None
+
+
+def lp_backward(
+    denom: Tensor,
+    weight: Tensor | None,
+    sums: tuple[Tensor, Tensor, Tensor],
+    factor: float,
+    count: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
+    """Lp batch norm's per-channel backward step in one kernel: ``(alpha, beta, shift,
+    grad_weight)`` in ``denom``'s dtype from ``sums = (sum(dy (x - mu)), sum(dy), sum of the
+    signs)`` (``_triton_kernels.lp_backward``), or ``None`` (the caller's torch ops)."""
+    tensors = [denom, *sums] + ([] if weight is None else [weight])
+    if not usable(*tensors) or not all(t.is_contiguous() for t in tensors):
+        return None
+    c = denom.numel()
+    out = torch.empty(4, c, dtype=denom.dtype, device=denom.device).unbind()
+    ran = _launch(
+        "lp_backward",
+        denom.device,
+        denom,
+        weight if weight is not None else denom,
+        *sums,
+        *out,
+        c,
+        count,
+        *_halves(factor),
+        HAS_WEIGHT=weight is not None,
+    )
+    return (out[0], out[1], out[2], out[3]) if ran else None

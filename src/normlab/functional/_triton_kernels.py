@@ -1,0 +1,276 @@
+# mypy: ignore-errors
+"""Triton kernels for the per-channel steps of normlab's accelerator routes (see ``_triton.py``,
+the only importer: this module needs ``triton``).
+
+Each kernel runs as one program over all channels (a loop over blocks of ``BLOCK`` channels):
+its work is a few vectors of ``C`` values, and what it saves is the kernel launches of the ten to
+twenty torch ops it replaces, each of which costs a GPU's host tens of microseconds. The
+arithmetic is float64 whatever the tensors' dtypes; stores round to each output's dtype.
+(Not type-checked: triton.jit kernels take untyped arguments, typed by triton at each launch.)
+"""
+
+# (no `from __future__ import annotations`: triton reads `tl.constexpr` annotations as objects)
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _all_finite(ptr, n, BLOCK: tl.constexpr):
+    """1 if the ``n`` values at ``ptr`` are all finite, else 0 (NaN compares false)."""
+    ok = tl.full((), 1, tl.int32)
+    for start in range(0, n, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        v = tl.load(ptr + offs, mask=offs < n, other=0.0).to(tl.float64)
+        ok = ok & tl.min((tl.abs(v) < float("inf")).to(tl.int32), axis=0)
+    return ok
+
+
+@triton.jit
+def _lerp(a, b, w):
+    """torch.lerp's formula: ``a + w (b - a)`` for ``|w| < 0.5``, else ``b - (b - a)(1 - w)``."""
+    return tl.where(tl.abs(w) < 0.5, a + w * (b - a), b - (b - a) * (1.0 - w))
+
+
+@triton.jit
+def _join(hi, lo):
+    """A float64 number passed as two float32 scalar arguments (Triton passes Python floats as
+    float32): ``hi + lo``, ~48 bits of it."""
+    return tl.cast(hi, tl.float64) + tl.cast(lo, tl.float64)
+
+
+@triton.jit
+def guarded_copy(
+    check_a,
+    n_check_a,
+    check_b,
+    n_check_b,
+    dst_a,
+    src_a,
+    dst_b,
+    src_b,
+    n,
+    WHEN_FINITE: tl.constexpr,
+    CHECK_B: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """``dst_a[:n] = src_a[:n]`` and ``dst_b[:n] = src_b[:n]`` if every value of ``check_a`` (and
+    ``check_b``) is finite (``WHEN_FINITE``), or if one is not (``not WHEN_FINITE``)."""
+    ok = _all_finite(check_a, n_check_a, BLOCK)
+    if CHECK_B:
+        ok = ok & _all_finite(check_b, n_check_b, BLOCK)
+    # the channels to copy: all or none (a mask from a scalar condition, as a bound)
+    limit = tl.where(ok == 1, n, 0) if WHEN_FINITE else tl.where(ok == 0, n, 0)
+    for start in range(0, n, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        m = offs < limit
+        tl.store(dst_a + offs, tl.load(src_a + offs, mask=m), mask=m)
+        tl.store(dst_b + offs, tl.load(src_b + offs, mask=m), mask=m)
+
+
+@triton.jit
+def renorm_step(
+    mean_ptr,
+    var_ptr,
+    running_mean_ptr,
+    running_std_ptr,
+    weight_ptr,
+    bias_ptr,
+    r_max_ptr,
+    d_max_ptr,
+    scale_ptr,
+    shift_ptr,
+    r_ptr,
+    d_ptr,
+    n,
+    r_max_hi,
+    r_max_lo,
+    d_max_hi,
+    d_max_lo,
+    momentum_hi,
+    momentum_lo,
+    eps_hi,
+    eps_lo,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    LIMIT_TENSORS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """Batch renorm's per-channel step, from the batch's mean and biased variance:
+    ``std = sqrt(var + eps)``, ``r = clamp(std / running_std, 1 / r_max, r_max)``,
+    ``d = clamp((mean - running_mean) / running_std, -d_max, d_max)``; the affine map with them
+    folded in, ``scale = weight r`` and ``shift = weight d + bias`` (``weight`` 1, ``bias`` 0
+    where absent), and ``r``, ``d`` for the backward; then the running mean and std move towards
+    ``mean`` and ``std`` by ``momentum`` (torch.lerp's formula) if every variance is finite.
+    ``r_max``, ``d_max``: 0-dim tensors (``LIMIT_TENSORS``: read on the device, no host sync)
+    or numbers; numbers come as two float32 halves (:func:`_join`)."""
+    ok = _all_finite(var_ptr, n, BLOCK)
+    if LIMIT_TENSORS:
+        r_max = tl.load(r_max_ptr).to(tl.float64)
+        d_max = tl.load(d_max_ptr).to(tl.float64)
+    else:
+        r_max = _join(r_max_hi, r_max_lo)
+        d_max = _join(d_max_hi, d_max_lo)
+    w = _join(momentum_hi, momentum_lo)
+    eps = _join(eps_hi, eps_lo)
+    updated = tl.where(ok == 1, n, 0)  # the running statistics move in all channels or none
+    for start in range(0, n, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        m = offs < n
+        mean = tl.load(mean_ptr + offs, mask=m, other=0.0).to(tl.float64)
+        var = tl.load(var_ptr + offs, mask=m, other=0.0).to(tl.float64)
+        running_mean = tl.load(running_mean_ptr + offs, mask=m, other=0.0).to(tl.float64)
+        running_std = tl.load(running_std_ptr + offs, mask=m, other=1.0).to(tl.float64)
+        std = tl.sqrt(var + eps)
+        r = tl.minimum(tl.maximum(std / running_std, 1.0 / r_max), r_max)
+        d = tl.minimum(tl.maximum((mean - running_mean) / running_std, -d_max), d_max)
+        scale = r
+        shift = d
+        if HAS_WEIGHT:
+            gamma = tl.load(weight_ptr + offs, mask=m, other=1.0).to(tl.float64)
+            scale = gamma * r
+            shift = gamma * d
+        if HAS_BIAS:
+            shift = shift + tl.load(bias_ptr + offs, mask=m, other=0.0).to(tl.float64)
+        tl.store(scale_ptr + offs, scale, mask=m)
+        tl.store(shift_ptr + offs, shift, mask=m)
+        tl.store(r_ptr + offs, r, mask=m)
+        tl.store(d_ptr + offs, d, mask=m)
+        # (the targets replaced where nothing is stored: no inf - inf computed, which numpy,
+        # in the interpreter, would report)
+        new_mean = _lerp(running_mean, tl.where(ok == 1, mean, running_mean), w)
+        new_std = _lerp(running_std, tl.where(ok == 1, std, running_std), w)
+        tl.store(running_mean_ptr + offs, new_mean, mask=offs < updated)
+        tl.store(running_std_ptr + offs, new_std, mask=offs < updated)
+
+
+@triton.jit
+def renorm_weight_grad(
+    grad_scale_ptr, grad_shift_ptr, r_ptr, d_ptr, out_ptr, n, BLOCK: tl.constexpr
+):
+    """``grad_weight = grad_scale r + grad_shift d`` (the affine map's ``scale = weight r``,
+    ``shift = weight d + bias``)."""
+    for start in range(0, n, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        m = offs < n
+        gs = tl.load(grad_scale_ptr + offs, mask=m, other=0.0).to(tl.float64)
+        gb = tl.load(grad_shift_ptr + offs, mask=m, other=0.0).to(tl.float64)
+        r = tl.load(r_ptr + offs, mask=m, other=0.0).to(tl.float64)
+        d = tl.load(d_ptr + offs, mask=m, other=0.0).to(tl.float64)
+        tl.store(out_ptr + offs, gs * r + gb * d, mask=m)
+
+
+@triton.jit
+def renorm_limits(schedule_ptr, count_ptr, out_ptr, BLOCK: tl.constexpr):
+    """Batch renorm's ``(r_max, d_max)`` at step ``count`` of the schedule ``(r_max, d_max,
+    warmup, r_end, d_end)``: each limit moves from its neutral value (1, 0) to its final one as
+    ``(count - warmup) / (end - warmup)`` goes from 0 to 1 (a ramp of no length: at once when
+    the warm-up ends), torch.lerp's formula; float64."""
+    t = tl.load(count_ptr).to(tl.float64)
+    warmup = tl.load(schedule_ptr + 2).to(tl.float64)
+    offs = tl.arange(0, 2)
+    final = tl.load(schedule_ptr + offs).to(tl.float64)
+    end = tl.load(schedule_ptr + 3 + offs).to(tl.float64)
+    neutral = tl.where(offs == 0, 1.0, 0.0).to(tl.float64)
+    span = end - warmup
+    ramp = (t - warmup) / tl.where(span > 0, span, 1.0)
+    progress = tl.where(span > 0, ramp, tl.where(t >= warmup, 1.0, 0.0))
+    progress = tl.minimum(tl.maximum(progress, 0.0), 1.0)
+    tl.store(out_ptr + offs, _lerp(neutral, final, progress))
+
+
+@triton.jit
+def lp_forward(
+    mean_ptr,
+    dispersion_ptr,
+    weight_ptr,
+    running_mean_ptr,
+    running_scale_ptr,
+    scale_ptr,
+    denom_ptr,
+    a_ptr,
+    n,
+    count,
+    constant_hi,
+    constant_lo,
+    eps_hi,
+    eps_lo,
+    momentum_hi,
+    momentum_lo,
+    momentum_ptr,
+    HAS_WEIGHT: tl.constexpr,
+    RUNNING: tl.constexpr,
+    MOMENTUM_TENSOR: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """Lp batch norm's per-channel forward step (the fast extra's ``_lp_epilogue`` on GPUs):
+    ``scale = dispersion / count * K``, ``denom = scale + eps``, ``a = weight / denom``; then,
+    with ``RUNNING`` and if every mean and dispersion is finite, the running mean and scale move
+    towards ``mean`` and ``scale`` by ``momentum`` (torch.lerp's formula; ``MOMENTUM_TENSOR``: a
+    0-dim tensor, a cumulative average's factor kept on the device)."""
+    ok = _all_finite(mean_ptr, n, BLOCK) & _all_finite(dispersion_ptr, n, BLOCK)
+    updated = tl.where(ok == 1, n, 0)
+    constant = _join(constant_hi, constant_lo)
+    eps = _join(eps_hi, eps_lo)
+    w = tl.load(momentum_ptr).to(tl.float64) if MOMENTUM_TENSOR else _join(momentum_hi, momentum_lo)
+    for start in range(0, n, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        m = offs < n
+        dispersion = tl.load(dispersion_ptr + offs, mask=m, other=0.0).to(tl.float64)
+        scale = dispersion / count * constant
+        denom = scale + eps
+        a = 1.0 / denom
+        if HAS_WEIGHT:
+            a = tl.load(weight_ptr + offs, mask=m, other=1.0).to(tl.float64) / denom
+        tl.store(scale_ptr + offs, scale, mask=m)
+        tl.store(denom_ptr + offs, denom, mask=m)
+        tl.store(a_ptr + offs, a, mask=m)
+        if RUNNING:
+            mean = tl.load(mean_ptr + offs, mask=m, other=0.0).to(tl.float64)
+            running_mean = tl.load(running_mean_ptr + offs, mask=m, other=0.0).to(tl.float64)
+            running_scale = tl.load(running_scale_ptr + offs, mask=m, other=0.0).to(tl.float64)
+            new_mean = _lerp(running_mean, tl.where(ok == 1, mean, running_mean), w)
+            new_scale = _lerp(running_scale, tl.where(ok == 1, scale, running_scale), w)
+            tl.store(running_mean_ptr + offs, new_mean, mask=offs < updated)
+            tl.store(running_scale_ptr + offs, new_scale, mask=offs < updated)
+
+
+@triton.jit
+def lp_backward(
+    denom_ptr,
+    weight_ptr,
+    sum_dy_z_ptr,
+    sum_dy_ptr,
+    sign_sum_ptr,
+    alpha_ptr,
+    beta_ptr,
+    shift_ptr,
+    grad_weight_ptr,
+    n,
+    count,
+    factor_hi,
+    factor_lo,
+    HAS_WEIGHT: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """Lp batch norm's per-channel backward step (the fast extra's ``_lp_grad_epilogue`` on
+    GPUs), from ``D = denom``, ``S = sum(dy (x - mu))``, ``sum(dy)`` and the sum of the signs
+    that carry the dispersion's gradient: ``alpha = weight / D``, ``beta = -weight S / D^2 *
+    factor``, ``shift = -(alpha sum(dy) + beta signs) / count`` (the input gradient is
+    ``alpha dy + beta sign(x - mu) + shift``) and the weight's gradient ``S / D``."""
+    factor = _join(factor_hi, factor_lo)
+    for start in range(0, n, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        m = offs < n
+        d = tl.load(denom_ptr + offs, mask=m, other=1.0).to(tl.float64)
+        s = tl.load(sum_dy_z_ptr + offs, mask=m, other=0.0).to(tl.float64)
+        sum_dy = tl.load(sum_dy_ptr + offs, mask=m, other=0.0).to(tl.float64)
+        signs = tl.load(sign_sum_ptr + offs, mask=m, other=0.0).to(tl.float64)
+        g = tl.full([BLOCK], 1.0, tl.float64)
+        if HAS_WEIGHT:
+            g = tl.load(weight_ptr + offs, mask=m, other=1.0).to(tl.float64)
+        alpha = g / d
+        beta = -g * s / (d * d) * factor
+        tl.store(alpha_ptr + offs, alpha, mask=m)
+        tl.store(beta_ptr + offs, beta, mask=m)
+        tl.store(shift_ptr + offs, -(alpha * sum_dy + beta * signs) / count, mask=m)
+        tl.store(grad_weight_ptr + offs, s / d, mask=m)
