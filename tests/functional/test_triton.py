@@ -155,6 +155,29 @@ def test_lp_batch_norm_with_kernels_equals_torch_ops(
         torch.testing.assert_close(a, b, **tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("batch", [8, 7, 2], ids=["even", "ragged", "one-virtual-batch"])
+@pytest.mark.parametrize("channels", [3, 1100])
+@pytest.mark.parametrize("cl", [False, True], ids=["nchw", "channels-last"])
+@pytest.mark.parametrize("momentum", [0.1, None], ids=["ema", "cumulative"])
+def test_ghost_running_statistics_with_kernel_equal_torch_ops(
+    dtype: torch.dtype, batch: int, channels: int, cl: bool, momentum: float | None
+) -> None:
+    """The virtual batches' statistics pooled and applied in one kernel (a ragged batch: the
+    last virtual batch larger, 3 = 2 + the lone sample)."""
+    layer = nl.GhostBatchNorm(channels, virtual_batch_size=2, momentum=momentum).to(dtype)
+    x = _input((batch, channels, 3, 2), dtype) * torch.arange(1, batch + 1).view(-1, 1, 1, 1)
+    gy = _input(x.shape, dtype, 1)
+    if cl:
+        x, gy = (t.contiguous(memory_format=torch.channels_last) for t in (x, gy))
+    ours, ref, launched = _both(layer, x, gy, steps=3)
+    assert launched == 3
+    # the running variance comes from float32 1 / sqrt(var + eps) on both routes
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-12, "atol": 1e-12}
+    for a, b in zip(ours, ref, strict=True):
+        torch.testing.assert_close(a, b, **tol)
+
+
 def test_cumulative_average_factor_is_read_on_the_device() -> None:
     """``momentum=None``: the factor ``1 / (steps + 1)``, a 0-dim tensor on accelerators."""
     layer = nl.L1BatchNorm(4, momentum=None)
@@ -185,14 +208,21 @@ def test_renorm_limits_kernel_equals_schedule(step: int, ramp: tuple[int, int, i
 def test_nonfinite_batch_keeps_running_statistics_with_kernels() -> None:
     x = _input((4, 3, 2, 2), torch.float32)
     x[1, 2, 0, 0] = float("nan")
-    for layer in (nl.BatchNorm2d(3), nl.BatchRenorm2d(3, warmup_steps=0)):
+    layers = (
+        nl.BatchNorm2d(3),
+        nl.BatchRenorm2d(3, warmup_steps=0),
+        nl.GhostBatchNorm(3, virtual_batch_size=2),
+        nl.L1BatchNorm(3),
+        nl.LinfBatchNorm(3, k=2),
+    )
+    for layer in layers:
         before = [b.clone() for b in layer.buffers()][:2]
         launched = sum(_triton.LAUNCHES.values())
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # no warning on the device routes: no host sync
             y = layer(x)
         assert sum(_triton.LAUNCHES.values()) > launched
-        assert y[:, 2].isnan().all()
+        assert y[1, 2].isnan().all()  # (ghost: in the NaN's virtual batch only)
         assert y[:, :2].isfinite().all()
         for kept, now in zip(before, list(layer.buffers())[:2], strict=True):
             assert torch.equal(kept, now), type(layer).__name__
@@ -308,6 +338,10 @@ _COMPILE = textwrap.dedent(
                      "BLOCK": 1024}), "momentum_ptr": "*fp64"}),
                 (K.lp_backward, sig(K.lp_backward, p, ("n", "count"), ("factor_hi", "factor_lo"),
                     {"HAS_WEIGHT": True, "BLOCK": 1024})),
+                (K.ghost_running_update, {**sig(K.ghost_running_update, p,
+                    ("n", "groups", "size", "last_size"),
+                    ("eps_hi", "eps_lo", "momentum_hi", "momentum_lo", "bessel_hi", "bessel_lo"),
+                    {"MOMENTUM_TENSOR": True, "BLOCK": 1024}), "momentum_ptr": "*fp64"}),
             ]
             for kernel, types in cases:
                 constants = {"WHEN_FINITE": False, "CHECK_B": True, "BLOCK": 1024,

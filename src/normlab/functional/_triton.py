@@ -380,3 +380,46 @@ def lp_backward(
         HAS_WEIGHT=weight is not None,
     )
     return (out[0], out[1], out[2], out[3]) if ran else None
+
+
+def ghost_running_update_(
+    means: list[Tensor],
+    invstds: list[Tensor],
+    sizes: list[int],
+    count: int,
+    eps: float,
+    momentum: float | Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+) -> bool:
+    """Ghost batch norm's running statistics from its virtual batches' saved means and ``1 /
+    sqrt(var + eps)`` (virtual batches of ``sizes`` samples, all equal but the last; ``count``
+    values per channel in the whole batch), pooled and applied in one kernel after one
+    concatenation (``_triton_kernels.ghost_running_update``); ``False`` where it cannot run (the
+    caller's torch ops then do it)."""
+    factor = momentum if isinstance(momentum, Tensor) else None
+    tensors = [*means, *invstds, running_mean, running_var]
+    if not usable(*tensors, factor) or not (
+        running_mean.is_contiguous() and running_var.is_contiguous()
+    ):
+        return False
+    if len(means) > 1 and any(s != sizes[0] for s in sizes[:-1]):
+        return False
+    stats = torch.cat([t.reshape(-1) for t in (*means, *invstds)])
+    bessel = count / (count - 1) if count > 1 else 1.0
+    return _launch(
+        "ghost_running_update",
+        running_mean.device,
+        stats,
+        running_mean,
+        running_var,
+        factor if factor is not None else running_mean,
+        running_mean.numel(),
+        len(means),
+        sizes[0],
+        sizes[-1],
+        *_halves(eps),
+        *_halves(0.0 if factor is not None else float(momentum)),
+        *_halves(bessel),
+        MOMENTUM_TENSOR=factor is not None,
+    )

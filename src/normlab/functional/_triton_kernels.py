@@ -274,3 +274,85 @@ def lp_backward(
         tl.store(beta_ptr + offs, beta, mask=m)
         tl.store(shift_ptr + offs, -(alpha * sum_dy + beta * signs) / count, mask=m)
         tl.store(grad_weight_ptr + offs, s / d, mask=m)
+
+
+@triton.jit
+def ghost_running_update(
+    stats_ptr,
+    running_mean_ptr,
+    running_var_ptr,
+    momentum_ptr,
+    n,
+    groups,
+    size,
+    last_size,
+    eps_hi,
+    eps_lo,
+    momentum_hi,
+    momentum_lo,
+    bessel_hi,
+    bessel_lo,
+    MOMENTUM_TENSOR: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """Ghost batch norm's running statistics from its virtual batches, in one kernel: ``stats``
+    is ``(2 groups, n)``, the virtual batches' means, then their ``1 / sqrt(var + eps)`` (what
+    torch's batch-norm kernels save), the batches of ``size`` samples but the last of
+    ``last_size``. Pooled per channel by Chan's rule (``var = mean_g(var_g) + mean_g((mean_g -
+    mean)^2)``, weighted by the sizes; ``var_g = max(invstd^-2 - eps, 0)``), then torch's update
+    ``running (1 - m) + m batch`` with the unbiased variance (``bessel``), or ``running + (batch
+    - running) m`` for a 0-dim ``momentum`` tensor -- if every pooled statistic is finite."""
+    eps = _join(eps_hi, eps_lo)
+    bessel = _join(bessel_hi, bessel_lo)
+    w = tl.load(momentum_ptr).to(tl.float64) if MOMENTUM_TENSOR else _join(momentum_hi, momentum_lo)
+    total = (groups - 1) * size + last_size
+    ok = tl.full((), 1, tl.int32)
+    for start in range(0, n, BLOCK):  # pass 1: are the pooled statistics finite?
+        offs = start + tl.arange(0, BLOCK)
+        mean, var = _pooled(
+            stats_ptr, offs, offs < n, n, groups, size, last_size, total, eps, BLOCK
+        )
+        good = (tl.abs(mean) < float("inf")) & (tl.abs(var) < float("inf"))
+        ok = ok & tl.min(tl.where(offs < n, good, True).to(tl.int32), axis=0)
+    updated = tl.where(ok == 1, n, 0)
+    for start in range(0, n, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        m = offs < n
+        mean, var = _pooled(stats_ptr, offs, m, n, groups, size, last_size, total, eps, BLOCK)
+        mean = tl.where(ok == 1, mean, 0.0)  # (no inf arithmetic where nothing is stored)
+        var = tl.where(ok == 1, var, 0.0) * bessel
+        running_mean = tl.load(running_mean_ptr + offs, mask=m, other=0.0).to(tl.float64)
+        running_var = tl.load(running_var_ptr + offs, mask=m, other=0.0).to(tl.float64)
+        if MOMENTUM_TENSOR:
+            new_mean = running_mean + (mean - running_mean) * w
+            new_var = running_var + (var - running_var) * w
+        else:
+            new_mean = running_mean * (1.0 - w) + mean * w
+            new_var = running_var * (1.0 - w) + var * w
+        tl.store(running_mean_ptr + offs, new_mean, mask=offs < updated)
+        tl.store(running_var_ptr + offs, new_var, mask=offs < updated)
+
+
+@triton.jit
+def _pooled(stats_ptr, offs, m, n, groups, size, last_size, total, eps, BLOCK: tl.constexpr):
+    """The pooled mean and biased variance of channels ``offs`` (see ghost_running_update)."""
+    mean = tl.zeros([BLOCK], tl.float64)
+    for g in range(0, groups):
+        weight = tl.where(g == groups - 1, last_size, size).to(tl.float64) / total
+        mean += weight * _finite_or_nan(tl.load(stats_ptr + g * n + offs, mask=m, other=0.0))
+    var = tl.zeros([BLOCK], tl.float64)
+    for g in range(0, groups):
+        weight = tl.where(g == groups - 1, last_size, size).to(tl.float64) / total
+        mean_g = _finite_or_nan(tl.load(stats_ptr + g * n + offs, mask=m, other=0.0))
+        invstd = tl.load(stats_ptr + (groups + g) * n + offs, mask=m, other=1.0).to(tl.float64)
+        var_g = tl.maximum(1.0 / (invstd * invstd) - eps, 0.0)
+        var += weight * (var_g + (mean_g - mean) * (mean_g - mean))
+    return mean, var
+
+
+@triton.jit
+def _finite_or_nan(v):
+    """``v`` in float64, its infinities as NaN (NaN spreads quietly where inf - inf, in the
+    interpreter's numpy, would be reported)."""
+    v = v.to(tl.float64)
+    return tl.where(tl.abs(v) < float("inf"), v, float("nan"))

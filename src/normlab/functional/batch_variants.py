@@ -250,15 +250,14 @@ def _renorm_on_device(
 
 def _ghost_on_device(
     input: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, sizes: list[int]
-) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+) -> tuple[Tensor, tuple[list[Tensor], list[Tensor]]]:
     """Ghost batch norm on accelerators: torch's batch-norm kernels on each virtual batch (a slice
     along the batch, contiguous in both memory formats), the pieces concatenated -- the kernel's
     two reads and a write, then one read and write to concatenate, where the group-norm route's
     transposing copies (two each way) move about twice the bytes; and a handful of launches per
     virtual batch instead of the per-batch sequences of :class:`PerGroupBatchNorm`. Returns ``(y,
-    (means, variances))``: the virtual batches' float64 statistics (biased variances, recovered
-    from the kernel's float32 ``1 / sqrt(var + eps)``: relative error ~1e-7 * (var + eps) / var,
-    5e-5 for a near-constant channel of variance 1e-8), which pool into the whole batch's."""
+    (means, invstds))``: the virtual batches' statistics as torch's kernel saves them, their
+    means and ``1 / sqrt(var + eps)`` (:func:`_ghost_moments` recovers the variances)."""
     low = stats_dtype(input.dtype) != input.dtype
     # float32 parameters with low-precision input (torch's accurate mixed-precision path)
     w, b = (None if t is None else t.float() if low else t for t in (weight, bias))
@@ -273,10 +272,18 @@ def _ghost_on_device(
         pieces.append(y)
         means.append(mean)
         invstds.append(invstd)
+    return torch.cat(pieces) if len(pieces) > 1 else pieces[0], (means, invstds)
+
+
+def _ghost_moments(means: list[Tensor], invstds: list[Tensor], eps: float) -> tuple[Tensor, Tensor]:
+    """The virtual batches' float64 means and biased variances from what torch's kernel saved
+    (variances recovered from its float32 ``1 / sqrt(var + eps)``: relative error ~1e-7 * (var +
+    eps) / var, 5e-5 for a near-constant channel of variance 1e-8), which pool into the whole
+    batch's."""
     with torch.no_grad():
         mean = torch.stack(means).double()
         var = (torch.stack(invstds).double().pow(-2) - eps).clamp_min(0.0)
-    return torch.cat(pieces) if len(pieces) > 1 else pieces[0], (mean, var)
+    return mean, var
 
 
 def ghost_batch_norm_unchecked(
@@ -337,7 +344,18 @@ def ghost_batch_norm_unchecked(
     y: Tensor
     stats: tuple[Tensor, Tensor] | None = None  # per virtual batch (mean, biased var)
     if on_accelerator(input) and not compiling():
-        y, stats = _ghost_on_device(input, weight, bias, eps, sizes)
+        y, saved = _ghost_on_device(input, weight, bias, eps, sizes)
+        count = input.numel() // c
+        if (
+            training
+            and running_mean is not None
+            and running_var is not None
+            and _triton.ghost_running_update_(
+                *saved, sizes, count, eps, momentum, running_mean, running_var
+            )
+        ):  # pooled and applied in one kernel
+            return y
+        stats = _ghost_moments(*saved, eps)
     elif not compiling() and (
         channels_last_format(input) is not None
         or (full and use_fast_batch_stats(input[:vbs], weight, bias))
