@@ -2,16 +2,9 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
-import torch
-
-if not torch.cuda.is_available():
-    # normlab's Triton kernels (functional/_triton.py) then run on the CPU in Triton's
-    # interpreter, chosen when triton is first imported (torch._dynamo imports it, below)
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from normlab.experiments.runner import execute, update_manifest
 from normlab.experiments.studies import Options, available_studies, get_study

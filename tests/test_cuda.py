@@ -41,7 +41,7 @@ pytestmark = [
 
 # normlab's Triton kernels for the per-channel steps (functional/_triton.py), and the torch ops
 # that stand in for them where triton is missing; on the CPU the kernels run in Triton's
-# interpreter (tests/conftest.py)
+# interpreter (the root conftest.py)
 KERNELS = ["torch-ops"] + (
     ["triton"] if _triton.available() and (DEVICE != "cpu" or _triton._interpreter()) else []
 )

@@ -1,7 +1,7 @@
 """normlab's Triton kernels (functional/_triton.py) against the torch ops they stand in for.
 
 Without a GPU (CI) the kernels run in Triton's interpreter on CPU tensors, inside
-``accelerator_routes()`` (tests/conftest.py sets ``TRITON_INTERPRET=1`` before triton's import);
+``accelerator_routes()`` (the root conftest.py sets ``TRITON_INTERPRET=1`` before triton's import);
 a separate process checks that each kernel also compiles for NVIDIA GPUs (sm_80, sm_90), which
 Triton does without a GPU. On a GPU, tests/test_cuda.py runs the layers through them.
 """
@@ -21,6 +21,7 @@ import torch
 import normlab.nn as nl
 from normlab.functional import _triton
 from normlab.functional._core import accelerator_routes
+from normlab.functional.normalization import standardized_weight
 
 if not (_triton.available() and _triton._interpreter()):
     pytest.skip("needs triton, imported with TRITON_INTERPRET=1", allow_module_level=True)
@@ -176,6 +177,47 @@ def test_ghost_running_statistics_with_kernel_equal_torch_ops(
     tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-12, "atol": 1e-12}
     for a, b in zip(ours, ref, strict=True):
         torch.testing.assert_close(a, b, **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(
+    "shape", [(8, 3, 3, 3), (4, 300, 2, 2), (5, 7)], ids=["conv", "fan-in-1200", "linear"]
+)
+def test_weight_standardization_with_kernels_equals_torch_ops(
+    dtype: torch.dtype, shape: tuple[int, ...]
+) -> None:
+    """Standardized weight and its gradient: one kernel each way, against the torch ops (and,
+    in float64, gradcheck and gradgradcheck through the kernels)."""
+    g = torch.Generator().manual_seed(0)
+    weight = (torch.randn(shape, generator=g, dtype=torch.float64) * 3 + 2).to(dtype)
+    grad = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
+    results = []
+    for kernels in (True, False):
+        w = weight.clone().requires_grad_()
+        launched = sum(_triton.LAUNCHES.values())
+        with _triton.interpreted(kernels):
+            y = standardized_weight(w, 1e-5)
+            y.backward(grad)
+        assert sum(_triton.LAUNCHES.values()) - launched == (2 if kernels else 0)
+        results.append((y.detach(), w.grad))
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-12, "atol": 1e-12}
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, **tol)
+    if dtype == torch.float64:
+        w = weight[:3, :4].contiguous().requires_grad_()
+        assert torch.autograd.gradcheck(lambda w: standardized_weight(w, 1e-5), (w,))
+        assert torch.autograd.gradgradcheck(lambda w: standardized_weight(w, 1e-5), (w,))
+
+
+def test_weight_standardized_convolution_with_kernels_equals_torch_ops() -> None:
+    conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+    torch.nn.utils.parametrize.register_parametrization(conv, "weight", nl.WeightStandardization())
+    x = _input((2, 3, 5, 5), torch.float32)
+    ours, ref, launched = _both(conv, x, _input((2, 4, 5, 5), torch.float32, 1))
+    assert launched == 2 * 2
+    # the weight's gradient (~50 in size) through float32 ops: rounding ~1e-6 of that
+    for a, b in zip(ours, ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
 def test_cumulative_average_factor_is_read_on_the_device() -> None:
@@ -338,6 +380,11 @@ _COMPILE = textwrap.dedent(
                      "BLOCK": 1024}), "momentum_ptr": "*fp64"}),
                 (K.lp_backward, sig(K.lp_backward, p, ("n", "count"), ("factor_hi", "factor_lo"),
                     {"HAS_WEIGHT": True, "BLOCK": 1024})),
+                (K.standardize_rows, {**sig(K.standardize_rows, p, ("k",),
+                    ("eps_hi", "eps_lo"), {"BLOCK": 1024}), "mean_ptr": "*fp64",
+                    "rstd_ptr": "*fp64"}),
+                (K.standardize_rows_backward, {**sig(K.standardize_rows_backward, p, ("k",), (),
+                    {"BLOCK": 1024}), "mean_ptr": "*fp64", "rstd_ptr": "*fp64"}),
                 (K.ghost_running_update, {**sig(K.ghost_running_update, p,
                     ("n", "groups", "size", "last_size"),
                     ("eps_hi", "eps_lo", "momentum_hi", "momentum_lo", "bessel_hi", "bessel_lo"),

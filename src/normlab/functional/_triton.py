@@ -105,9 +105,12 @@ def off() -> Iterator[None]:
         _OFF[0] = before
 
 
-def _launch(name: str, device: torch.device, *args: Any, **meta: Any) -> bool:
-    """Run kernel ``name`` as one program; ``False`` (the caller runs its torch ops) if it is
-    known broken on this device type, or fails to compile here now (then a warning, once)."""
+def _launch(
+    name: str, device: torch.device, *args: Any, grid: tuple[int, ...] = (1,), **meta: Any
+) -> bool:
+    """Run kernel ``name`` (one program unless ``grid`` says); ``False`` (the caller runs its
+    torch ops) if it is known broken on this device type, or fails to compile here now (then a
+    warning, once)."""
     key = (name, device.type)
     if key in _BROKEN:
         return False
@@ -118,10 +121,10 @@ def _launch(name: str, device: torch.device, *args: Any, **meta: Any) -> bool:
         meta["enable_fp_fusion"] = False
     LAUNCHES[name] += 1
     if key in _GOOD:
-        kernel[(1,)](*args, BLOCK=_BLOCK, **meta)
+        kernel[grid](*args, BLOCK=_BLOCK, **meta)
         return True
     try:
-        kernel[(1,)](*args, BLOCK=_BLOCK, **meta)
+        kernel[grid](*args, BLOCK=_BLOCK, **meta)
     except Exception as error:  # a compiler error on this device: fall back, say so once
         _BROKEN.add(key)
         warnings.warn(
@@ -423,3 +426,63 @@ def ghost_running_update_(
         *_halves(bessel),
         MOMENTUM_TENSOR=factor is not None,
     )
+
+
+class StandardizeRows(torch.autograd.Function):
+    """Weight standardization (``_triton_kernels.standardize_rows``) with its own backward
+    (``standardize_rows_backward``): one kernel each way, one program per output unit. Saves the
+    weight and two float64 numbers per row. Double backward recomputes the torch ops
+    differentiably."""
+
+    @staticmethod
+    def forward(ctx: Any, weight: Tensor, eps: float) -> Tensor:
+        rows = weight.shape[0]
+        k = weight.numel() // rows
+        out = torch.empty_like(weight, memory_format=torch.contiguous_format)
+        stats = torch.empty(2, rows, dtype=torch.float64, device=weight.device)
+        if not _launch(
+            "standardize_rows", weight.device, weight, out, *stats, k, *_halves(eps), grid=(rows,)
+        ):
+            raise _NotRun
+        ctx.save_for_backward(weight, stats)
+        ctx.eps = eps
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None]:
+        weight, stats = ctx.saved_tensors
+        if torch.is_grad_enabled():  # double backward: the torch ops, differentiably
+            from normlab.functional.normalization import standardized_weight_ops
+
+            with torch.enable_grad():
+                y = standardized_weight_ops(weight, ctx.eps)
+            return torch.autograd.grad(y, weight, grad, create_graph=True)[0], None
+        rows = weight.shape[0]
+        out = torch.empty_like(weight, memory_format=torch.contiguous_format)
+        grad = grad.contiguous()
+        k = weight.numel() // rows
+        if not _launch(
+            "standardize_rows_backward", weight.device, weight, grad, *stats, out, k, grid=(rows,)
+        ):  # (ran in the forward, so it compiles here: only a new failure lands here)
+            from normlab.functional.normalization import standardized_weight_ops
+
+            with torch.enable_grad():
+                w = weight.detach().requires_grad_()
+                y = standardized_weight_ops(w, ctx.eps)
+            return torch.autograd.grad(y, w, grad)[0], None
+        return out, None
+
+
+def standardize_rows(weight: Tensor, eps: float) -> Tensor | None:
+    """Weight standardization of a contiguous weight (rows = output units) in one kernel each
+    way (:class:`StandardizeRows`), or ``None`` where the kernel cannot run (the caller's torch
+    ops then do it)."""
+    if weight.dim() < 2 or weight.numel() == 0 or not weight.is_contiguous():
+        return None
+    if not usable(weight) or torch.autograd.forward_ad._current_level >= 0:
+        return None
+    try:
+        out: Tensor = StandardizeRows.apply(weight, eps)  # type: ignore[no-untyped-call]
+    except _NotRun:
+        return None
+    return out

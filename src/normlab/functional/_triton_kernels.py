@@ -356,3 +356,57 @@ def _finite_or_nan(v):
     interpreter's numpy, would be reported)."""
     v = v.to(tl.float64)
     return tl.where(tl.abs(v) < float("inf"), v, float("nan"))
+
+
+@triton.jit
+def standardize_rows(w_ptr, out_ptr, mean_ptr, rstd_ptr, k, eps_hi, eps_lo, BLOCK: tl.constexpr):
+    """Weight standardization, one program per row (output unit) of ``k`` values: ``out = (w -
+    mean) * rstd`` with the row's mean and ``rstd = 1 / sqrt(var + eps)`` (biased variance, both
+    float64, the variance from the deviations: two reads of the row), which are also stored."""
+    row = tl.program_id(0).to(tl.int64)
+    eps = _join(eps_hi, eps_lo)
+    total = tl.zeros([BLOCK], tl.float64)
+    for start in range(0, k, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        total += tl.load(w_ptr + row * k + offs, mask=offs < k, other=0.0).to(tl.float64)
+    mean = tl.sum(total, axis=0) / k
+    squares = tl.zeros([BLOCK], tl.float64)
+    for start in range(0, k, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        m = offs < k
+        v = tl.load(w_ptr + row * k + offs, mask=m, other=0.0).to(tl.float64)
+        squares += tl.where(m, (v - mean) * (v - mean), 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(squares, axis=0) / k + eps)
+    for start in range(0, k, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        m = offs < k
+        v = tl.load(w_ptr + row * k + offs, mask=m, other=0.0).to(tl.float64)
+        tl.store(out_ptr + row * k + offs, (v - mean) * rstd, mask=m)
+    tl.store(mean_ptr + row, mean)
+    tl.store(rstd_ptr + row, rstd)
+
+
+@triton.jit
+def standardize_rows_backward(w_ptr, grad_ptr, mean_ptr, rstd_ptr, out_ptr, k, BLOCK: tl.constexpr):
+    """The weight's gradient through weight standardization, per row: with ``h = (w - mean)
+    rstd`` and the output's gradient ``g``, ``dw = rstd (g - mean(g) - h mean(g h))``."""
+    row = tl.program_id(0).to(tl.int64)
+    mean = tl.load(mean_ptr + row).to(tl.float64)
+    rstd = tl.load(rstd_ptr + row).to(tl.float64)
+    sum_g = tl.zeros([BLOCK], tl.float64)
+    sum_gh = tl.zeros([BLOCK], tl.float64)
+    for start in range(0, k, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        m = offs < k
+        g = tl.load(grad_ptr + row * k + offs, mask=m, other=0.0).to(tl.float64)
+        h = (tl.load(w_ptr + row * k + offs, mask=m, other=0.0).to(tl.float64) - mean) * rstd
+        sum_g += g
+        sum_gh += tl.where(m, g * h, 0.0)
+    mean_g = tl.sum(sum_g, axis=0) / k
+    mean_gh = tl.sum(sum_gh, axis=0) / k
+    for start in range(0, k, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        m = offs < k
+        g = tl.load(grad_ptr + row * k + offs, mask=m, other=0.0).to(tl.float64)
+        h = (tl.load(w_ptr + row * k + offs, mask=m, other=0.0).to(tl.float64) - mean) * rstd
+        tl.store(out_ptr + row * k + offs, rstd * (g - mean_g - h * mean_gh), mask=m)

@@ -6,10 +6,10 @@ its data-dependent initialisation, :func:`normlab.surgery.init_weight_norm_`.)
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from normlab._checks import check_eps
+from normlab.functional.normalization import standardized_weight
 
 __all__ = ["WeightStandardization"]
 
@@ -35,9 +35,7 @@ class WeightStandardization(nn.Module):
         self.eps = check_eps(eps, owner=type(self).__name__)
 
     def forward(self, weight: Tensor) -> Tensor:
-        flat = weight.flatten(1)  # (out, fan_in)
-        var, mean = torch.var_mean(flat, dim=1, correction=0, keepdim=True)
-        return ((flat - mean) * torch.rsqrt(var + self.eps)).view_as(weight)
+        return standardized_weight(weight, self.eps)
 
     def extra_repr(self) -> str:
         return f"eps={self.eps}"
