@@ -40,6 +40,7 @@ stage() { # stage NAME CAP_SECONDS LOG COMMAND...: run COMMAND, teeing into $out
 
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,memory.used --format=csv,noheader
 python3 -c 'import torch; print("torch", torch.__version__, "cuDNN", torch.backends.cudnn.version())'
+python3 -c 'import triton; print("triton", triton.__version__)' || echo "triton: none (normlab's kernels off)"
 stage tests 170 test_cuda.log \
     python3 -m pytest -q -p no:cacheprovider -p no:benchmark -n 8 tests/test_cuda.py
 # shellcheck disable=SC2086 # TABLE_ARGS: several words

@@ -211,9 +211,6 @@ def main(argv: list[str] | None = None) -> int:
         "missing (on the CPU the kernels run in Triton's interpreter when triton is installed)",
     )
     args = parser.parse_args(argv)
-    if args.no_triton:
-        os.environ["NORMLAB_TRITON"] = "0"
-        _triton.available.cache_clear()
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device: expected a machine with a CUDA device, got none; use --device cpu")
     shape = tuple(int(v) for v in args.shape.split("x"))
@@ -228,7 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         kernels = "with" if _triton.available() and not args.no_triton else "without"
         where = f"torch ops per call inside accelerator_routes(), {kernels} the Triton kernels"
-        with accelerator_routes(), _triton.interpreted():
+        off = _triton.off() if args.no_triton else contextlib.nullcontext()
+        with accelerator_routes(), _triton.interpreted(), off:
             body = rows(shape, args.verbose, names=args.layers)
         extra = " normlab's ops |" if args.verbose else ""
     return emit(

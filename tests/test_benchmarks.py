@@ -180,6 +180,15 @@ def test_launches_benchmark_counts_ops_on_the_accelerator_routes(tmp_path: Path)
     if _triton.available():  # its guard: one Triton kernel (interpreted here), not four ops
         assert "triton:guarded_copy 1" in row
         assert "where" not in row
+        # and the torch ops that stand in for the kernels where triton is missing
+        assert (
+            launches.main(["--shape", "4x8x2x2", "--verbose", "--no-triton", "--out", str(out)])
+            == 0
+        )
+        lines = out.read_text().splitlines()
+        row = next(line for line in lines if line.startswith("| BatchNorm2d train |"))
+        assert "triton" not in row
+        assert "where 2" in row
     # the counter sees ops, not views
     counts = launches.count_ops(lambda: torch.arange(6.0).view(2, 3).t().mul(2).sum())
     assert counts == {"arange": 1, "mul": 1, "sum": 1}

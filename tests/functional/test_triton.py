@@ -317,7 +317,6 @@ def test_a_kernel_that_fails_to_compile_warns_once_and_falls_back(
 
     monkeypatch.setattr(_triton_kernels, "renorm_step", Broken())
     monkeypatch.setattr(_triton, "_BROKEN", set())
-    monkeypatch.setattr(_triton, "_GOOD", set())
     layer = nl.BatchRenorm2d(3, warmup_steps=0)
     x = _input((4, 3, 2, 2), torch.float32)
     gy = _input(x.shape, torch.float32, 1)

@@ -36,8 +36,8 @@ from torch import Tensor
 _BLOCK = 1024  # channels per block of a kernel's loop
 _INTERPRET = [False]  # set by interpreted(): CPU tensors run the kernels in the interpreter
 _OFF = [False]  # set by off(): no kernels on any device
-_BROKEN: set[tuple[str, str]] = set()  # (kernel, device type) pairs that failed to compile
-_GOOD: set[tuple[str, str]] = set()  # pairs that ran once
+# (kernel, device type, argument types, meta-parameters) that failed to compile
+_BROKEN: set[tuple[Any, ...]] = set()
 LAUNCHES: collections.Counter[str] = collections.Counter()  # per kernel (benchmarks/launches.py)
 
 
@@ -108,24 +108,26 @@ def off() -> Iterator[None]:
 def _launch(
     name: str, device: torch.device, *args: Any, grid: tuple[int, ...] = (1,), **meta: Any
 ) -> bool:
-    """Run kernel ``name`` (one program unless ``grid`` says); ``False`` (the caller runs its
-    torch ops) if it is known broken on this device type, or fails to compile here now (then a
-    warning, once)."""
-    key = (name, device.type)
-    if key in _BROKEN:
-        return False
+    """Run kernel ``name`` on ``device`` (one program unless ``grid`` says); ``False`` (the
+    caller runs its torch ops) if this kernel failed to compile for these argument types on this
+    device type before, or does now (then a warning, once)."""
     from normlab.functional import _triton_kernels
 
     kernel = getattr(_triton_kernels, name)
+    types = tuple(a.dtype if isinstance(a, Tensor) else type(a) for a in args)
+    key: tuple[Any, ...] = (name, device.type, types, tuple(sorted(meta.items())))
+    if key in _BROKEN:
+        return False
     if device.type != "cpu":  # no fused multiply-adds: the interpreter's arithmetic (numpy's)
         meta["enable_fp_fusion"] = False
     LAUNCHES[name] += 1
-    if key in _GOOD:
-        kernel[grid](*args, BLOCK=_BLOCK, **meta)
-        return True
     try:
-        kernel[grid](*args, BLOCK=_BLOCK, **meta)
-    except Exception as error:  # a compiler error on this device: fall back, say so once
+        if device.type == "cuda" and device.index != torch.cuda.current_device():
+            with torch.cuda.device(device):  # triton launches on the current device
+                kernel[grid](*args, BLOCK=_BLOCK, **meta)
+        else:
+            kernel[grid](*args, BLOCK=_BLOCK, **meta)
+    except Exception as error:  # a compiler error here: fall back, say so once
         _BROKEN.add(key)
         warnings.warn(
             f"normlab: the Triton kernel {name} failed on {device.type} "
@@ -136,7 +138,6 @@ def _launch(
             stacklevel=3,
         )
         return False
-    _GOOD.add(key)
     return True
 
 

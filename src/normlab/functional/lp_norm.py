@@ -248,7 +248,8 @@ def _coefficients(
     fused = _triton.lp_forward(mean, dispersion, count, constant, eps, weight, running)
     if fused is not None:
         return fused
-    scale = (dispersion / count * constant).to(mean.dtype)
+    per_value = dispersion if count == 1 else dispersion / count  # (L-inf: a mean already)
+    scale = (per_value * constant).to(mean.dtype)
     denom = scale + eps
     a = (1.0 / denom) if weight is None else weight / denom
     _update_running(running, mean, scale, owner)
@@ -261,11 +262,12 @@ def _grad_coefficients(
     sums: tuple[Tensor, Tensor, Tensor],
     factor: float,
     count: int,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """The fused functions' backward coefficients without the fast extra, from ``sums = (S =
     sum(dy (x - mu)), sum(dy), the signs' sum)``: ``(alpha, beta, shift, grad_weight)``, the input
     gradient ``alpha dy + beta sign(x - mu) + shift`` (``alpha = weight / D``, ``beta = -weight S
-    / D^2 * factor``, ``shift = -(alpha sum(dy) + beta signs) / count``) and ``S / D``. One
+    / D^2 * factor``, ``shift = -(alpha sum(dy) + beta signs) / count``) and ``S / D`` (from the
+    kernel only: ``None`` from the torch ops, which leave it to the caller if it is wanted). One
     Triton kernel on GPUs, else torch ops."""
     fused = _triton.lp_backward(denom, weight, sums, factor, count)
     if fused is not None:
@@ -275,7 +277,7 @@ def _grad_coefficients(
     alpha = gamma / denom
     beta = -gamma * sum_dy_z / denom.square() * factor
     shift = -(alpha * sum_dy + beta * sign_sum) / count
-    return alpha, beta, shift, sum_dy_z / denom
+    return alpha, beta, shift, None
 
 
 def _fused(x: Tensor, *params: Tensor | None) -> bool:
