@@ -97,6 +97,23 @@ def _input(shape: tuple[int, ...], dtype: torch.dtype, seed: int = 0) -> torch.T
     return (torch.randn(shape, generator=g, dtype=torch.float64) * 3 + 1).to(dtype)
 
 
+def _affine(layer: torch.nn.Module) -> torch.nn.Module:
+    """``layer`` with its weight and bias (if any) drawn away from 1 and 0."""
+    if getattr(layer, "weight", None) is not None:
+        with torch.no_grad():
+            layer.weight.uniform_(0.5, 1.5)
+            layer.bias.uniform_(-1.0, 1.0)
+    return layer
+
+
+def _batch(channels: int, dtype: torch.dtype, cl: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """An input and an output gradient, (4, channels, 3, 2), channels-last if ``cl``."""
+    x = _input((4, channels, 3, 2), dtype)
+    gy = _input(x.shape, dtype, 1)
+    fmt = torch.channels_last if cl else torch.contiguous_format
+    return x.contiguous(memory_format=fmt), gy.contiguous(memory_format=fmt)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("affine", [True, False])
 @pytest.mark.parametrize("channels", [3, 1100])
@@ -113,14 +130,7 @@ def test_batch_renorm_with_kernels_equals_torch_ops(
         third = torch.arange(channels) % 3
         layer.running_mean.copy_(torch.tensor([3.0, -1.0, 1.0])[third])
         layer.running_std.copy_(torch.tensor([0.5, 20.0, 3.0])[third])
-        if affine:
-            layer.weight.uniform_(0.5, 1.5)
-            layer.bias.uniform_(-1.0, 1.0)
-    x = _input((4, channels, 3, 2), dtype)
-    gy = _input(x.shape, dtype, 1)
-    if cl:
-        x, gy = (t.contiguous(memory_format=torch.channels_last) for t in (x, gy))
-    ours, ref, launched = _both(layer, x, gy)
+    ours, ref, launched = _both(_affine(layer), *_batch(channels, dtype, cl))
     # limits, step and weight gradient (if any) per step
     assert launched == 2 * (3 if affine else 2)
     # the kernels compute in float64 and round once; the ops round at each step
@@ -141,15 +151,7 @@ def test_lp_batch_norm_with_kernels_equals_torch_ops(
     the per-channel forward and backward steps each one kernel."""
     make = nl.L1BatchNorm if p == "1" else nl.LinfBatchNorm
     layer = make(channels, affine=affine).to(dtype)
-    if affine:
-        with torch.no_grad():
-            layer.weight.uniform_(0.5, 1.5)
-            layer.bias.uniform_(-1.0, 1.0)
-    x = _input((4, channels, 3, 2), dtype)
-    gy = _input(x.shape, dtype, 1)
-    if cl:
-        x, gy = (t.contiguous(memory_format=torch.channels_last) for t in (x, gy))
-    ours, ref, launched = _both(layer, x, gy)
+    ours, ref, launched = _both(_affine(layer), *_batch(channels, dtype, cl))
     assert launched == 2 * 2
     tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-12, "atol": 1e-12}
     for a, b in zip(ours, ref, strict=True):

@@ -39,6 +39,16 @@ def _join(hi, lo):
 
 
 @triton.jit
+def _move_towards(ptr, offs, current, target, w, ok, updated):
+    """A running statistic's update: ``lerp(current, target, w)`` stored at ``ptr + offs`` for
+    the channels below ``updated`` (all, or none when ``ok`` is 0: then the target is replaced by
+    the current value, so that no inf - inf is computed, which numpy, in the interpreter, would
+    report)."""
+    new = _lerp(current, tl.where(ok == 1, target, current), w)
+    tl.store(ptr + offs, new, mask=offs < updated)
+
+
+@triton.jit
 def guarded_copy(
     check_a,
     n_check_a,
@@ -135,12 +145,8 @@ def renorm_step(
         tl.store(shift_ptr + offs, shift, mask=m)
         tl.store(r_ptr + offs, r, mask=m)
         tl.store(d_ptr + offs, d, mask=m)
-        # (the targets replaced where nothing is stored: no inf - inf computed, which numpy,
-        # in the interpreter, would report)
-        new_mean = _lerp(running_mean, tl.where(ok == 1, mean, running_mean), w)
-        new_std = _lerp(running_std, tl.where(ok == 1, std, running_std), w)
-        tl.store(running_mean_ptr + offs, new_mean, mask=offs < updated)
-        tl.store(running_std_ptr + offs, new_std, mask=offs < updated)
+        _move_towards(running_mean_ptr, offs, running_mean, mean, w, ok, updated)
+        _move_towards(running_std_ptr, offs, running_std, std, w, ok, updated)
 
 
 @triton.jit
@@ -228,10 +234,8 @@ def lp_forward(
             mean = tl.load(mean_ptr + offs, mask=m, other=0.0).to(tl.float64)
             running_mean = tl.load(running_mean_ptr + offs, mask=m, other=0.0).to(tl.float64)
             running_scale = tl.load(running_scale_ptr + offs, mask=m, other=0.0).to(tl.float64)
-            new_mean = _lerp(running_mean, tl.where(ok == 1, mean, running_mean), w)
-            new_scale = _lerp(running_scale, tl.where(ok == 1, scale, running_scale), w)
-            tl.store(running_mean_ptr + offs, new_mean, mask=offs < updated)
-            tl.store(running_scale_ptr + offs, new_scale, mask=offs < updated)
+            _move_towards(running_mean_ptr, offs, running_mean, mean, w, ok, updated)
+            _move_towards(running_scale_ptr, offs, running_scale, scale, w, ok, updated)
 
 
 @triton.jit
