@@ -249,9 +249,10 @@ def test_renorm_limits_kernel_equals_schedule(step: int, ramp: tuple[int, int, i
     torch.testing.assert_close(fused, expected, rtol=1e-15, atol=1e-15)
 
 
-def test_nonfinite_batch_keeps_running_statistics_with_kernels() -> None:
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_nonfinite_batch_keeps_running_statistics_with_kernels(value: str) -> None:
     x = _input((4, 3, 2, 2), torch.float32)
-    x[1, 2, 0, 0] = float("nan")
+    x[1, 2, 0, 0] = float(value)
     layers = (
         nl.BatchNorm2d(3),
         nl.BatchRenorm2d(3, warmup_steps=0),
@@ -266,7 +267,7 @@ def test_nonfinite_batch_keeps_running_statistics_with_kernels() -> None:
             warnings.simplefilter("error")  # no warning on the device routes: no host sync
             y = layer(x)
         assert sum(_triton.LAUNCHES.values()) > launched
-        assert y[1, 2].isnan().all()  # (ghost: in the NaN's virtual batch only)
+        assert not y[1, 2].isfinite().any()  # (ghost: in the NaN's virtual batch only)
         assert y[:, :2].isfinite().all()
         for kept, now in zip(before, list(layer.buffers())[:2], strict=True):
             assert torch.equal(kept, now), type(layer).__name__
@@ -336,6 +337,156 @@ def test_a_kernel_that_fails_to_compile_warns_once_and_falls_back(
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: nl.BatchRenorm2d(3, warmup_steps=0),
+        lambda: nl.GhostBatchNorm(3, virtual_batch_size=4),
+        lambda: nl.L1BatchNorm(3),
+    ],
+    ids=["renorm", "ghost", "l1"],
+)
+@pytest.mark.parametrize("kernels", [True, False], ids=["kernels", "torch-ops"])
+def test_kernels_move_version_counters_as_the_ops_do(make: object, kernels: bool) -> None:
+    """A graph that saved the running statistics (an eval forward), then a training step that
+    updates them: backward through the old graph fails on both routes, as torch.nn's does,
+    instead of using the new values silently."""
+    layer = make()  # type: ignore[operator]
+    x = _input((8, 3, 4, 4), torch.float32)
+    with _triton.interpreted(kernels):
+        versions = [b._version for b in layer.buffers()]
+        y_eval = layer.eval()(x)
+        layer.train()(x * 3 + 5)
+        moved = [b._version for b in layer.buffers()]
+    assert moved[:2] != versions[:2]
+    if isinstance(layer, nl.L1BatchNorm):  # its eval output keeps no running statistic
+        y_eval.sum().backward()
+    else:
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            y_eval.sum().backward()
+
+
+@pytest.mark.parametrize(
+    "limits",
+    [(1.5, 0.5), (1.5, "tensor"), ("tensor", 0.5), ("tensor", "tensor")],
+    ids=["floats", "d-tensor", "r-tensor", "tensors"],
+)
+def test_renorm_limits_given_as_numbers_or_tensors(limits: tuple[object, object]) -> None:
+    """The functional route with either limit a number or a 0-dim tensor: the kernel reads both
+    one way (two numbers or two tensors) and leaves mixed pairs to the torch ops."""
+    from normlab.functional.batch_variants import batch_renorm_unchecked
+
+    given = [
+        torch.tensor(v, dtype=torch.float64) if t == "tensor" else t
+        for t, v in zip(limits, (1.5, 0.5), strict=True)
+    ]
+    x = _input((8, 4, 3, 3), torch.float32)
+    results = []
+    for kernels in (True, False):
+        rm, rs = torch.tensor([3.0, -1.0, 1.0, 0.0]), torch.tensor([0.5, 20.0, 3.0, 1.0])
+        launched = _triton.LAUNCHES["renorm_step"]
+        with _triton.interpreted(kernels):
+            y = batch_renorm_unchecked(
+                x, rm, rs, torch.ones(4), torch.zeros(4), True, 0.1, 1e-5, *given, "t"
+            )
+        mixed = isinstance(given[0], torch.Tensor) != isinstance(given[1], torch.Tensor)
+        assert _triton.LAUNCHES["renorm_step"] - launched == (1 if kernels and not mixed else 0)
+        results.append((y, rm, rs))
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_renorm_kernel_keeps_nan_as_torch_clamp_does() -> None:
+    """``r`` and ``d`` of a NaN mean, and of a zero running std with the mean on it (0 / 0):
+    NaN, as ``torch.clamp`` gives (Triton's min and max would drop it)."""
+    mean, var = torch.tensor([0.5, float("nan")]), torch.tensor([1.0, 1.0])
+    rm, rs = torch.tensor([0.5, 0.0]), torch.tensor([0.0, 1.0])
+    limits = (torch.tensor(3.0, dtype=torch.float64), torch.tensor(5.0, dtype=torch.float64))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the interpreter's numpy: 0 / 0
+        fused = _triton.renorm_step(
+            None, None, (mean, var, rm.clone(), rs.clone()), limits, 0.1, 1e-5
+        )
+    assert fused is not None
+    d = ((mean - rm) / rs).clamp(-limits[1], limits[1])
+    assert fused[1].isnan().tolist() == d.isnan().tolist() == [True, True]
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace` is deprecated:DeprecationWarning")
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace_method` is deprecated:DeprecationWarning")
+def test_no_kernel_runs_under_transforms_and_tracing() -> None:
+    """torch.compile (inductor fuses the torch ops), torch.func transforms, forward AD and jit
+    tracing take the torch ops; TorchScript and torch.fx compile weight standardization's."""
+    import torch.autograd.forward_ad as fwAD
+
+    w = _input((4, 3, 3, 3), torch.float32)
+    layer = nl.BatchRenorm2d(3, warmup_steps=0)
+    x = _input((4, 3, 2, 2), torch.float32)
+    launched = sum(_triton.LAUNCHES.values())
+    torch.func.grad(lambda w: standardized_weight(w, 1e-5).square().sum())(w)
+    with fwAD.dual_level():
+        standardized_weight(fwAD.make_dual(w, torch.ones_like(w)), 1e-5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        torch.jit.trace(layer, (x,), check_trace=False)
+    ws = nl.WeightStandardization()
+    for converted in (torch.jit.script(ws), torch.fx.symbolic_trace(ws)):
+        torch.testing.assert_close(converted(w), standardized_weight(w, 1e-5), rtol=1e-5, atol=1e-6)
+    launched_eager = sum(_triton.LAUNCHES.values()) - launched
+    assert launched_eager == 2  # the two eager references just above, forward only
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, fullgraph=True, dynamic=False)
+    compiled(x.requires_grad_()).sum().backward()
+    assert sum(_triton.LAUNCHES.values()) - launched == launched_eager
+
+
+def test_launch_refuses_while_compiling(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A custom backward traced by compiled autograd: no kernel, no warning, nothing marked
+    broken (the caller's torch ops run)."""
+    monkeypatch.setattr(_triton, "_BROKEN", set())
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    r, d, out = torch.ones(3), torch.ones(3), torch.empty(3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not _triton._launch("renorm_weight_grad", r.device, r, r, r, d, out, 3)
+    assert not _triton._BROKEN
+
+
+@pytest.mark.parametrize("kernel", ["renorm_weight_grad", "standardize_rows_backward"])
+def test_a_backward_kernel_that_fails_falls_back(
+    monkeypatch: pytest.MonkeyPatch, kernel: str
+) -> None:
+    from normlab.functional import _triton_kernels
+
+    class Broken:
+        def __getitem__(self, grid: object) -> object:
+            def launch(*args: object, **kwargs: object) -> None:
+                raise RuntimeError("out of resources")
+
+            return launch
+
+    monkeypatch.setattr(_triton_kernels, kernel, Broken())
+    monkeypatch.setattr(_triton, "_BROKEN", set())
+    if kernel == "renorm_weight_grad":
+        layer: torch.nn.Module = _affine(nl.BatchRenorm2d(3, warmup_steps=0))
+        x, gy = _batch(3, torch.float32, False)
+    else:
+        layer = torch.nn.Conv2d(3, 4, 3, padding=1)
+        torch.nn.utils.parametrize.register_parametrization(
+            layer, "weight", nl.WeightStandardization()
+        )
+        x, gy = _input((2, 3, 5, 5), torch.float32), _input((2, 4, 5, 5), torch.float32, 1)
+    twin = copy.deepcopy(layer)
+    with pytest.warns(RuntimeWarning, match=f"Triton kernel {kernel} failed"):
+        ours = _run(layer, x, gy)
+    with _triton.interpreted(False):
+        ref = _run(twin, x, gy)
+    for a, b in zip(ours, ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
 def test_switched_off_by_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("NORMLAB_TRITON", "0")
     _triton.available.cache_clear()
@@ -349,65 +500,67 @@ def test_switched_off_by_the_environment(monkeypatch: pytest.MonkeyPatch) -> Non
 
 _COMPILE = textwrap.dedent(
     """
+    import itertools
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from normlab.functional import _triton_kernels as K
 
-    def sig(kernel, pointers, ints=(), floats=(), constexprs=None):
-        types = {name: pointers for name in kernel.arg_names}
-        types.update({name: "i32" for name in ints})
-        types.update({name: "fp32" for name in floats})
-        types.update({name: "constexpr" for name in constexprs})
-        return types
+    INTS = {"n", "k", "count", "groups", "size", "last_size", "n_check_a", "n_check_b"}
+    FLOAT64 = {  # pointers to float64 (or int64) data, by kernel
+        "renorm_step": {"r_max_ptr": "*fp64", "d_max_ptr": "*fp64"},
+        "renorm_limits": {"schedule_ptr": "*fp64", "count_ptr": "*i64", "out_ptr": "*fp64"},
+        "lp_forward": {"momentum_ptr": "*fp64"},
+        "ghost_running_update": {"momentum_ptr": "*fp64"},
+        "standardize_rows": {"mean_ptr": "*fp64", "rstd_ptr": "*fp64"},
+        "standardize_rows_backward": {"mean_ptr": "*fp64", "rstd_ptr": "*fp64"},
+    }
+    KERNELS = [
+        "guarded_copy", "renorm_step", "renorm_weight_grad", "renorm_limits", "lp_forward",
+        "lp_backward", "ghost_running_update", "standardize_rows", "standardize_rows_backward",
+    ]
 
-    for arch in (80, 90):
-        for fp in ("fp32", "fp64"):
-            p = "*" + fp
-            cases = [
-                (K.guarded_copy, sig(K.guarded_copy, p, ("n_check_a", "n_check_b", "n"), (),
-                    {"WHEN_FINITE": False, "CHECK_B": True, "BLOCK": 1024})),
-                (K.renorm_step, sig(K.renorm_step, p, ("n",),
-                    ("r_max_hi", "r_max_lo", "d_max_hi", "d_max_lo", "momentum_hi",
-                     "momentum_lo", "eps_hi", "eps_lo"),
-                    {"HAS_WEIGHT": True, "HAS_BIAS": True, "LIMIT_TENSORS": True, "BLOCK": 1024})),
-                (K.renorm_weight_grad, sig(K.renorm_weight_grad, p, ("n",), (), {"BLOCK": 1024})),
-                (K.renorm_limits, {"schedule_ptr": "*fp64", "count_ptr": "*i64",
-                    "out_ptr": "*fp64", "BLOCK": "constexpr"}),
-                (K.lp_forward, {**sig(K.lp_forward, p, ("n", "count"),
-                    ("constant_hi", "constant_lo", "eps_hi", "eps_lo", "momentum_hi",
-                     "momentum_lo"),
-                    {"HAS_WEIGHT": True, "RUNNING": True, "MOMENTUM_TENSOR": True,
-                     "BLOCK": 1024}), "momentum_ptr": "*fp64"}),
-                (K.lp_backward, sig(K.lp_backward, p, ("n", "count"), ("factor_hi", "factor_lo"),
-                    {"HAS_WEIGHT": True, "BLOCK": 1024})),
-                (K.standardize_rows, {**sig(K.standardize_rows, p, ("k",),
-                    ("eps_hi", "eps_lo"), {"BLOCK": 1024}), "mean_ptr": "*fp64",
-                    "rstd_ptr": "*fp64"}),
-                (K.standardize_rows_backward, {**sig(K.standardize_rows_backward, p, ("k",), (),
-                    {"BLOCK": 1024}), "mean_ptr": "*fp64", "rstd_ptr": "*fp64"}),
-                (K.ghost_running_update, {**sig(K.ghost_running_update, p,
-                    ("n", "groups", "size", "last_size"),
-                    ("eps_hi", "eps_lo", "momentum_hi", "momentum_lo", "bessel_hi", "bessel_lo"),
-                    {"MOMENTUM_TENSOR": True, "BLOCK": 1024}), "momentum_ptr": "*fp64"}),
-            ]
-            for kernel, types in cases:
-                constants = {"WHEN_FINITE": False, "CHECK_B": True, "BLOCK": 1024,
-                             "HAS_WEIGHT": True, "HAS_BIAS": True, "LIMIT_TENSORS": True,
-                             "RUNNING": True, "MOMENTUM_TENSOR": True}
-                constexprs = {(kernel.arg_names.index(k),): constants[k]
-                              for k, v in types.items() if v == "constexpr"}
-                src = ASTSource(fn=kernel, signature=types, constexprs=constexprs)
-                compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32))
-                assert "cubin" in compiled.asm, kernel
-    print("compiled")
+    def compile(name, data, arch, flags, ones):
+        kernel = getattr(K, name)
+        types, constants = {}, {"BLOCK": 1024, **flags}
+        for arg in kernel.arg_names:
+            if arg in constants:
+                types[arg] = "constexpr"
+            elif arg in INTS:
+                types[arg] = "constexpr" if ones else "i32"  # triton specializes ints equal to 1
+                constants.update({arg: 1} if ones else {})
+            elif arg.endswith(("_hi", "_lo")):
+                types[arg] = "fp32"
+            else:
+                types[arg] = FLOAT64.get(name, {}).get(arg, data)
+        constexprs = {(kernel.arg_names.index(k),): v for k, v in constants.items()}
+        src = ASTSource(fn=kernel, signature=types, constexprs=constexprs)
+        compiled = triton.compile(
+            src, target=GPUTarget("cuda", arch, 32), options={"enable_fp_fusion": False}
+        )
+        assert "cubin" in compiled.asm, (name, flags)
+
+    done = 0
+    for name in KERNELS:
+        switches = [a for a in getattr(K, name).arg_names if a.isupper() and a != "BLOCK"]
+        for values in itertools.product([True, False], repeat=len(switches)):
+            compile(name, "*fp32", 90, dict(zip(switches, values)), ones=False)
+            done += 1
+        every = dict.fromkeys(switches, True)
+        compile(name, "*bf16", 90, every, ones=True)
+        compile(name, "*fp64", 80, every, ones=False)
+        done += 2
+    print("compiled", done)
     """
 )
 
 
 def test_kernels_compile_for_nvidia_gpus() -> None:
-    """Triton compiles each kernel to a cubin for sm_80 and sm_90 without a GPU (its own LLVM
-    and ptxas), which the interpreter does not: loop-carried types, scalar arguments."""
+    """Triton compiles each kernel to a cubin without a GPU (its own LLVM and ptxas), which the
+    interpreter does not: loop-carried types, scalar arguments. Every combination of each
+    kernel's switches for sm_90 (float32 data), then all switches on with bfloat16 data and the
+    integer arguments equal to 1 (which triton specializes: L-inf's count always is), and for
+    sm_80 with float64 data."""
     env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "0"
     done = subprocess.run(

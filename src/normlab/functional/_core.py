@@ -525,6 +525,7 @@ def store_if_finite_(
                     when_finite=True,
                 )
             ):  # one kernel, not three or four
+                _triton.moved(updates[0][0], updates[1][0])
                 return
             ok = all_finite(*stats, nonnegative=nonnegative)
             for buffer, new in updates:  # one kernel per buffer

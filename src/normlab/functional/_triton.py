@@ -111,6 +111,8 @@ def _launch(
     """Run kernel ``name`` on ``device`` (one program unless ``grid`` says); ``False`` (the
     caller runs its torch ops) if this kernel failed to compile for these argument types on this
     device type before, or does now (then a warning, once)."""
+    if torch.compiler.is_compiling():  # (a custom backward under compiled autograd): torch ops
+        return False
     from normlab.functional import _triton_kernels
 
     kernel = getattr(_triton_kernels, name)
@@ -120,7 +122,6 @@ def _launch(
         return False
     if device.type != "cpu":  # no fused multiply-adds: the interpreter's arithmetic (numpy's)
         meta["enable_fp_fusion"] = False
-    LAUNCHES[name] += 1
     try:
         if device.type == "cuda" and device.index != torch.cuda.current_device():
             with torch.cuda.device(device):  # triton launches on the current device
@@ -132,12 +133,14 @@ def _launch(
         warnings.warn(
             f"normlab: the Triton kernel {name} failed on {device.type} "
             f"({type(error).__name__}: {error}); normlab uses torch ops there instead (slower on "
-            "small tensors, same results). Set NORMLAB_TRITON=0 to skip the kernels, and "
+            "small tensors; results equal up to rounding). Set NORMLAB_TRITON=0 to skip the "
+            "kernels, and "
             "report the error with your torch and triton versions.",
             RuntimeWarning,
             stacklevel=3,
         )
         return False
+    LAUNCHES[name] += 1
     return True
 
 
@@ -155,6 +158,13 @@ def _to_float32(value: float) -> float:
     return float(struct.unpack("f", struct.pack("f", value))[0])
 
 
+def moved(*buffers: Tensor) -> None:
+    """Move the version counters of ``buffers`` after a kernel wrote them, as the torch ops it
+    replaces would: a graph that saved them then refuses to backpropagate through their old
+    values instead of using the new ones silently."""
+    torch.autograd.graph.increment_version(buffers)
+
+
 def guarded_copy_(
     pairs: tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]],
     checks: tuple[Tensor, ...],
@@ -163,10 +173,13 @@ def guarded_copy_(
     """In one kernel: ``dst.copy_(src)`` for both ``(dst, src)`` pairs (contiguous, ``C`` values
     each) if every value of the 1-D ``checks`` (one or two tensors) is finite (``when_finite``),
     or if one is not (``not when_finite``). ``False`` if it did not run (the caller's torch ops
-    then do the same)."""
+    then do the same). The destinations' version counters do not move (as through ``.data``):
+    callers that write buffers autograd may have saved move them (:func:`moved`)."""
     (dst_a, src_a), (dst_b, src_b) = pairs
     tensors = (dst_a, src_a, dst_b, src_b, *checks)
-    if len(checks) not in (1, 2) or not all(t.is_contiguous() for t in tensors):
+    if len(checks) not in (1, 2) or not usable(*tensors):
+        return False
+    if not all(t.is_contiguous() for t in tensors):
         return False
     n = dst_a.numel()
     if any(t.numel() != n for t in (src_a, dst_b, src_b)):
@@ -237,8 +250,11 @@ class RenormStep(torch.autograd.Function):
         )
         if not ran:
             raise _NotRun
+        moved(running_mean, running_std)
         ctx.save_for_backward(r, d)
         ctx.has_weight = weight is not None
+        if weight is None:  # scale = r: no weight gradient for torch's kernel to reduce
+            ctx.mark_non_differentiable(scale)
         return scale, shift
 
     @staticmethod
@@ -289,6 +305,8 @@ def renorm_step(
     if not usable(*tensors) or not all(t.is_contiguous() for t in tensors):
         return None
     if torch.autograd.forward_ad._current_level >= 0:  # no jvp rule for the kernel
+        return None
+    if isinstance(limits[0], Tensor) != isinstance(limits[1], Tensor):  # both read one way
         return None
     try:
         out: tuple[Tensor, Tensor] = RenormStep.apply(  # type: ignore[no-untyped-call]
@@ -353,7 +371,11 @@ def lp_forward(
         RUNNING=running is not None,
         MOMENTUM_TENSOR=factor is not None,
     )
-    return (scale, denom, a) if ran else None
+    if not ran:
+        return None
+    if buffers:
+        moved(*buffers)
+    return scale, denom, a
 
 
 def lp_backward(
@@ -411,7 +433,7 @@ def ghost_running_update_(
         return False
     stats = torch.cat([t.reshape(-1) for t in (*means, *invstds)])
     bessel = count / (count - 1) if count > 1 else 1.0
-    return _launch(
+    ran = _launch(
         "ghost_running_update",
         running_mean.device,
         stats,
@@ -427,6 +449,9 @@ def ghost_running_update_(
         *_halves(bessel),
         MOMENTUM_TENSOR=factor is not None,
     )
+    if ran:
+        moved(running_mean, running_var)
+    return ran
 
 
 class StandardizeRows(torch.autograd.Function):

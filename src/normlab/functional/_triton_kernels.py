@@ -39,6 +39,13 @@ def _join(hi, lo):
 
 
 @triton.jit
+def _clamp(v, low, high):
+    """torch.clamp: ``v`` into ``[low, high]``, NaN kept (Triton's min/max would drop it)."""
+    v = tl.maximum(v, low, propagate_nan=tl.PropagateNan.ALL)
+    return tl.minimum(v, high, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
 def _move_towards(ptr, offs, current, target, w, ok, updated):
     """A running statistic's update: ``lerp(current, target, w)`` stored at ``ptr + offs`` for
     the channels below ``updated`` (all, or none when ``ok`` is 0: then the target is replaced by
@@ -131,8 +138,8 @@ def renorm_step(
         running_mean = tl.load(running_mean_ptr + offs, mask=m, other=0.0).to(tl.float64)
         running_std = tl.load(running_std_ptr + offs, mask=m, other=1.0).to(tl.float64)
         std = tl.sqrt(var + eps)
-        r = tl.minimum(tl.maximum(std / running_std, 1.0 / r_max), r_max)
-        d = tl.minimum(tl.maximum((mean - running_mean) / running_std, -d_max), d_max)
+        r = _clamp(std / running_std, 1.0 / r_max, r_max)
+        d = _clamp((mean - running_mean) / running_std, -d_max, d_max)
         scale = r
         shift = d
         if HAS_WEIGHT:
@@ -349,7 +356,7 @@ def _pooled(stats_ptr, offs, m, n, groups, size, last_size, total, eps, BLOCK: t
         weight = tl.where(g == groups - 1, last_size, size).to(tl.float64) / total
         mean_g = _finite_or_nan(tl.load(stats_ptr + g * n + offs, mask=m, other=0.0))
         invstd = tl.load(stats_ptr + (groups + g) * n + offs, mask=m, other=1.0).to(tl.float64)
-        var_g = tl.maximum(1.0 / (invstd * invstd) - eps, 0.0)
+        var_g = tl.maximum(1.0 / (invstd * invstd) - eps, 0.0, propagate_nan=tl.PropagateNan.ALL)
         var += weight * (var_g + (mean_g - mean) * (mean_g - mean))
     return mean, var
 

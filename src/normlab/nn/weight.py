@@ -6,10 +6,12 @@ its data-dependent initialisation, :func:`normlab.surgery.init_weight_norm_`.)
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from normlab._checks import check_eps
-from normlab.functional.normalization import standardized_weight
+from normlab.functional.normalization import standardized_weight, standardized_weight_ops
+from normlab.nn._base import is_traced
 
 __all__ = ["WeightStandardization"]
 
@@ -35,7 +37,12 @@ class WeightStandardization(nn.Module):
         self.eps = check_eps(eps, owner=type(self).__name__)
 
     def forward(self, weight: Tensor) -> Tensor:
-        return standardized_weight(weight, self.eps)
+        # TorchScript skips this block unread (it could not compile the kernel's route)
+        if not torch.jit.is_scripting():  # type: ignore[attr-defined]
+            if not is_traced(weight):
+                return standardized_weight(weight, self.eps)
+            return standardized_weight_ops(weight, self.eps)  # torch.fx, jit.trace
+        return standardized_weight_ops(weight, self.eps)
 
     def extra_repr(self) -> str:
         return f"eps={self.eps}"
