@@ -116,9 +116,7 @@ def _launch(
     from normlab.functional import _triton_kernels
 
     kernel = getattr(_triton_kernels, name)
-    types = tuple(a.dtype if isinstance(a, Tensor) else type(a) for a in args)
-    key: tuple[Any, ...] = (name, device.type, types, tuple(sorted(meta.items())))
-    if key in _BROKEN:
+    if _BROKEN and _key(name, device, args, meta) in _BROKEN:  # (no key to build, usually)
         return False
     if device.type != "cpu":  # no fused multiply-adds: the interpreter's arithmetic (numpy's)
         meta["enable_fp_fusion"] = False
@@ -129,19 +127,26 @@ def _launch(
         else:
             kernel[grid](*args, BLOCK=_BLOCK, **meta)
     except Exception as error:  # a compiler error here: fall back, say so once
-        _BROKEN.add(key)
+        meta.pop("enable_fp_fusion", None)
+        _BROKEN.add(_key(name, device, args, meta))
         warnings.warn(
             f"normlab: the Triton kernel {name} failed on {device.type} "
             f"({type(error).__name__}: {error}); normlab uses torch ops there instead (slower on "
             "small tensors; results equal up to rounding). Set NORMLAB_TRITON=0 to skip the "
-            "kernels, and "
-            "report the error with your torch and triton versions.",
+            "kernels, and report the error with your torch and triton versions.",
             RuntimeWarning,
             stacklevel=3,
         )
         return False
     LAUNCHES[name] += 1
     return True
+
+
+def _key(name: str, device: torch.device, args: tuple[Any, ...], meta: dict[str, Any]) -> Any:
+    """What a kernel's compilation depends on: its name, the device type, the arguments' types
+    and the meta-parameters (``_BROKEN``'s entries)."""
+    types = tuple(a.dtype if isinstance(a, Tensor) else type(a) for a in args)
+    return (name, device.type, types, tuple(sorted(meta.items())))
 
 
 def _halves(value: float) -> tuple[float, float]:
