@@ -517,3 +517,40 @@ def standardize_rows(weight: Tensor, eps: float) -> Tensor | None:
     except _NotRun:
         return None
     return out
+
+
+_LINF_BLOCK = 64  # positions per block of the L-inf search
+_LINF_MAX_K = 64  # k above this: the torch ops (the selection's tile is K_PAD x 64 values)
+
+
+def linf_top_deviations(x: Tensor, mean: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor] | None:
+    """L-inf batch norm's top-k search on a contiguous ``(N, C, *)`` tensor in two kernels (each
+    block's largest ``|x - mean|``; then per channel its ``k`` best blocks and their ``k``
+    largest deviations): ``(values, storage offsets, signs of x - mean)``, each ``(C, k)``, as
+    ``lp_norm._top_deviations``; or ``None`` (the torch ops)."""
+    if x.dim() < 2 or not x.is_contiguous() or not 1 <= k <= _LINF_MAX_K:
+        return None
+    if x.dtype not in (torch.float32, torch.float64) or not usable(x, mean):
+        return None
+    n, c = x.shape[0], x.shape[1]
+    p = x.numel() // (n * c)
+    per_row = -(-p // _LINF_BLOCK)
+    nb = n * per_row
+    if nb < 1 or k > n * p:
+        return None
+    centre = mean.to(x.dtype).contiguous()
+    worst = torch.empty(c, nb, dtype=x.dtype, device=x.device)
+    per_program = _BLOCK // _LINF_BLOCK
+    grid = (c, -(-nb // per_program))
+    if not _launch(
+        "linf_block_worst", x.device, x, centre, worst, c, p, per_row, nb, B=_LINF_BLOCK, grid=grid
+    ):
+        return None
+    top = torch.empty(c, k, dtype=x.dtype, device=x.device)
+    offsets = torch.empty(c, k, dtype=torch.int64, device=x.device)
+    signs = torch.empty(c, k, dtype=x.dtype, device=x.device)
+    k_pad = 1 << max(0, (k - 1).bit_length())
+    args = (x, centre, worst, top, offsets, signs, c, p, per_row, nb, k)
+    if not _launch("linf_select", x.device, *args, K_PAD=k_pad, B=_LINF_BLOCK, grid=(c,)):
+        return None
+    return top, offsets, signs

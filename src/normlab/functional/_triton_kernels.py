@@ -421,3 +421,105 @@ def standardize_rows_backward(w_ptr, grad_ptr, mean_ptr, rstd_ptr, out_ptr, k, B
         g = tl.load(grad_ptr + row * k + offs, mask=m, other=0.0).to(tl.float64)
         h = (tl.load(w_ptr + row * k + offs, mask=m, other=0.0).to(tl.float64) - mean) * rstd
         tl.store(out_ptr + row * k + offs, rstd * (g - mean_g - h * mean_gh), mask=m)
+
+
+@triton.jit
+def linf_block_worst(
+    x_ptr, mean_ptr, worst_ptr, c, p, per_row, nb, B: tl.constexpr, BLOCK: tl.constexpr
+):
+    """L-inf batch norm's top-k search, first step, on a contiguous ``(N, C, P)`` tensor: for each
+    channel (program axis 0) and each block of ``B`` consecutive positions of one sample
+    (``per_row`` blocks per sample, ``nb`` per channel; programs along axis 1 take ``BLOCK //
+    B`` blocks each), the largest ``|x - mean|`` in it, into ``worst`` ``(C, nb)``."""
+    ch = tl.program_id(0).to(tl.int64)
+    blocks = tl.program_id(1).to(tl.int64) * (BLOCK // B) + tl.arange(0, BLOCK // B)
+    j = tl.arange(0, B)
+    sample = blocks // per_row
+    pos = (blocks % per_row) * B
+    address = sample[:, None] * c * p + ch * p + pos[:, None] + j[None, :]
+    m = (blocks[:, None] < nb) & (pos[:, None] + j[None, :] < p)
+    centre = _no_inf(tl.load(mean_ptr + ch))
+    v = tl.load(x_ptr + address, mask=m, other=0.0)
+    deviation = tl.where(m, tl.abs(v - centre), -float("inf"))
+    tl.store(worst_ptr + ch * nb + blocks, tl.max(deviation, axis=1), mask=blocks < nb)
+
+
+@triton.jit
+def linf_select(
+    x_ptr,
+    mean_ptr,
+    worst_ptr,
+    top_ptr,
+    offsets_ptr,
+    signs_ptr,
+    c,
+    p,
+    per_row,
+    nb,
+    k,
+    K_PAD: tl.constexpr,
+    B: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """L-inf batch norm's top-k search, second step, one program per channel: the ``k`` blocks
+    with the largest ``worst`` (every value outside them is exceeded by at least one value in
+    each of them, so the ``k`` largest deviations lie there), then the ``k`` largest ``|x - mean|``
+    among their values: into ``top``, ``offsets`` (storage offsets) and ``signs`` (of ``x -
+    mean``), each ``(C, k)``. Ties go to the lower block and offset."""
+    ch = tl.program_id(0).to(tl.int64)
+    slots = tl.arange(0, K_PAD)
+    chosen = tl.full([K_PAD], -1, tl.int64)
+    last_value = tl.full((), float("inf"), tl.float64)
+    last_index = tl.full((), -1, tl.int64)
+    for t in range(0, k):  # the next block in (worst descending, index ascending) order
+        best_value = tl.full((), -float("inf"), tl.float64)
+        best_index = tl.full((), nb, tl.int64)
+        for start in range(0, nb, BLOCK):
+            idx = start + tl.arange(0, BLOCK).to(tl.int64)
+            w = tl.load(worst_ptr + ch * nb + idx, mask=idx < nb, other=-float("inf"))
+            w = w.to(tl.float64)
+            after = (w < last_value) | ((w == last_value) & (idx > last_index))
+            w = tl.where(after & (idx < nb), w, -float("inf"))
+            top = tl.max(w, axis=0)
+            first = tl.min(tl.where((w == top) & after & (idx < nb), idx, nb), axis=0)
+            better = (top > best_value) | ((top == best_value) & (first < best_index))
+            best_index = tl.where(better, first, best_index)
+            best_value = tl.where(better, top, best_value)
+        found = best_index < nb
+        chosen = tl.where((slots == t) & found, best_index, chosen)
+        last_value = best_value
+        last_index = best_index
+    # the chosen blocks' values: a (K_PAD, B) tile
+    j = tl.arange(0, B)
+    sample = chosen // per_row
+    pos = (chosen % per_row) * B
+    address = sample[:, None] * c * p + ch * p + pos[:, None] + j[None, :]
+    m = (chosen[:, None] >= 0) & (pos[:, None] + j[None, :] < p)
+    centre = _no_inf(tl.load(mean_ptr + ch))
+    v = tl.load(x_ptr + address, mask=m, other=0.0)
+    diff = v - centre
+    deviation = tl.where(m, tl.abs(diff), -float("inf")).to(tl.float64)
+    flat = tl.reshape(deviation, [K_PAD * B])
+    where = tl.reshape(tl.where(m, address, -1), [K_PAD * B])
+    sign = tl.reshape(tl.where(diff > 0, 1.0, tl.where(diff < 0, -1.0, 0.0)), [K_PAD * B])
+    last_value = tl.full((), float("inf"), tl.float64)
+    last_address = tl.full((), -1, tl.int64)
+    for t in range(0, k):  # the k largest deviations, (value descending, address ascending)
+        after = (flat < last_value) | ((flat == last_value) & (where > last_address))
+        candidate = tl.where(after & (where >= 0), flat, -float("inf"))
+        top = tl.max(candidate, axis=0)
+        at = tl.min(tl.where((candidate == top) & after & (where >= 0), where, 2**62), axis=0)
+        s = tl.sum(tl.where(where == at, sign, 0.0), axis=0)
+        tl.store(top_ptr + ch * k + t, top)
+        tl.store(offsets_ptr + ch * k + t, at)
+        tl.store(signs_ptr + ch * k + t, s)
+        last_value = top
+        last_address = at
+
+
+@triton.jit
+def _no_inf(v):
+    """``v`` with its infinities as NaN, in its dtype (a channel whose mean is infinite has no
+    finite deviations either way; NaN spreads where inf - inf would be reported by numpy in the
+    interpreter)."""
+    return tl.where(tl.abs(v) < float("inf"), v, float("nan"))

@@ -623,6 +623,9 @@ def _top_deviations(
     centre = mean.to(x.dtype).view(c, 1)
     if tails is not None:  # the fast extra (channels-last): a few groups per channel read back
         return kernels.tail_deviations(x, centre.view(c), tails, k)
+    fused = _triton.linf_top_deviations(x, mean, k)  # GPUs, contiguous (N, C, *): two kernels
+    if fused is not None:
+        return fused
     channel = torch.arange(c, device=x.device).view(c, 1)
     flat = torch.as_strided(x, (x.numel(),), (1,))  # the storage, in order
     if storage_layout(x) == "first":  # storage (N, C, positions): blocks along the positions
