@@ -536,12 +536,12 @@ def linf_top_deviations(x: Tensor, mean: Tensor, k: int) -> tuple[Tensor, Tensor
     p = x.numel() // (n * c)
     per_row = -(-p // _LINF_BLOCK)
     nb = n * per_row
-    if nb < 1 or k > n * p:
+    if nb < 1 or k > n * p or c > 65535:  # (CUDA's limit on a grid's second axis)
         return None
     centre = mean.to(x.dtype).contiguous()
     worst = torch.empty(c, nb, dtype=x.dtype, device=x.device)
     per_program = _BLOCK // _LINF_BLOCK
-    grid = (c, -(-nb // per_program))
+    grid = (-(-nb // per_program), c)
     if not _launch(
         "linf_block_worst", x.device, x, centre, worst, c, p, per_row, nb, B=_LINF_BLOCK, grid=grid
     ):

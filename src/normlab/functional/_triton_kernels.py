@@ -428,11 +428,12 @@ def linf_block_worst(
     x_ptr, mean_ptr, worst_ptr, c, p, per_row, nb, B: tl.constexpr, BLOCK: tl.constexpr
 ):
     """L-inf batch norm's top-k search, first step, on a contiguous ``(N, C, P)`` tensor: for each
-    channel (program axis 0) and each block of ``B`` consecutive positions of one sample
-    (``per_row`` blocks per sample, ``nb`` per channel; programs along axis 1 take ``BLOCK //
-    B`` blocks each), the largest ``|x - mean|`` in it, into ``worst`` ``(C, nb)``."""
-    ch = tl.program_id(0).to(tl.int64)
-    blocks = tl.program_id(1).to(tl.int64) * (BLOCK // B) + tl.arange(0, BLOCK // B)
+    channel (program axis 1, at most 65535 on CUDA) and each block of ``B`` consecutive
+    positions of one sample (``per_row`` blocks per sample, ``nb`` per channel; programs along
+    axis 0 take ``BLOCK // B`` blocks each), the largest ``|x - mean|`` in it, into ``worst``
+    ``(C, nb)``."""
+    ch = tl.program_id(1).to(tl.int64)
+    blocks = tl.program_id(0).to(tl.int64) * (BLOCK // B) + tl.arange(0, BLOCK // B)
     j = tl.arange(0, B)
     sample = blocks // per_row
     pos = (blocks % per_row) * B
