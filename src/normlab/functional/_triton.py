@@ -3,15 +3,19 @@
 On a GPU every torch op is a kernel launch, and on small and mid-sized activations the launches,
 not the bytes, set a layer's time (docs/benchmarks.md: on the H200 each cost its host ~40 us,
 and batch renorm's training step took 31 ops where torch.nn's batch norm takes 3). The
-per-channel arithmetic between the big passes -- batch renorm's ``r``, ``d`` and folded affine
-map, the running statistics' finiteness guard -- reads and writes a few vectors of ``C`` values:
-here it is one kernel each (``_triton_kernels.py``) instead of ten to twenty ops.
+per-channel arithmetic between the big passes reads and writes a few vectors of ``C`` values:
+here each such step is one kernel (``_triton_kernels.py``) instead of ten to twenty ops -- the
+running statistics' finiteness guard, batch renorm's ``r``, ``d``, folded affine map and limit
+ramp, Lp batch norm's coefficients, ghost batch norm's pooled running update -- and so are
+weight standardization (forward and backward) and L-inf batch norm's top-k search.
 
 Used for CUDA tensors when ``triton`` is importable (it ships with torch's CUDA builds) and not
 switched off with ``NORMLAB_TRITON=0``; never under ``torch.compile`` (inductor fuses the torch
-ops itself), ``torch.func`` transforms or jit tracing. Elsewhere (no triton, other devices) the
-callers run their torch ops. If a kernel fails to compile on a device the first time, a
-``RuntimeWarning`` says so and the torch ops take over for the rest of the process.
+ops itself; compiled autograd included), ``torch.func`` transforms, forward AD or jit tracing.
+Elsewhere (no triton, other devices) the callers run their torch ops. If a kernel fails to
+compile for some argument types, a ``RuntimeWarning`` says so once and the torch ops take over
+for those types. Kernels that write buffers autograd may have saved move their version counters
+(:func:`moved`), as the torch ops would.
 
 Tests run the kernels on the CPU in Triton's interpreter (:func:`interpreted`, inside
 ``accelerator_routes()``, with ``TRITON_INTERPRET=1`` set before triton's import), which needs
