@@ -263,6 +263,27 @@ def test_linf_search_kernels_find_the_top_deviations(
     torch.testing.assert_close((flat[fused[1]] - centre).abs(), fused[0], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_linf_search_kernels_on_nonfinite_channels(value: str) -> None:
+    """A channel with a NaN or an infinity: valid offsets (the backward writes there), NaN
+    values as the torch ops give them; the other channels untouched. The layer's step then
+    matches the torch ops' (gradients NaN in that channel only)."""
+    x = _input((4, 3, 5, 3), torch.float32)
+    x[2, 1, 1, 1] = float(value)
+    mean = x.transpose(0, 1).reshape(3, -1).mean(1)
+    fused = _triton.linf_top_deviations(x, mean, 5)
+    assert fused is not None
+    assert int(fused[1].min()) >= 0
+    assert int(fused[1].max()) < x.numel()
+    assert not fused[0][1].isfinite().any()
+    assert fused[0][[0, 2]].isfinite().all()
+    layer = nl.LinfBatchNorm(3, k=5)
+    ours, ref, launched = _both(layer, x, _input(x.shape, torch.float32, 1), steps=1)
+    assert launched == 4
+    for a, b in zip(ours, ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, equal_nan=True)
+
+
 def test_cumulative_average_factor_is_read_on_the_device() -> None:
     """``momentum=None``: the factor ``1 / (steps + 1)``, a 0-dim tensor on accelerators."""
     layer = nl.L1BatchNorm(4, momentum=None)
@@ -596,6 +617,10 @@ _COMPILE = textwrap.dedent(
         compile(name, "*bf16", 90, every, ones=True)
         compile(name, "*fp64", 80, every, ones=False)
         done += 2
+        if "K_PAD" in getattr(K, name).arg_names:  # the tile's extremes: k = 1 and k = 64
+            for pad in (1, 64):
+                compile(name, "*fp32", 90, {**every, "K_PAD": pad}, ones=False)
+                done += 1
     print("compiled", done)
     """
 )

@@ -441,7 +441,7 @@ def linf_block_worst(
     m = (blocks[:, None] < nb) & (pos[:, None] + j[None, :] < p)
     centre = _no_inf(tl.load(mean_ptr + ch))
     v = tl.load(x_ptr + address, mask=m, other=0.0)
-    deviation = tl.where(m, tl.abs(v - centre), -float("inf"))
+    deviation = _nan_first(tl.where(m, tl.abs(v - centre), -float("inf")))
     tl.store(worst_ptr + ch * nb + blocks, tl.max(deviation, axis=1), mask=blocks < nb)
 
 
@@ -498,11 +498,9 @@ def linf_select(
     m = (chosen[:, None] >= 0) & (pos[:, None] + j[None, :] < p)
     centre = _no_inf(tl.load(mean_ptr + ch))
     v = tl.load(x_ptr + address, mask=m, other=0.0)
-    diff = v - centre
-    deviation = tl.where(m, tl.abs(diff), -float("inf")).to(tl.float64)
+    deviation = _nan_first(tl.where(m, tl.abs(v - centre), -float("inf")).to(tl.float64))
     flat = tl.reshape(deviation, [K_PAD * B])
     where = tl.reshape(tl.where(m, address, -1), [K_PAD * B])
-    sign = tl.reshape(tl.where(diff > 0, 1.0, tl.where(diff < 0, -1.0, 0.0)), [K_PAD * B])
     last_value = tl.full((), float("inf"), tl.float64)
     last_address = tl.full((), -1, tl.int64)
     for t in range(0, k):  # the k largest deviations, (value descending, address ascending)
@@ -510,10 +508,11 @@ def linf_select(
         candidate = tl.where(after & (where >= 0), flat, -float("inf"))
         top = tl.max(candidate, axis=0)
         at = tl.min(tl.where((candidate == top) & after & (where >= 0), where, 2**62), axis=0)
-        s = tl.sum(tl.where(where == at, sign, 0.0), axis=0)
-        tl.store(top_ptr + ch * k + t, top)
+        # the value and its sign read back (NaN stays NaN, as the torch ops return it)
+        diff = tl.load(x_ptr + tl.where(at < 2**62, at, 0)) - centre
+        tl.store(top_ptr + ch * k + t, tl.abs(diff))
         tl.store(offsets_ptr + ch * k + t, at)
-        tl.store(signs_ptr + ch * k + t, s)
+        tl.store(signs_ptr + ch * k + t, tl.where(diff > 0, 1.0, tl.where(diff < 0, -1.0, 0.0)))
         last_value = top
         last_address = at
 
@@ -524,3 +523,11 @@ def _no_inf(v):
     finite deviations either way; NaN spreads where inf - inf would be reported by numpy in the
     interpreter)."""
     return tl.where(tl.abs(v) < float("inf"), v, float("nan"))
+
+
+@triton.jit
+def _nan_first(v):
+    """``v`` with NaN as +inf: a NaN deviation ranks first in the top-k search (as a valid
+    element to select: the torch ops' topk returns NaN first too), where max and comparisons
+    would pass it over."""
+    return tl.where(v != v, float("inf"), v)
