@@ -6,7 +6,10 @@ docs/benchmarks.md: the variants' many small ops cost more than their passes ove
 activation). This script counts the ops each layer dispatches per training forward+backward (and
 per eval forward) inside ``accelerator_routes()`` -- the CPU takes the routes normlab takes on
 accelerators -- against its torch.nn counterpart, with a ``TorchDispatchMode`` that skips views
-and allocations. Counts, not times: the same on any machine, no GPU needed.
+and allocations. Counts, not times: the same on any machine, no GPU needed. normlab's Triton
+kernels (src/normlab/functional/_triton.py) count as one op each (``triton:`` and the kernel's
+name; on the CPU they run in Triton's interpreter when triton is installed); ``--no-triton``
+counts the torch ops that stand in for them where triton is missing.
 
     python benchmarks/launches.py                    # 8x16x4x4, NCHW and channels-last
     python benchmarks/launches.py --shape 8x16x4x4 --verbose --out launches.md
