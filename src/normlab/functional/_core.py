@@ -516,14 +516,10 @@ def store_if_finite_(
     sync and no warning (``nonnegative``: as in :func:`all_finite`)."""
     with torch.no_grad():
         if on_device_only(stats[0]):
-            if (
-                len(updates) == 2
-                and _triton.usable(*stats)
-                and _triton.guarded_copy_(
-                    ((updates[0][0], updates[0][1]), (updates[1][0], updates[1][1])),
-                    tuple(s.detach().reshape(-1) for s in stats),
-                    when_finite=True,
-                )
+            if len(updates) == 2 and _triton.guarded_copy_(
+                (updates[0], updates[1]),
+                tuple(s.detach().reshape(-1) for s in stats),
+                when_finite=True,
             ):  # one kernel, not three or four
                 _triton.moved(updates[0][0], updates[1][0])
                 return

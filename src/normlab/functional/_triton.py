@@ -58,9 +58,10 @@ def available() -> bool:
 
 
 def usable(*tensors: Tensor | None) -> bool:
-    """Whether the kernels may run on these tensors now: all on one CUDA device (or on the CPU
-    inside :func:`interpreted`), eager (not compiling, tracing or under ``torch.func``), and
-    triton :func:`available`."""
+    """Whether the kernels may run on these tensors now (``None`` entries skipped): all
+    contiguous (the kernels index their storage) and on one CUDA device (or on the CPU inside
+    :func:`interpreted`), eager (not compiling, tracing or under ``torch.func``), and triton
+    :func:`available`."""
     if torch.compiler.is_compiling():  # first: nothing below is for dynamo to trace
         return False
     present = [t for t in tensors if t is not None]
@@ -72,7 +73,7 @@ def usable(*tensors: Tensor | None) -> bool:
     if not available() or (device.type == "cpu" and not _interpreter()):
         return False
     return (
-        all(t.device == device for t in present)
+        all(t.device == device and t.is_contiguous() for t in present)
         and not torch.jit.is_tracing()  # type: ignore[attr-defined, no-untyped-call]
         and not torch._C._are_functorch_transforms_active()
     )
@@ -187,8 +188,6 @@ def guarded_copy_(
     (dst_a, src_a), (dst_b, src_b) = pairs
     tensors = (dst_a, src_a, dst_b, src_b, *checks)
     if len(checks) not in (1, 2) or not usable(*tensors):
-        return False
-    if not all(t.is_contiguous() for t in tensors):
         return False
     n = dst_a.numel()
     if any(t.numel() != n for t in (src_a, dst_b, src_b)):
@@ -308,10 +307,7 @@ def renorm_step(
     statistics' update in one kernel (:class:`RenormStep`), or ``None`` where the kernel cannot run
     (the caller's torch ops then do both). ``stats``: the batch's mean and biased variance and
     the running mean and std, contiguous ``(C,)``; ``limits``: ``(r_max, d_max)``."""
-    params = (weight, bias)
-    tensors = [*stats, *(t for t in params if t is not None)]
-    tensors += [t for t in limits if isinstance(t, Tensor)]
-    if not usable(*tensors) or not all(t.is_contiguous() for t in tensors):
+    if not usable(*stats, weight, bias, *(t for t in limits if isinstance(t, Tensor))):
         return None
     if torch.autograd.forward_ad._current_level >= 0:  # no jvp rule for the kernel
         return None
@@ -330,7 +326,7 @@ def renorm_limits(schedule: Tensor, count: Tensor) -> Tensor | None:
     """Batch renorm's ``(r_max, d_max)`` as a ``(2,)`` float64 tensor, from the float64 schedule
     ``(r_max, d_max, warmup, r_end, d_end)`` and the step ``count`` (0-dim), in one kernel (or
     ``None``: the caller's torch ops)."""
-    if not usable(schedule, count) or not schedule.is_contiguous():
+    if not usable(schedule, count):
         return None
     out = torch.empty(2, dtype=torch.float64, device=schedule.device)
     return out if _launch("renorm_limits", schedule.device, schedule, count, out) else None
@@ -353,9 +349,7 @@ def lp_forward(
     buffers = () if running is None else running[:2]
     momentum = 0.0 if running is None else running[2]  # a tensor: a cumulative average's factor
     factor = momentum if isinstance(momentum, Tensor) else None
-    tensors = (mean, dispersion, weight, *buffers, factor)
-    present = [t for t in tensors if t is not None]
-    if not usable(*present) or not all(t.is_contiguous() for t in present):
+    if not usable(mean, dispersion, weight, *buffers, factor):
         return None
     c = mean.numel()
     scale, denom, a = torch.empty(3, c, dtype=mean.dtype, device=mean.device).unbind()
@@ -397,8 +391,7 @@ def lp_backward(
     """Lp batch norm's per-channel backward step in one kernel: ``(alpha, beta, shift,
     grad_weight)`` in ``denom``'s dtype from ``sums = (sum(dy (x - mu)), sum(dy), sum of the
     signs)`` (``_triton_kernels.lp_backward``), or ``None`` (the caller's torch ops)."""
-    tensors = [denom, *sums] + ([] if weight is None else [weight])
-    if not usable(*tensors) or not all(t.is_contiguous() for t in tensors):
+    if not usable(denom, *sums, weight):
         return None
     c = denom.numel()
     out = torch.empty(4, c, dtype=denom.dtype, device=denom.device).unbind()
@@ -434,9 +427,7 @@ def ghost_running_update_(
     caller's torch ops then do it)."""
     factor = momentum if isinstance(momentum, Tensor) else None
     tensors = [*means, *invstds, running_mean, running_var]
-    if not usable(*tensors, factor) or not (
-        running_mean.is_contiguous() and running_var.is_contiguous()
-    ):
+    if not usable(*tensors, factor):
         return False
     if len(means) > 1 and any(s != sizes[0] for s in sizes[:-1]):
         return False
@@ -512,7 +503,7 @@ def standardize_rows(weight: Tensor, eps: float) -> Tensor | None:
     """Weight standardization of a contiguous weight (rows = output units) in one kernel each
     way (:class:`StandardizeRows`), or ``None`` where the kernel cannot run (the caller's torch
     ops then do it)."""
-    if weight.dim() < 2 or weight.numel() == 0 or not weight.is_contiguous():
+    if weight.dim() < 2 or weight.numel() == 0:
         return None
     if not usable(weight) or torch.autograd.forward_ad._current_level >= 0:
         return None
@@ -532,7 +523,7 @@ def linf_top_deviations(x: Tensor, mean: Tensor, k: int) -> tuple[Tensor, Tensor
     block's largest ``|x - mean|``; then per channel its ``k`` best blocks and their ``k``
     largest deviations): ``(values, storage offsets, signs of x - mean)``, each ``(C, k)``, as
     ``lp_norm._top_deviations``; or ``None`` (the torch ops)."""
-    if x.dim() < 2 or not x.is_contiguous() or not 1 <= k <= _LINF_MAX_K:
+    if x.dim() < 2 or not 1 <= k <= _LINF_MAX_K:
         return None
     if x.dtype not in (torch.float32, torch.float64) or not usable(x, mean):
         return None

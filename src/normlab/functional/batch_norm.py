@@ -187,14 +187,12 @@ def batch_norm_unchecked(
     y = _native_batch_norm(input, weight, bias, running_mean, running_var, True, momentum, eps)
     if on_device_only(running_var):  # an accelerator: the choice stays on the device, no sync
         olds = ((running_mean.data, kept[:c]), (running_var.data, kept[c:]))
-        if _triton.usable(running_var) and _triton.guarded_copy_(
-            olds, (running_var.data,), when_finite=False
-        ):  # one kernel, not four
+        if _triton.guarded_copy_(olds, (running_var.data,), when_finite=False):  # one kernel
             return y
         with torch.no_grad():
             ok = all_finite(running_var, nonnegative=True)
-            for buffer, old in ((running_mean, kept[:c]), (running_var, kept[c:])):
-                torch.where(ok, buffer.data, old, out=buffer.data)
+            for buffer, old in olds:  # (buffers through .data)
+                torch.where(ok, buffer, old, out=buffer)
     elif not finite_statistics(running_var, owner=owner):
         running_mean.data.copy_(kept[:c])
         running_var.data.copy_(kept[c:])
