@@ -350,23 +350,17 @@ def _pooled(stats_ptr, offs, m, n, groups, size, last_size, total, eps, BLOCK: t
     mean = tl.zeros([BLOCK], tl.float64)
     for g in range(0, groups):
         weight = tl.where(g == groups - 1, last_size, size).to(tl.float64) / total
-        mean += weight * _finite_or_nan(tl.load(stats_ptr + g * n + offs, mask=m, other=0.0))
+        mean += weight * _no_inf(
+            tl.load(stats_ptr + g * n + offs, mask=m, other=0.0).to(tl.float64)
+        )
     var = tl.zeros([BLOCK], tl.float64)
     for g in range(0, groups):
         weight = tl.where(g == groups - 1, last_size, size).to(tl.float64) / total
-        mean_g = _finite_or_nan(tl.load(stats_ptr + g * n + offs, mask=m, other=0.0))
+        mean_g = _no_inf(tl.load(stats_ptr + g * n + offs, mask=m, other=0.0).to(tl.float64))
         invstd = tl.load(stats_ptr + (groups + g) * n + offs, mask=m, other=1.0).to(tl.float64)
         var_g = tl.maximum(1.0 / (invstd * invstd) - eps, 0.0, propagate_nan=tl.PropagateNan.ALL)
         var += weight * (var_g + (mean_g - mean) * (mean_g - mean))
     return mean, var
-
-
-@triton.jit
-def _finite_or_nan(v):
-    """``v`` in float64, its infinities as NaN (NaN spreads quietly where inf - inf, in the
-    interpreter's numpy, would be reported)."""
-    v = v.to(tl.float64)
-    return tl.where(tl.abs(v) < float("inf"), v, float("nan"))
 
 
 @triton.jit
