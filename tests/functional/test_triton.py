@@ -368,20 +368,26 @@ def test_renorm_kernel_gradients_match_finite_differences() -> None:
     assert torch.autograd.gradgradcheck(f, (x, *params))
 
 
-def test_a_kernel_that_fails_to_compile_warns_once_and_falls_back(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def _break(monkeypatch: pytest.MonkeyPatch, kernel: str, message: str) -> None:
+    """Kernel ``kernel`` fails at every launch with ``message`` (as a compiler error would), and
+    no kernel is yet known broken."""
     from normlab.functional import _triton_kernels
 
     class Broken:
         def __getitem__(self, grid: object) -> object:
             def launch(*args: object, **kwargs: object) -> None:
-                raise RuntimeError("PassManager::run failed")
+                raise RuntimeError(message)
 
             return launch
 
-    monkeypatch.setattr(_triton_kernels, "renorm_step", Broken())
+    monkeypatch.setattr(_triton_kernels, kernel, Broken())
     monkeypatch.setattr(_triton, "_BROKEN", set())
+
+
+def test_a_kernel_that_fails_to_compile_warns_once_and_falls_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _break(monkeypatch, "renorm_step", "PassManager::run failed")
     layer = nl.BatchRenorm2d(3, warmup_steps=0)
     x = _input((4, 3, 2, 2), torch.float32)
     gy = _input(x.shape, torch.float32, 1)
@@ -520,17 +526,7 @@ def test_launch_refuses_while_compiling(monkeypatch: pytest.MonkeyPatch) -> None
 def test_a_backward_kernel_that_fails_falls_back(
     monkeypatch: pytest.MonkeyPatch, kernel: str
 ) -> None:
-    from normlab.functional import _triton_kernels
-
-    class Broken:
-        def __getitem__(self, grid: object) -> object:
-            def launch(*args: object, **kwargs: object) -> None:
-                raise RuntimeError("out of resources")
-
-            return launch
-
-    monkeypatch.setattr(_triton_kernels, kernel, Broken())
-    monkeypatch.setattr(_triton, "_BROKEN", set())
+    _break(monkeypatch, kernel, "out of resources")
     if kernel == "renorm_weight_grad":
         layer: torch.nn.Module = _affine(nl.BatchRenorm2d(3, warmup_steps=0))
         x, gy = _batch(3, torch.float32, False)
