@@ -136,6 +136,9 @@ def standardized_weight(weight: Tensor, eps: float) -> Tensor:
     + eps)`` per output unit ``i`` (the first dim), over the fan-in, biased variance. One Triton
     kernel each way on GPUs (:func:`normlab.functional._triton.standardize_rows`: ~20 torch ops
     fewer per training step), else :func:`standardized_weight_ops`."""
+    traced: object = weight  # (a Proxy is no Tensor to the type checker)
+    if isinstance(traced, torch.fx.Proxy):  # torch.fx tracing: the ops (jit tracing: usable())
+        return standardized_weight_ops(weight, eps)
     fused = _triton.standardize_rows(weight, eps)
     return fused if fused is not None else standardized_weight_ops(weight, eps)
 

@@ -11,7 +11,6 @@ from torch import Tensor, nn
 
 from normlab._checks import check_eps
 from normlab.functional.normalization import standardized_weight, standardized_weight_ops
-from normlab.nn._base import is_traced
 
 __all__ = ["WeightStandardization"]
 
@@ -39,9 +38,7 @@ class WeightStandardization(nn.Module):
     def forward(self, weight: Tensor) -> Tensor:
         # TorchScript skips this block unread (it could not compile the kernel's route)
         if not torch.jit.is_scripting():  # type: ignore[attr-defined]
-            if not is_traced(weight):
-                return standardized_weight(weight, self.eps)
-            return standardized_weight_ops(weight, self.eps)  # torch.fx, jit.trace
+            return standardized_weight(weight, self.eps)
         return standardized_weight_ops(weight, self.eps)
 
     def extra_repr(self) -> str:
