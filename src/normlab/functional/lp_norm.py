@@ -709,20 +709,23 @@ class LinfBatchNormTrain(torch.autograd.Function):
         if torch.is_grad_enabled():  # double backward: differentiate the composite formula
             return (*_composite_grads(ctx, x, weight, grad, "inf"), None, None, None, None, None)
         grad, count, sum_dy_z, sum_dy, _ = _grad_sums(ctx, grad, x, mean)
-        grad_w = sum_dy_z / denom if need_w and weight is not None else None
         grad_b = sum_dy if need_b and ctx.has_bias else None
-        grad_x = None
-        if need_x:
+        grad_x = grad_w = None
+        if need_x:  # the coefficients' step also gives the weight's gradient, S / D
             if _epilogues(x, None):  # one epilogue: alpha, the coefficient per unit sign, shift
                 sums = torch.stack((sum_dy_z, sum_dy, signs.sum(1)))
-                alpha, coef, shift = kernels.lp_grad_coefficients(
+                alpha, coef, shift, grad_w = kernels.lp_grad_coefficients(
                     denom, weight, sums, ctx.constant / ctx.k, count
-                )[:3]
+                )[:4]
             else:
-                alpha, coef, shift, _ = _grad_coefficients(
+                alpha, coef, shift, grad_w = _grad_coefficients(
                     denom, weight, (sum_dy_z, sum_dy, signs.sum(1)), ctx.constant / ctx.k, count
                 )
             grad_x = channel_affine(grad, alpha, shift)
             flat = torch.as_strided(grad_x, (grad_x.numel(),), (1,))
             flat.index_put_((offsets.flatten(),), (coef.view(-1, 1) * signs).flatten(), True)
+        if not need_w or weight is None:
+            grad_w = None
+        elif grad_w is None:
+            grad_w = sum_dy_z / denom
         return (grad_x, grad_w, grad_b, None, None, None, None, None)
