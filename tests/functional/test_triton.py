@@ -556,6 +556,33 @@ def test_switched_off_by_the_environment(monkeypatch: pytest.MonkeyPatch) -> Non
     assert _triton.usable(torch.ones(3))
 
 
+@pytest.mark.parametrize(
+    ("version", "numbers"),
+    [("3.4.0", (3, 4, 0)), ("3.10.1+git1a2b3c", (3, 10, 1)), ("3.5.0rc1", (3, 5, 0)), ("4", (4,))],
+)
+def test_release_numbers_of_a_version(version: str, numbers: tuple[int, ...]) -> None:
+    assert _triton._release(version) == numbers
+
+
+def test_a_triton_older_than_the_checked_ones_leaves_the_torch_ops(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Below 3.4 (unchecked; 3.0's interpreter failed most tests) no kernel runs."""
+    import triton
+
+    monkeypatch.setattr(triton, "__version__", "3.3.1")
+    _triton.available.cache_clear()
+    try:
+        assert not _triton.usable(torch.ones(3))
+        monkeypatch.setattr(triton, "__version__", "3.4.0")
+        _triton.available.cache_clear()
+        assert _triton.usable(torch.ones(3))
+    finally:
+        monkeypatch.undo()
+        _triton.available.cache_clear()
+    assert _triton.usable(torch.ones(3))
+
+
 _COMPILE = textwrap.dedent(
     """
     import itertools

@@ -9,13 +9,13 @@ running statistics' finiteness guard, batch renorm's ``r``, ``d``, folded affine
 ramp, Lp batch norm's coefficients, ghost batch norm's pooled running update -- and so are
 weight standardization (forward and backward) and L-inf batch norm's top-k search.
 
-Used for CUDA tensors when ``triton`` is importable (it ships with torch's CUDA builds) and not
-switched off with ``NORMLAB_TRITON=0``; never under ``torch.compile`` (inductor fuses the torch
-ops itself; compiled autograd included), ``torch.func`` transforms, forward AD or jit tracing.
-Elsewhere (no triton, other devices) the callers run their torch ops. If a kernel fails to
-compile for some argument types, a ``RuntimeWarning`` says so once and the torch ops take over
-for those types. Kernels that write buffers autograd may have saved move their version counters
-(:func:`moved`), as the torch ops would.
+Used for CUDA tensors when ``triton`` 3.4 or newer is importable (torch's CUDA builds bring it:
+3.4 with torch 2.8) and not switched off with ``NORMLAB_TRITON=0``; never under ``torch.compile``
+(inductor fuses the torch ops itself; compiled autograd included), ``torch.func`` transforms,
+forward AD or jit tracing. Elsewhere (no triton, an older one, other devices) the callers run
+their torch ops. If a kernel fails to compile for some argument types, a ``RuntimeWarning`` says
+so once and the torch ops take over for those types. Kernels that write buffers autograd may have
+saved move their version counters (:func:`moved`), as the torch ops would.
 
 Tests run the kernels on the CPU in Triton's interpreter (:func:`interpreted`, inside
 ``accelerator_routes()``, with ``TRITON_INTERPRET=1`` set before triton's import), which needs
@@ -27,6 +27,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import functools
+import itertools
 import math
 import os
 import struct
@@ -45,12 +46,37 @@ _BROKEN: set[tuple[Any, ...]] = set()
 LAUNCHES: collections.Counter[str] = collections.Counter()  # per kernel (benchmarks/launches.py)
 
 
+# The oldest triton the kernels are checked with (tests/functional/test_triton.py in side
+# environments, 2026-12-04): 3.4, 3.5.1, 3.6, 3.7.1, 3.8 and 3.9 compile every kernel for sm_80
+# and sm_90 and pass the interpreter tests (3.4-3.6 with numpy < 2.3: their interpreter calls
+# int() on 1-element arrays, which numpy 2.4 refuses). 3.4 is what torch 2.8's CUDA build
+# (normlab's oldest torch) ships; under 3.0 158 of the 177 interpreter tests failed, and 3.1-3.3
+# are unchecked.
+_OLDEST = (3, 4)
+
+
+def _release(version: str) -> tuple[int, ...]:
+    """``"3.4.0+git1a2b"`` -> ``(3, 4, 0)``: the leading numbers of a version string."""
+    numbers = []
+    for part in version.split("+")[0].split("."):
+        digits = "".join(itertools.takewhile(str.isdigit, part))
+        if not digits:
+            break
+        numbers.append(int(digits))
+    return tuple(numbers)
+
+
 @functools.cache
 def available() -> bool:
-    """Whether ``triton`` is importable and not switched off (``NORMLAB_TRITON=0``)."""
+    """Whether ``triton`` is importable, at least the oldest version the kernels are checked
+    with (3.4; older ones: the torch ops), and not switched off (``NORMLAB_TRITON=0``)."""
     if os.environ.get("NORMLAB_TRITON", "1") == "0":
         return False
     try:
+        import triton
+
+        if _release(triton.__version__) < _OLDEST:
+            return False
         from normlab.functional import _triton_kernels  # noqa: F401
     except Exception:  # ImportError, or a triton that fails at import on this machine
         return False
