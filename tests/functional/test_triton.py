@@ -8,6 +8,7 @@ Triton does without a GPU. On a GPU, tests/test_cuda.py runs the layers through 
 
 from __future__ import annotations
 
+import collections
 import copy
 import subprocess
 import sys
@@ -20,7 +21,7 @@ import torch
 
 import normlab.nn as nl
 from normlab.functional import _triton
-from normlab.functional._core import accelerator_routes
+from normlab.functional._core import accelerator_routes, storage_layout
 from normlab.functional.normalization import standardized_weight
 
 if not (_triton.available() and _triton._interpreter()):
@@ -149,16 +150,16 @@ def test_lp_batch_norm_with_kernels_equals_torch_ops(
 ) -> None:
     """L1 and L-infinity batch norm: outputs, gradients and running statistics over two steps,
     the per-channel forward and backward steps each one kernel."""
-    if p == "inf" and not cl and channels > 1024:
+    if p == "inf" and channels > 1024:
         pytest.skip(
             "the interpreter runs the search's 1100 programs one by one (90 s); the "
-            "per-channel steps' two blocks are covered by the channels-last case"
+            "per-channel steps' two blocks are covered by L1's cases (the same kernels)"
         )
     make = nl.L1BatchNorm if p == "1" else nl.LinfBatchNorm
     layer = make(channels, affine=affine).to(dtype)
     ours, ref, launched = _both(_affine(layer), *_batch(channels, dtype, cl))
-    # forward and backward steps, and L-inf's top-k search on channels-first storage
-    assert launched == 2 * (4 if p == "inf" and not cl else 2)
+    # forward and backward steps, and L-inf's top-k search
+    assert launched == 2 * (4 if p == "inf" else 2)
     tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-12, "atol": 1e-12}
     for a, b in zip(ours, ref, strict=True):
         torch.testing.assert_close(a, b, **tol)
@@ -228,27 +229,58 @@ def test_weight_standardized_convolution_with_kernels_equals_torch_ops() -> None
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
+_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize(
-    ("shape", "k"),
-    [((4, 3, 5, 3), 10), ((3, 2, 10, 10), 1), ((2, 3, 130), 17), ((50, 6), 7), ((1, 2, 64), 64)],
-    ids=["15-positions", "k1", "k17-ragged-blocks", "2d", "k-equals-values"],
+    ("shape", "k", "layout"),
+    [
+        ((4, 3, 5, 3), 10, "first"),
+        ((3, 2, 10, 10), 1, "first"),
+        ((2, 3, 130), 17, "first"),
+        ((50, 6), 7, "last"),
+        ((1, 2, 64), 64, "first"),
+        ((4, 3, 5, 3), 10, "last"),
+        ((3, 40, 10, 10), 1, "last"),
+        ((2, 33, 13, 5), 17, "last"),
+        ((1, 2, 8, 8), 64, "last"),
+        ((7, 5, 3, 3, 2), 9, "last"),
+    ],
+    ids=[
+        "15-positions",
+        "k1",
+        "k17-ragged-blocks",
+        "2d",
+        "k-equals-values",
+        "cl-15-positions",
+        "cl-k1-two-channel-tiles",
+        "cl-k17-ragged-rows",
+        "cl-k-equals-values",
+        "cl-3d",
+    ],
 )
 def test_linf_search_kernels_find_the_top_deviations(
-    dtype: torch.dtype, shape: tuple[int, ...], k: int
+    dtype: torch.dtype, shape: tuple[int, ...], k: int, layout: str
 ) -> None:
     """The two search kernels against the torch ops' search: the same k largest deviations per
-    channel, at the same storage offsets, with the same signs (random data: no ties)."""
+    channel, at the same storage offsets, with the same signs (random data: no ties). On
+    channels-last (and ``(N, C)``) storage blocks of rows, 32 channels per program of the first
+    kernel (40 and 33 channels: a second, partial tile); 130 rows: a ragged last block."""
     from normlab.functional.lp_norm import _top_deviations
 
     x = _input(shape, dtype) * torch.linspace(0.5, 4.0, shape[1], dtype=dtype).view(
         1, -1, *([1] * (len(shape) - 2))
     )
+    if layout == "last" and x.dim() > 2:
+        x = x.contiguous(memory_format=_LAST[x.dim()])
+    assert storage_layout(x) == layout
     mean = x.transpose(0, 1).reshape(shape[1], -1).mean(1)
-    launched = sum(_triton.LAUNCHES.values())
+    before = collections.Counter(_triton.LAUNCHES)
     fused = _triton.linf_top_deviations(x, mean, k)
     assert fused is not None
-    assert sum(_triton.LAUNCHES.values()) - launched == 2
+    first = "linf_row_worst" if layout == "last" else "linf_block_worst"
+    assert _triton.LAUNCHES - before == collections.Counter([first, "linf_select"])
     with _triton.interpreted(False):
         ref = _top_deviations(x, mean, k)
     for got, want in ((fused, ref),):
@@ -258,18 +290,21 @@ def test_linf_search_kernels_find_the_top_deviations(
                 a.gather(1, order_got), b.gather(1, order_want), rtol=0, atol=0
             )
     # the offsets address the values: |x - mean| there is the deviation
-    flat = x.reshape(-1)
+    flat = torch.as_strided(x, (x.numel(),), (1,))
     centre = mean.to(dtype).view(-1, 1)
     torch.testing.assert_close((flat[fused[1]] - centre).abs(), fused[0], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("cl", [False, True], ids=["nchw", "channels-last"])
 @pytest.mark.parametrize("value", ["nan", "inf"])
-def test_linf_search_kernels_on_nonfinite_channels(value: str) -> None:
+def test_linf_search_kernels_on_nonfinite_channels(value: str, cl: bool) -> None:
     """A channel with a NaN or an infinity: valid offsets (the backward writes there), NaN
     values as the torch ops give them; the other channels untouched. The layer's step then
     matches the torch ops' (gradients NaN in that channel only)."""
     x = _input((4, 3, 5, 3), torch.float32)
     x[2, 1, 1, 1] = float(value)
+    if cl:
+        x = x.contiguous(memory_format=torch.channels_last)
     mean = x.transpose(0, 1).reshape(3, -1).mean(1)
     fused = _triton.linf_top_deviations(x, mean, 5)
     assert fused is not None
@@ -593,7 +628,7 @@ _COMPILE = textwrap.dedent(
 
     INTS = {"n", "k", "count", "groups", "size", "last_size", "n_check_a", "n_check_b", "c",
             "p", "per_row", "nb"}
-    SIZES = {"BLOCK": 1024, "B": 64, "K_PAD": 16}
+    SIZES = {"BLOCK": 1024, "B": 64, "K_PAD": 16, "CT": 32}
     FLOAT64 = {  # pointers to float64 (or int64) data, by kernel
         "renorm_step": {"r_max_ptr": "*fp64", "d_max_ptr": "*fp64"},
         "renorm_limits": {"schedule_ptr": "*fp64", "count_ptr": "*i64", "out_ptr": "*fp64"},
@@ -606,7 +641,7 @@ _COMPILE = textwrap.dedent(
     KERNELS = [
         "guarded_copy", "renorm_step", "renorm_weight_grad", "renorm_limits", "lp_forward",
         "lp_backward", "ghost_running_update", "standardize_rows", "standardize_rows_backward",
-        "linf_block_worst", "linf_select",
+        "linf_block_worst", "linf_row_worst", "linf_select",
     ]
 
     def compile(name, data, arch, flags, ones):

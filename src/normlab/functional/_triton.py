@@ -540,38 +540,53 @@ def standardize_rows(weight: Tensor, eps: float) -> Tensor | None:
     return out
 
 
-_LINF_BLOCK = 64  # positions per block of the L-inf search
+_LINF_BLOCK = 64  # positions (channels-last: rows) per block of the L-inf search
+_LINF_CHANNELS = 32  # channels per program of its first step on channels-last storage
 _LINF_MAX_K = 64  # k above this: the torch ops (the selection's tile is K_PAD x 64 values)
 
 
 def linf_top_deviations(x: Tensor, mean: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor] | None:
-    """L-inf batch norm's top-k search on a contiguous ``(N, C, *)`` tensor in two kernels (each
-    block's largest ``|x - mean|``; then per channel its ``k`` best blocks and their ``k``
-    largest deviations): ``(values, storage offsets, signs of x - mean)``, each ``(C, k)``, as
-    ``lp_norm._top_deviations``; or ``None`` (the torch ops)."""
-    if x.dim() < 2 or not 1 <= k <= _LINF_MAX_K:
+    """L-inf batch norm's top-k search in two kernels (each block's largest ``|x - mean|``; then
+    per channel its ``k`` best blocks and their ``k`` largest deviations): ``(values, storage
+    offsets, signs of x - mean)``, each ``(C, k)``, as ``lp_norm._top_deviations``; or ``None``
+    (the torch ops). Contiguous ``(N, C, *)`` input: blocks of positions, one program per
+    channel and run of blocks; channels-last or ``(N, C)`` storage: blocks of rows, one program
+    per block of rows and tile of channels (reads along the contiguous channels)."""
+    from normlab.functional._core import storage_layout  # (_core imports this module)
+
+    layout = storage_layout(x)
+    if x.dim() < 2 or layout is None or not 1 <= k <= _LINF_MAX_K:
         return None
-    if x.dtype not in (torch.float32, torch.float64) or not usable(x, mean):
+    c = x.shape[1]
+    # the kernels index the storage: channels-last as its (rows, C) view
+    data = x.movedim(1, -1).reshape(-1, c) if layout == "last" else x
+    if x.dtype not in (torch.float32, torch.float64) or not usable(data, mean):
         return None
-    n, c = x.shape[0], x.shape[1]
-    p = x.numel() // (n * c)
+    rows = layout == "last"
+    n = 1 if rows else x.shape[0]
+    p = x.numel() // (n * c)  # positions per sample and channel, or rows
     per_row = -(-p // _LINF_BLOCK)
     nb = n * per_row
     if nb < 1 or k > n * p or c > 65535:  # (CUDA's limit on a grid's second axis)
         return None
     centre = mean.to(x.dtype).contiguous()
     worst = torch.empty(c, nb, dtype=x.dtype, device=x.device)
-    per_program = _BLOCK // _LINF_BLOCK
-    grid = (-(-nb // per_program), c)
-    if not _launch(
-        "linf_block_worst", x.device, x, centre, worst, c, p, per_row, nb, B=_LINF_BLOCK, grid=grid
-    ):
-        return None
+    if rows:
+        grid = (nb, -(-c // _LINF_CHANNELS))
+        args: tuple[Any, ...] = (data, centre, worst, c, p, nb)
+        meta = {"B": _LINF_BLOCK, "CT": _LINF_CHANNELS}
+        if not _launch("linf_row_worst", x.device, *args, grid=grid, **meta):
+            return None
+    else:
+        grid = (-(-nb // (_BLOCK // _LINF_BLOCK)), c)
+        args = (data, centre, worst, c, p, per_row, nb)
+        if not _launch("linf_block_worst", x.device, *args, B=_LINF_BLOCK, grid=grid):
+            return None
     top = torch.empty(c, k, dtype=x.dtype, device=x.device)
     offsets = torch.empty(c, k, dtype=torch.int64, device=x.device)
     signs = torch.empty(c, k, dtype=x.dtype, device=x.device)
-    k_pad = 1 << max(0, (k - 1).bit_length())
-    args = (x, centre, worst, top, offsets, signs, c, p, per_row, nb, k)
-    if not _launch("linf_select", x.device, *args, K_PAD=k_pad, B=_LINF_BLOCK, grid=(c,)):
+    meta = {"K_PAD": 1 << max(0, (k - 1).bit_length()), "B": _LINF_BLOCK, "ROWS": rows}
+    args = (data, centre, worst, top, offsets, signs, c, p, per_row, nb, k)
+    if not _launch("linf_select", x.device, *args, grid=(c,), **meta):
         return None
     return top, offsets, signs

@@ -440,6 +440,25 @@ def linf_block_worst(
 
 
 @triton.jit
+def linf_row_worst(
+    x_ptr, mean_ptr, worst_ptr, c, p, nb, B: tl.constexpr, CT: tl.constexpr, BLOCK: tl.constexpr
+):
+    """L-inf batch norm's top-k search, first step, on rows of ``C`` values (channels-last or
+    ``(N, C)`` storage, ``p`` rows): for each block of ``B`` consecutive rows (program axis 0)
+    and each channel of a tile of ``CT`` (axis 1: the reads run along the contiguous channels),
+    the largest ``|x - mean|`` in the block, into ``worst`` ``(C, nb)``. (``BLOCK``: unused,
+    every launch passes it.)"""
+    block = tl.program_id(0).to(tl.int64)
+    chs = tl.program_id(1).to(tl.int64) * CT + tl.arange(0, CT)
+    rows = block * B + tl.arange(0, B)
+    m = (rows[:, None] < p) & (chs[None, :] < c)
+    centre = _no_inf(tl.load(mean_ptr + chs, mask=chs < c, other=0.0))
+    v = tl.load(x_ptr + rows[:, None] * c + chs[None, :], mask=m, other=0.0)
+    deviation = _nan_first(tl.where(m, tl.abs(v - centre[None, :]), -float("inf")))
+    tl.store(worst_ptr + chs * nb + block, tl.max(deviation, axis=0), mask=chs < c)
+
+
+@triton.jit
 def linf_select(
     x_ptr,
     mean_ptr,
@@ -455,12 +474,15 @@ def linf_select(
     K_PAD: tl.constexpr,
     B: tl.constexpr,
     BLOCK: tl.constexpr,
+    ROWS: tl.constexpr,
 ):
     """L-inf batch norm's top-k search, second step, one program per channel: the ``k`` blocks
     with the largest ``worst`` (every value outside them is exceeded by at least one value in
     each of them, so the ``k`` largest deviations lie there), then the ``k`` largest ``|x - mean|``
     among their values: into ``top``, ``offsets`` (storage offsets) and ``signs`` (of ``x -
-    mean``), each ``(C, k)``. Ties go to the lower block and offset."""
+    mean``), each ``(C, k)``. Ties go to the lower block and offset. ``ROWS``: ``x`` is ``p``
+    rows of ``c`` values (:func:`linf_row_worst`'s blocks; one sample, ``per_row = nb``), else
+    ``(N, C, p)`` (:func:`linf_block_worst`'s)."""
     ch = tl.program_id(0).to(tl.int64)
     slots = tl.arange(0, K_PAD)
     chosen = tl.full([K_PAD], -1, tl.int64)
@@ -488,7 +510,10 @@ def linf_select(
     j = tl.arange(0, B)
     sample = chosen // per_row
     pos = (chosen % per_row) * B
-    address = sample[:, None] * c * p + ch * p + pos[:, None] + j[None, :]
+    if ROWS:  # the block's rows, one value of this channel in each
+        address = (pos[:, None] + j[None, :]) * c + ch
+    else:
+        address = sample[:, None] * c * p + ch * p + pos[:, None] + j[None, :]
     m = (chosen[:, None] >= 0) & (pos[:, None] + j[None, :] < p)
     centre = _no_inf(tl.load(mean_ptr + ch))
     v = tl.load(x_ptr + address, mask=m, other=0.0)

@@ -623,7 +623,7 @@ def _top_deviations(
     centre = mean.to(x.dtype).view(c, 1)
     if tails is not None:  # the fast extra (channels-last): a few groups per channel read back
         return kernels.tail_deviations(x, centre.view(c), tails, k)
-    fused = _triton.linf_top_deviations(x, mean, k)  # GPUs, contiguous (N, C, *): two kernels
+    fused = _triton.linf_top_deviations(x, mean, k)  # GPUs: two kernels
     if fused is not None:
         return fused
     channel = torch.arange(c, device=x.device).view(c, 1)
