@@ -150,16 +150,18 @@ def test_lp_batch_norm_with_kernels_equals_torch_ops(
 ) -> None:
     """L1 and L-infinity batch norm: outputs, gradients and running statistics over two steps,
     the per-channel forward and backward steps each one kernel."""
-    if p == "inf" and channels > 1024:
+    if channels > 1024 and (p == "inf" or not cl):
         pytest.skip(
-            "the interpreter runs the search's 1100 programs one by one (90 s); the "
-            "per-channel steps' two blocks are covered by L1's cases (the same kernels)"
+            "the interpreter runs one program per channel (L-inf's search) or per sample and "
+            "channel (L1 on channels-first storage) one by one (36-90 s); the per-channel "
+            "steps' two blocks are covered by L1's channels-last case (the same kernels)"
         )
     make = nl.L1BatchNorm if p == "1" else nl.LinfBatchNorm
     layer = make(channels, affine=affine).to(dtype)
     ours, ref, launched = _both(_affine(layer), *_batch(channels, dtype, cl))
-    # forward and backward steps, and L-inf's top-k search
-    assert launched == 2 * (4 if p == "inf" else 2)
+    # the forward and backward steps; L-inf's top-k search (two kernels); L1's statistics read,
+    # output and input gradient
+    assert launched == 2 * 4 if p == "inf" else 2 * 5
     tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-12, "atol": 1e-12}
     for a, b in zip(ours, ref, strict=True):
         torch.testing.assert_close(a, b, **tol)
@@ -295,6 +297,80 @@ def test_linf_search_kernels_find_the_top_deviations(
     torch.testing.assert_close((flat[fused[1]] - centre).abs(), fused[0], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(
+    ("shape", "layout"),
+    [
+        ((4, 3, 5, 3), "first"),
+        ((2, 3, 1500), "first"),
+        ((50, 6), "last"),
+        ((3, 40, 10, 10), "last"),
+        ((2, 33, 13, 5), "last"),
+        ((7, 5, 3, 3, 2), "last"),
+    ],
+    ids=["nchw", "positions-over-1024", "2d", "cl-two-channel-tiles", "cl-ragged-rows", "cl-3d"],
+)
+@pytest.mark.parametrize("share", [8192, 7], ids=["one-split", "many-splits"])
+def test_l1_kernels_equal_torch_ops(
+    dtype: torch.dtype,
+    shape: tuple[int, ...],
+    layout: str,
+    share: int,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """L1 batch norm's statistics read (``sum |x - mean|`` and the sign sums, split among
+    programs: with a share of 7 values each most channels' values are cut into many ragged
+    pieces) and its element-wise passes (output with and without shift, input gradient)
+    against the torch ops, layout kept."""
+    monkeypatch.setattr(_triton, "_L1_SHARE", share)
+    x = _input(shape, dtype)
+    gy = _input(shape, dtype, 1)
+    if layout == "last" and x.dim() > 2:
+        x, gy = (t.contiguous(memory_format=_LAST[x.dim()]) for t in (x, gy))
+    assert storage_layout(x) == layout
+    c = shape[1]
+    view = [1, c] + [1] * (x.dim() - 2)
+    mean = x.mean([0, *range(2, x.dim())])
+    a, b, k = (_input((c,), dtype, seed) for seed in (2, 3, 4))
+    before = collections.Counter(_triton.LAUNCHES)
+    sums = _triton.l1_sums(x, mean)
+    y = _triton.l1_pass(x, mean, a, b)
+    y0 = _triton.l1_pass(x, mean, a, None)
+    dx = _triton.l1_pass(x, mean, a, b, k, grad=gy)
+    assert _triton.LAUNCHES - before == collections.Counter(["l1_sums"] + ["l1_pass"] * 3)
+    assert sums is not None
+    assert y is not None
+    assert y0 is not None
+    assert dx is not None
+    z = x - mean.view(view)
+    dims = [0, *range(2, x.dim())]
+    tol = {"rtol": 1e-5, "atol": 1e-4} if dtype == torch.float32 else {"rtol": 1e-12, "atol": 1e-10}
+    torch.testing.assert_close(sums[0], z.abs().double().sum(dims), **tol)
+    torch.testing.assert_close(sums[1], z.sign().double().sum(dims), rtol=0, atol=0)
+    a, b, k = (t.view(view) for t in (a, b, k))
+    torch.testing.assert_close(y, z * a + b, **tol)
+    torch.testing.assert_close(y0, z * a, **tol)
+    torch.testing.assert_close(dx, a * gy + b * z.sign() + k, **tol)
+    assert y.stride() == y0.stride() == dx.stride() == x.stride()
+
+
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_l1_kernels_on_nonfinite_channels(value: str) -> None:
+    """A NaN or an infinity in one channel: that channel's deviation sum is not finite (NaN
+    counts no sign), the others are the torch ops'."""
+    x = _input((4, 3, 5, 3), torch.float32)
+    x[2, 1, 1, 1] = float(value)
+    mean = x.mean([0, 2, 3])
+    sums = _triton.l1_sums(x, mean)
+    assert sums is not None
+    assert not sums[0][1].isfinite()
+    z = (x - mean.view(1, -1, 1, 1))[:, [0, 2]]
+    torch.testing.assert_close(
+        sums[0][[0, 2]], z.abs().double().sum([0, 2, 3]), rtol=1e-5, atol=1e-4
+    )
+    torch.testing.assert_close(sums[1][[0, 2]], z.sign().double().sum([0, 2, 3]), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("cl", [False, True], ids=["nchw", "channels-last"])
 @pytest.mark.parametrize("value", ["nan", "inf"])
 def test_linf_search_kernels_on_nonfinite_channels(value: str, cl: bool) -> None:
@@ -324,7 +400,7 @@ def test_cumulative_average_factor_is_read_on_the_device() -> None:
     layer = nl.L1BatchNorm(4, momentum=None)
     x = _input((5, 4, 3), torch.float32)
     ours, ref, launched = _both(layer, x, _input(x.shape, torch.float32, 1), steps=3)
-    assert launched == 3 * 2
+    assert launched == 3 * 5  # statistics read, forward step, output, backward step, gradient
     for a, b in zip(ours, ref, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
@@ -627,8 +703,8 @@ _COMPILE = textwrap.dedent(
     from normlab.functional import _triton_kernels as K
 
     INTS = {"n", "k", "count", "groups", "size", "last_size", "n_check_a", "n_check_b", "c",
-            "p", "per_row", "nb"}
-    SIZES = {"BLOCK": 1024, "B": 64, "K_PAD": 16, "CT": 32}
+            "p", "per_row", "nb", "splits"}
+    SIZES = {"BLOCK": 1024, "B": 64, "K_PAD": 16, "CT": 32, "PB": 256}
     FLOAT64 = {  # pointers to float64 (or int64) data, by kernel
         "renorm_step": {"r_max_ptr": "*fp64", "d_max_ptr": "*fp64"},
         "renorm_limits": {"schedule_ptr": "*fp64", "count_ptr": "*i64", "out_ptr": "*fp64"},
@@ -637,11 +713,12 @@ _COMPILE = textwrap.dedent(
         "standardize_rows": {"mean_ptr": "*fp64", "rstd_ptr": "*fp64"},
         "standardize_rows_backward": {"mean_ptr": "*fp64", "rstd_ptr": "*fp64"},
         "linf_select": {"offsets_ptr": "*i64"},
+        "l1_sums": {"part_ptr": "*fp64"},
     }
     KERNELS = [
         "guarded_copy", "renorm_step", "renorm_weight_grad", "renorm_limits", "lp_forward",
         "lp_backward", "ghost_running_update", "standardize_rows", "standardize_rows_backward",
-        "linf_block_worst", "linf_row_worst", "linf_select",
+        "linf_block_worst", "linf_row_worst", "linf_select", "l1_sums", "l1_pass",
     ]
 
     def compile(name, data, arch, flags, ones):

@@ -7,7 +7,10 @@ per-channel arithmetic between the big passes reads and writes a few vectors of 
 here each such step is one kernel (``_triton_kernels.py``) instead of ten to twenty ops -- the
 running statistics' finiteness guard, batch renorm's ``r``, ``d``, folded affine map and limit
 ramp, Lp batch norm's coefficients, ghost batch norm's pooled running update -- and so are
-weight standardization (forward and backward) and L-inf batch norm's top-k search.
+weight standardization (forward and backward), L-inf batch norm's top-k search, and L1 batch
+norm's passes over the activation (its statistics read, ``sum |x - mu|`` with the sign sums its
+backward needs, and its output and input gradient, each one pass where the torch ops take two to
+five: on a GPU these layers' time at large shapes is their bytes).
 
 Used for CUDA tensors when ``triton`` 3.4 or newer is importable (torch's CUDA builds bring it:
 3.4 with torch 2.8) and not switched off with ``NORMLAB_TRITON=0``; never under ``torch.compile``
@@ -590,3 +593,101 @@ def linf_top_deviations(x: Tensor, mean: Tensor, k: int) -> tuple[Tensor, Tensor
     if not _launch("linf_select", x.device, *args, grid=(c,), **meta):
         return None
     return top, offsets, signs
+
+
+_L1_PROGRAMS = 1024  # programs the L1 statistics read aims at (a few per SM of a large GPU)
+_L1_SHARE = 8192  # values per program below which the read takes fewer programs
+
+
+def _channel_layout(x: Tensor, *like: Tensor | None) -> tuple[Tensor, bool, int, int] | None:
+    """How the L1 kernels read ``x``: ``(storage view, rows, n, p)`` -- channels-last (or
+    ``(N, C)``) storage as ``p`` rows of ``C`` values (``rows``), contiguous ``(N, C, *)`` as
+    ``(n, C, p)`` --, or ``None`` (other strides, other dtypes, or kernels not usable); every
+    tensor in ``like`` (``None`` skipped) must share ``x``'s layout."""
+    from normlab.functional._core import storage_layout  # (_core imports this module)
+
+    layout = storage_layout(x)
+    if x.dim() < 2 or layout is None or x.dtype not in (torch.float32, torch.float64):
+        return None
+    present = [t for t in like if t is not None]
+    if any(t.shape != x.shape or t.stride() != x.stride() for t in present):
+        return None
+    c = x.shape[1]
+    if layout == "last":
+        views = [_storage_view(t, True) for t in (x, *present)]
+        p = x.numel() // c
+        if not usable(*views) or p > 2**31 - 1 - _LINF_BLOCK:  # (the kernels' int32 rows)
+            return None
+        return views[0], True, 1, p
+    n = x.shape[0]
+    p = x.numel() // (n * c)
+    runs = -(-p // min(_BLOCK, _positions(p)))
+    if not usable(x, *present) or runs > 65535 or n * c > 2**31 - 1:  # CUDA's grid limits
+        return None
+    return x, False, n, p
+
+
+def _storage_view(t: Tensor, rows: bool) -> Tensor:
+    """``t`` as the L1 kernels index it: its ``(rows, C)`` view if ``rows``, else itself."""
+    return t.movedim(1, -1).reshape(-1, t.shape[1]) if rows else t
+
+
+def _positions(p: int) -> int:
+    """Positions per program of the L1 kernels on ``(n, C, p)`` storage: a power of two that
+    covers ``p``, at most ``_BLOCK``."""
+    return min(_BLOCK, 1 << max(0, (p - 1).bit_length()))
+
+
+def l1_sums(x: Tensor, mean: Tensor) -> tuple[Tensor, Tensor] | None:
+    """``(sum |x - mean|, sum sign(x - mean))`` per channel (float64) in one read of ``x``
+    (channels-first, channels-last or ``(N, C)`` storage), or ``None`` (the caller's torch
+    ops): L1 batch norm's statistics, with the sign sums its backward needs."""
+    layout = _channel_layout(x)
+    if layout is None or not usable(mean):
+        return None
+    data, rows, n, p = layout
+    c = x.shape[1]
+    count = n * p  # values per channel
+    tiles = -(-c // _LINF_CHANNELS) if rows else c
+    splits = max(1, min(-(-_L1_PROGRAMS // tiles), -(-count // _L1_SHARE), 65535))
+    part = torch.empty(2, splits, c, dtype=torch.float64, device=x.device)
+    meta = {"ROWS": rows, "B": _LINF_BLOCK, "CT": _LINF_CHANNELS, "PB": _positions(p)}
+    meta["WIDE"] = x.dtype == torch.float64
+    args = (data, mean.contiguous(), part, c, p, n, splits)
+    if not _launch("l1_sums", x.device, *args, grid=(tiles, splits), **meta):
+        return None
+    total = part.sum(1)
+    return total[0], total[1]
+
+
+def l1_pass(
+    x: Tensor,
+    mean: Tensor,
+    a: Tensor,
+    b: Tensor | None,
+    k: Tensor | None = None,
+    grad: Tensor | None = None,
+) -> Tensor | None:
+    """L1 batch norm's element-wise passes in one kernel each, in ``x``'s layout and dtype:
+    the output ``(x - mean) * a + b`` (``b`` ``None``: no shift), or with ``grad`` (``dy``, in
+    ``x``'s layout) the input gradient ``a * dy + b * sign(x - mean) + k``; or ``None`` (the
+    caller's torch ops)."""
+    layout = _channel_layout(x, grad)
+    vectors = [mean, a, b, k]
+    if layout is None or not usable(*vectors) or (grad is not None and (b is None or k is None)):
+        return None
+    data, rows, n, p = layout
+    c = x.shape[1]
+    out = torch.empty_like(x)
+    pb = _positions(p)
+    grid = (-(-p // _LINF_BLOCK), -(-c // _LINF_CHANNELS)) if rows else (n * c, -(-p // pb))
+    centre, scale = mean.contiguous(), a.contiguous()
+    shift = centre if b is None else b.contiguous()  # (not read without HAS_B)
+    extra = centre if k is None else k.contiguous()
+    dy = data if grad is None else _storage_view(grad, rows)
+    args = (data, dy, centre, scale, shift, extra, _storage_view(out, rows), c, p)
+    meta: dict[str, Any] = {"GRAD": grad is not None, "HAS_B": b is not None, "ROWS": rows}
+    meta.update(B=_LINF_BLOCK, CT=_LINF_CHANNELS, PB=pb)
+    if not _launch("l1_pass", x.device, *args, grid=grid, **meta):
+        return None
+    return out

@@ -550,3 +550,132 @@ def _nan_first(v):
     element to select: the torch ops' topk returns NaN first too), where max and comparisons
     would pass it over."""
     return tl.where(v != v, float("inf"), v)
+
+
+@triton.jit
+def l1_sums(
+    x_ptr,
+    mean_ptr,
+    part_ptr,
+    c,
+    p,
+    n,
+    splits,
+    WIDE: tl.constexpr,
+    ROWS: tl.constexpr,
+    B: tl.constexpr,
+    CT: tl.constexpr,
+    PB: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """L1 batch norm's statistics read on the device: per channel ``sum |x - mean|`` and ``sum
+    sign(x - mean)`` (a NaN adds NaN to the first and 0 to the second) over a share of its
+    values, into ``part`` ``(2, splits, C)`` in float64 (each lane sums in float32, in float64
+    with ``WIDE``, for float64 data).
+    ``ROWS``: ``x`` is ``p`` rows of ``c`` values; program axis 0 takes a tile of ``CT``
+    channels, axis 1 every ``splits``-th block of ``B`` rows. Else ``x`` is ``(n, c, p)``; axis 0
+    takes a channel, axis 1 every ``splits``-th run of ``PB`` positions of one sample.
+    (``BLOCK``: unused, every launch passes it.)"""
+    s = tl.program_id(1)
+    if ROWS:
+        chs = tl.program_id(0).to(tl.int64) * CT + tl.arange(0, CT)
+        cm = chs < c
+        centre = _no_inf(tl.load(mean_ptr + chs, mask=cm, other=0.0).to(x_ptr.dtype.element_ty))
+        deviations = tl.zeros([B, CT], tl.float64 if WIDE else tl.float32)
+        signs = tl.zeros([B, CT], tl.float64 if WIDE else tl.float32)
+        for w in range(s, tl.cdiv(p, B), splits):
+            rows = (tl.arange(0, B) + w * B).to(tl.int64)  # (fewer than 2**31 rows)
+            m = (rows[:, None] < p) & cm[None, :]
+            v = tl.load(x_ptr + rows[:, None] * c + chs[None, :], mask=m, other=0.0)
+            z = v - centre[None, :]
+            deviations += tl.where(m, tl.abs(z), 0.0).to(deviations.dtype)
+            signs += tl.where(m & (z > 0), 1.0, tl.where(m & (z < 0), -1.0, 0.0)).to(signs.dtype)
+        total = tl.sum(deviations, axis=0).to(tl.float64)
+        count = tl.sum(signs, axis=0).to(tl.float64)
+        tl.store(part_ptr + s * c + chs, total, mask=cm)
+        tl.store(part_ptr + (splits + s) * c + chs, count, mask=cm)
+    else:
+        ch = tl.program_id(0).to(tl.int64)
+        centre = _no_inf(tl.load(mean_ptr + ch).to(x_ptr.dtype.element_ty))
+        deviations = tl.zeros([PB], tl.float64 if WIDE else tl.float32)
+        signs = tl.zeros([PB], tl.float64 if WIDE else tl.float32)
+        runs = tl.cdiv(p, PB)
+        for w in range(s, n * runs, splits):
+            sample = (w // runs).to(tl.int64)
+            j = (w % runs).to(tl.int64) * PB + tl.arange(0, PB)
+            m = j < p
+            v = tl.load(x_ptr + (sample * c + ch) * p + j, mask=m, other=0.0)
+            z = v - centre
+            deviations += tl.where(m, tl.abs(z), 0.0).to(deviations.dtype)
+            signs += tl.where(m & (z > 0), 1.0, tl.where(m & (z < 0), -1.0, 0.0)).to(signs.dtype)
+        tl.store(part_ptr + s * c + ch, tl.sum(deviations, axis=0).to(tl.float64))
+        tl.store(part_ptr + (splits + s) * c + ch, tl.sum(signs, axis=0).to(tl.float64))
+
+
+@triton.jit
+def _l1_value(v, g, centre, a, b, k, GRAD: tl.constexpr, HAS_B: tl.constexpr):
+    """One element of :func:`l1_pass`'s output, in ``v``'s dtype."""
+    z = v - centre
+    if GRAD:
+        out = a * g + b * tl.where(z > 0, 1.0, tl.where(z < 0, -1.0, z)).to(v.dtype) + k
+    else:
+        out = z * a
+        if HAS_B:
+            out = out + b
+    return out
+
+
+@triton.jit
+def l1_pass(
+    x_ptr,
+    dy_ptr,
+    mean_ptr,
+    a_ptr,
+    b_ptr,
+    k_ptr,
+    out_ptr,
+    c,
+    p,
+    GRAD: tl.constexpr,
+    HAS_B: tl.constexpr,
+    ROWS: tl.constexpr,
+    B: tl.constexpr,
+    CT: tl.constexpr,
+    PB: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """L1 batch norm's element-wise passes on the device, in the data's dtype, per channel:
+    the output ``(x - mean) * a (+ b)`` (exact however far off-centre ``x`` is), or with
+    ``GRAD`` the input gradient ``a * dy + b * sign(x - mean) + k`` (``dy`` in ``x``'s layout).
+    ``ROWS``: ``x`` is ``p`` rows of ``c`` values, a program per block of ``B`` rows (axis 0)
+    and tile of ``CT`` channels (axis 1); else ``(n, c, p)``, a program per sample and channel
+    (axis 0) and run of ``PB`` positions (axis 1). (``BLOCK``: unused.)"""
+    if ROWS:
+        rows = tl.program_id(0).to(tl.int64) * B + tl.arange(0, B)
+        chs = tl.program_id(1).to(tl.int64) * CT + tl.arange(0, CT)
+        cm = chs < c
+        m = (rows[:, None] < p) & cm[None, :]
+        where = rows[:, None] * c + chs[None, :]
+        v = tl.load(x_ptr + where, mask=m, other=0.0)
+        g = v
+        if GRAD:
+            g = tl.load(dy_ptr + where, mask=m, other=0.0)
+        centre = _no_inf(tl.load(mean_ptr + chs, mask=cm, other=0.0).to(v.dtype))[None, :]
+        a = tl.load(a_ptr + chs, mask=cm, other=0.0).to(v.dtype)[None, :]
+        b = tl.load(b_ptr + chs, mask=cm, other=0.0).to(v.dtype)[None, :]
+        k = tl.load(k_ptr + chs, mask=cm, other=0.0).to(v.dtype)[None, :]
+        tl.store(out_ptr + where, _l1_value(v, g, centre, a, b, k, GRAD, HAS_B), mask=m)
+    else:
+        row = tl.program_id(0).to(tl.int64)  # sample * c + channel
+        ch = row % c
+        j = tl.program_id(1).to(tl.int64) * PB + tl.arange(0, PB)
+        m = j < p
+        v = tl.load(x_ptr + row * p + j, mask=m, other=0.0)
+        g = v
+        if GRAD:
+            g = tl.load(dy_ptr + row * p + j, mask=m, other=0.0)
+        centre = _no_inf(tl.load(mean_ptr + ch).to(v.dtype))
+        a = tl.load(a_ptr + ch).to(v.dtype)
+        b = tl.load(b_ptr + ch).to(v.dtype)
+        k = tl.load(k_ptr + ch).to(v.dtype)
+        tl.store(out_ptr + row * p + j, _l1_value(v, g, centre, a, b, k, GRAD, HAS_B), mask=m)

@@ -331,8 +331,12 @@ class L1BatchNormTrain(torch.autograd.Function):
             # time on an H200 at 128x128x56x56 (400 chunks, 2026-12-04).
             dims = [0, *range(2, x.dim())]
             mean = x.mean(dims)
-            z = channel_affine(x, None, -mean)
-            sums, signs = torch.linalg.vector_norm(z, 1, dims), None
+            fused = _triton.l1_sums(x, mean)  # one read, with the backward's sign sums
+            if fused is not None:
+                sums, signs = fused
+            else:
+                z = channel_affine(x, None, -mean)
+                sums, signs = torch.linalg.vector_norm(z, 1, dims), None
         else:
             mean = _channel_mean(x, count)
             # channels-last with the fast extra, when the input's gradient will be needed: sum
@@ -350,6 +354,9 @@ class L1BatchNormTrain(torch.autograd.Function):
         _remember(ctx, (x, weight, mean, denom, *extra), eps, constant, 1, bias, scale, 8.0)
         if z is not None:  # (on accelerators ctx.centred is False) the output from z, in place
             return channel_affine(z, a, bias, out=z), mean, scale
+        y = _triton.l1_pass(x, mean, a, bias) if signs is not None and on_accelerator(x) else None
+        if y is not None:  # the kernel's sums: the output in one more pass
+            return y, mean, scale
         return _scaled_output(x, mean, a, bias, ctx.centred), mean, scale
 
     @staticmethod
@@ -382,7 +389,13 @@ class L1BatchNormTrain(torch.autograd.Function):
                 None,
             )
         grad_x = grad_w = None
-        if need_x:
+        if need_x and known is not None and on_accelerator(x):  # the forward's kernel counted
+            factor = ctx.constant / count
+            alpha, beta, shift, grad_w = _grad_coefficients(
+                denom, weight, (sum_dy_z, sum_dy, known), factor, count
+            )
+            grad_x = _triton.l1_pass(x, mean, alpha, beta, shift, grad=grad)
+        if need_x and grad_x is None:
             # a * dy + b * sign(x - mu) + c; sign(x - mu) in the buffer that becomes dx, then
             # whole-tensor passes over it (chunk by chunk, five broadcast ops per chunk
             # measured 1.05-1.14x slower)
