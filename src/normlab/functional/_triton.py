@@ -36,7 +36,7 @@ import os
 import struct
 import warnings
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -597,13 +597,26 @@ def linf_top_deviations(x: Tensor, mean: Tensor, k: int) -> tuple[Tensor, Tensor
 
 _L1_PROGRAMS = 1024  # programs the L1 statistics read aims at (a few per SM of a large GPU)
 _L1_SHARE = 8192  # values per program below which the read takes fewer programs
+_GRID_AXIS = 65535  # CUDA's limit on a grid's second and third axes
 
 
-def _channel_layout(x: Tensor, *like: Tensor | None) -> tuple[Tensor, bool, int, int] | None:
-    """How the L1 kernels read ``x``: ``(storage view, rows, n, p)`` -- channels-last (or
-    ``(N, C)``) storage as ``p`` rows of ``C`` values (``rows``), contiguous ``(N, C, *)`` as
-    ``(n, C, p)`` --, or ``None`` (other strides, other dtypes, or kernels not usable); every
-    tensor in ``like`` (``None`` skipped) must share ``x``'s layout."""
+class _Plan(NamedTuple):
+    """How the L1 kernels read a tensor: ``data`` its storage as ``p`` rows of ``C`` values
+    (``rows``: channels-last, ``(N, C)``, or contiguous with one position) or as ``(n, C,
+    p)``; ``meta`` the tile sizes (rows: ``B`` rows by ``CT`` channels; else ``SR`` samples by
+    ``PB`` positions, about ``_BLOCK`` values)."""
+
+    data: Tensor
+    rows: bool
+    n: int
+    p: int
+    meta: dict[str, Any]
+
+
+def _plan(x: Tensor, *like: Tensor | None) -> _Plan | None:
+    """The L1 kernels' :class:`_Plan` for ``x``, or ``None`` (other strides or dtypes, kernels
+    not usable, or past CUDA's grid limits); every tensor in ``like`` (``None`` skipped) must
+    have ``x``'s shape and strides."""
     from normlab.functional._core import storage_layout  # (_core imports this module)
 
     layout = storage_layout(x)
@@ -612,19 +625,21 @@ def _channel_layout(x: Tensor, *like: Tensor | None) -> tuple[Tensor, bool, int,
     present = [t for t in like if t is not None]
     if any(t.shape != x.shape or t.stride() != x.stride() for t in present):
         return None
-    c = x.shape[1]
-    if layout == "last":
+    n, c = x.shape[0], x.shape[1]
+    p = x.numel() // max(1, n * c)
+    if layout == "last" or p == 1:  # rows of C values (one position: the same storage)
         views = [_storage_view(t, True) for t in (x, *present)]
-        p = x.numel() // c
-        if not usable(*views) or p > 2**31 - 1 - _LINF_BLOCK:  # (the kernels' int32 rows)
-            return None
-        return views[0], True, 1, p
-    n = x.shape[0]
-    p = x.numel() // (n * c)
-    runs = -(-p // min(_BLOCK, _positions(p)))
-    if not usable(x, *present) or runs > 65535 or n * c > 2**31 - 1:  # CUDA's grid limits
+        rows = x.numel() // max(1, c)
+        if not usable(*views) or rows > 2**31 - 1 - _LINF_BLOCK or c > _LINF_CHANNELS * _GRID_AXIS:
+            return None  # (the kernels' rows are int32)
+        meta = {"ROWS": True, "B": _LINF_BLOCK, "CT": _LINF_CHANNELS, "SR": 1, "PB": 1}
+        return _Plan(views[0], True, 1, rows, meta)
+    pb = min(_BLOCK, 1 << (p - 1).bit_length())  # positions per tile: a power of two >= p
+    sr = _BLOCK // pb  # samples per tile
+    if not usable(x, *present) or -(-p // pb) > _GRID_AXIS or -(-n // sr) * c > 2**31 - 1:
         return None
-    return x, False, n, p
+    meta = {"ROWS": False, "B": _LINF_BLOCK, "CT": _LINF_CHANNELS, "SR": sr, "PB": pb}
+    return _Plan(x, False, n, p, meta)
 
 
 def _storage_view(t: Tensor, rows: bool) -> Tensor:
@@ -632,29 +647,24 @@ def _storage_view(t: Tensor, rows: bool) -> Tensor:
     return t.movedim(1, -1).reshape(-1, t.shape[1]) if rows else t
 
 
-def _positions(p: int) -> int:
-    """Positions per program of the L1 kernels on ``(n, C, p)`` storage: a power of two that
-    covers ``p``, at most ``_BLOCK``."""
-    return min(_BLOCK, 1 << max(0, (p - 1).bit_length()))
-
-
 def l1_sums(x: Tensor, mean: Tensor) -> tuple[Tensor, Tensor] | None:
     """``(sum |x - mean|, sum sign(x - mean))`` per channel (float64) in one read of ``x``
     (channels-first, channels-last or ``(N, C)`` storage), or ``None`` (the caller's torch
     ops): L1 batch norm's statistics, with the sign sums its backward needs."""
-    layout = _channel_layout(x)
-    if layout is None or not usable(mean):
+    plan = _plan(x)
+    if plan is None or not usable(mean):
         return None
-    data, rows, n, p = layout
-    c = x.shape[1]
-    count = n * p  # values per channel
-    tiles = -(-c // _LINF_CHANNELS) if rows else c
-    splits = max(1, min(-(-_L1_PROGRAMS // tiles), -(-count // _L1_SHARE), 65535))
+    c, meta = x.shape[1], plan.meta
+    if plan.rows:  # programs: tiles of channels by every splits-th block of rows
+        tiles, items = -(-c // _LINF_CHANNELS), -(-plan.p // _LINF_BLOCK)
+    else:  # programs: channels by every splits-th tile of samples and positions
+        tiles, items = c, -(-plan.n // meta["SR"]) * -(-plan.p // meta["PB"])
+    count = plan.n * plan.p  # values per channel
+    splits = min(-(-_L1_PROGRAMS // tiles), -(-count // _L1_SHARE), items, _GRID_AXIS)
     part = torch.empty(2, splits, c, dtype=torch.float64, device=x.device)
-    meta = {"ROWS": rows, "B": _LINF_BLOCK, "CT": _LINF_CHANNELS, "PB": _positions(p)}
-    meta["WIDE"] = x.dtype == torch.float64
-    args = (data, mean.contiguous(), part, c, p, n, splits)
-    if not _launch("l1_sums", x.device, *args, grid=(tiles, splits), **meta):
+    args = (plan.data, mean.contiguous(), part, c, plan.p, plan.n, splits)
+    wide = x.dtype == torch.float64
+    if not _launch("l1_sums", x.device, *args, grid=(tiles, splits), WIDE=wide, **meta):
         return None
     total = part.sum(1)
     return total[0], total[1]
@@ -672,22 +682,21 @@ def l1_pass(
     the output ``(x - mean) * a + b`` (``b`` ``None``: no shift), or with ``grad`` (``dy``, in
     ``x``'s layout) the input gradient ``a * dy + b * sign(x - mean) + k``; or ``None`` (the
     caller's torch ops)."""
-    layout = _channel_layout(x, grad)
-    vectors = [mean, a, b, k]
-    if layout is None or not usable(*vectors) or (grad is not None and (b is None or k is None)):
+    plan = _plan(x, grad)
+    if plan is None or not usable(mean, a, b, k) or (grad is not None and (b is None or k is None)):
         return None
-    data, rows, n, p = layout
-    c = x.shape[1]
+    c, meta = x.shape[1], plan.meta
     out = torch.empty_like(x)
-    pb = _positions(p)
-    grid = (-(-p // _LINF_BLOCK), -(-c // _LINF_CHANNELS)) if rows else (n * c, -(-p // pb))
+    if plan.rows:
+        grid = (-(-plan.p // _LINF_BLOCK), -(-c // _LINF_CHANNELS))
+    else:
+        grid = (-(-plan.n // meta["SR"]) * c, -(-plan.p // meta["PB"]))
     centre, scale = mean.contiguous(), a.contiguous()
     shift = centre if b is None else b.contiguous()  # (not read without HAS_B)
     extra = centre if k is None else k.contiguous()
-    dy = data if grad is None else _storage_view(grad, rows)
-    args = (data, dy, centre, scale, shift, extra, _storage_view(out, rows), c, p)
-    meta: dict[str, Any] = {"GRAD": grad is not None, "HAS_B": b is not None, "ROWS": rows}
-    meta.update(B=_LINF_BLOCK, CT=_LINF_CHANNELS, PB=pb)
-    if not _launch("l1_pass", x.device, *args, grid=grid, **meta):
+    dy = plan.data if grad is None else _storage_view(grad, plan.rows)
+    args = (plan.data, dy, centre, scale, shift, extra, _storage_view(out, plan.rows))
+    flags = {"GRAD": grad is not None, "HAS_B": b is not None}
+    if not _launch("l1_pass", x.device, *args, c, plan.p, plan.n, grid=grid, **flags, **meta):
         return None
     return out

@@ -565,6 +565,7 @@ def l1_sums(
     ROWS: tl.constexpr,
     B: tl.constexpr,
     CT: tl.constexpr,
+    SR: tl.constexpr,
     PB: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -574,8 +575,9 @@ def l1_sums(
     with ``WIDE``, for float64 data).
     ``ROWS``: ``x`` is ``p`` rows of ``c`` values; program axis 0 takes a tile of ``CT``
     channels, axis 1 every ``splits``-th block of ``B`` rows. Else ``x`` is ``(n, c, p)``; axis 0
-    takes a channel, axis 1 every ``splits``-th run of ``PB`` positions of one sample.
-    (``BLOCK``: unused, every launch passes it.)"""
+    takes a channel, axis 1 every ``splits``-th tile of ``SR`` samples by a run of ``PB``
+    positions (few positions: many samples per tile). (``BLOCK``: unused, every launch passes
+    it.)"""
     s = tl.program_id(1)
     if ROWS:
         chs = tl.program_id(0).to(tl.int64) * CT + tl.arange(0, CT)
@@ -597,19 +599,21 @@ def l1_sums(
     else:
         ch = tl.program_id(0).to(tl.int64)
         centre = _no_inf(tl.load(mean_ptr + ch).to(x_ptr.dtype.element_ty))
-        deviations = tl.zeros([PB], tl.float64 if WIDE else tl.float32)
-        signs = tl.zeros([PB], tl.float64 if WIDE else tl.float32)
+        deviations = tl.zeros([SR, PB], tl.float64 if WIDE else tl.float32)
+        signs = tl.zeros([SR, PB], tl.float64 if WIDE else tl.float32)
         runs = tl.cdiv(p, PB)
-        for w in range(s, n * runs, splits):
-            sample = (w // runs).to(tl.int64)
-            j = (w % runs).to(tl.int64) * PB + tl.arange(0, PB)
-            m = j < p
-            v = tl.load(x_ptr + (sample * c + ch) * p + j, mask=m, other=0.0)
+        for w in range(s, tl.cdiv(n, SR) * runs, splits):
+            samples = ((w // runs) * SR + tl.arange(0, SR)).to(tl.int64)
+            j = ((w % runs) * PB + tl.arange(0, PB)).to(tl.int64)
+            m = (samples[:, None] < n) & (j[None, :] < p)
+            v = tl.load(x_ptr + (samples[:, None] * c + ch) * p + j[None, :], mask=m, other=0.0)
             z = v - centre
             deviations += tl.where(m, tl.abs(z), 0.0).to(deviations.dtype)
             signs += tl.where(m & (z > 0), 1.0, tl.where(m & (z < 0), -1.0, 0.0)).to(signs.dtype)
-        tl.store(part_ptr + s * c + ch, tl.sum(deviations, axis=0).to(tl.float64))
-        tl.store(part_ptr + (splits + s) * c + ch, tl.sum(signs, axis=0).to(tl.float64))
+        total = tl.sum(tl.sum(deviations, axis=1), axis=0).to(tl.float64)
+        tl.store(part_ptr + s * c + ch, total)
+        count = tl.sum(tl.sum(signs, axis=1), axis=0).to(tl.float64)
+        tl.store(part_ptr + (splits + s) * c + ch, count)
 
 
 @triton.jit
@@ -636,11 +640,13 @@ def l1_pass(
     out_ptr,
     c,
     p,
+    n,
     GRAD: tl.constexpr,
     HAS_B: tl.constexpr,
     ROWS: tl.constexpr,
     B: tl.constexpr,
     CT: tl.constexpr,
+    SR: tl.constexpr,
     PB: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -648,8 +654,8 @@ def l1_pass(
     the output ``(x - mean) * a (+ b)`` (exact however far off-centre ``x`` is), or with
     ``GRAD`` the input gradient ``a * dy + b * sign(x - mean) + k`` (``dy`` in ``x``'s layout).
     ``ROWS``: ``x`` is ``p`` rows of ``c`` values, a program per block of ``B`` rows (axis 0)
-    and tile of ``CT`` channels (axis 1); else ``(n, c, p)``, a program per sample and channel
-    (axis 0) and run of ``PB`` positions (axis 1). (``BLOCK``: unused.)"""
+    and tile of ``CT`` channels (axis 1); else ``(n, c, p)``, a program per channel and tile of
+    ``SR`` samples (axis 0) and run of ``PB`` positions (axis 1). (``BLOCK``: unused.)"""
     if ROWS:
         rows = tl.program_id(0).to(tl.int64) * B + tl.arange(0, B)
         chs = tl.program_id(1).to(tl.int64) * CT + tl.arange(0, CT)
@@ -666,16 +672,18 @@ def l1_pass(
         k = tl.load(k_ptr + chs, mask=cm, other=0.0).to(v.dtype)[None, :]
         tl.store(out_ptr + where, _l1_value(v, g, centre, a, b, k, GRAD, HAS_B), mask=m)
     else:
-        row = tl.program_id(0).to(tl.int64)  # sample * c + channel
-        ch = row % c
+        tile = tl.program_id(0).to(tl.int64)  # tile of samples * c + channel
+        ch = tile % c
+        samples = (tile // c) * SR + tl.arange(0, SR)
         j = tl.program_id(1).to(tl.int64) * PB + tl.arange(0, PB)
-        m = j < p
-        v = tl.load(x_ptr + row * p + j, mask=m, other=0.0)
+        m = (samples[:, None] < n) & (j[None, :] < p)
+        where = (samples[:, None] * c + ch) * p + j[None, :]
+        v = tl.load(x_ptr + where, mask=m, other=0.0)
         g = v
         if GRAD:
-            g = tl.load(dy_ptr + row * p + j, mask=m, other=0.0)
+            g = tl.load(dy_ptr + where, mask=m, other=0.0)
         centre = _no_inf(tl.load(mean_ptr + ch).to(v.dtype))
         a = tl.load(a_ptr + ch).to(v.dtype)
         b = tl.load(b_ptr + ch).to(v.dtype)
         k = tl.load(k_ptr + ch).to(v.dtype)
-        tl.store(out_ptr + row * p + j, _l1_value(v, g, centre, a, b, k, GRAD, HAS_B), mask=m)
+        tl.store(out_ptr + where, _l1_value(v, g, centre, a, b, k, GRAD, HAS_B), mask=m)
