@@ -159,9 +159,9 @@ def test_lp_batch_norm_with_kernels_equals_torch_ops(
     make = nl.L1BatchNorm if p == "1" else nl.LinfBatchNorm
     layer = make(channels, affine=affine).to(dtype)
     ours, ref, launched = _both(_affine(layer), *_batch(channels, dtype, cl))
-    # the forward and backward steps; L-inf's top-k search (two kernels); L1's statistics read,
-    # output and input gradient
-    assert launched == 2 * (4 if p == "inf" else 5)
+    # per step the forward and backward steps and the output; L-inf's top-k search (two
+    # kernels), L1's statistics read and input gradient
+    assert launched == 2 * 5
     tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-12, "atol": 1e-12}
     for a, b in zip(ours, ref, strict=True):
         torch.testing.assert_close(a, b, **tol)
@@ -354,10 +354,10 @@ def test_l1_kernels_equal_torch_ops(
     a, b, k = (_input((c,), dtype, seed) for seed in (2, 3, 4))
     before = collections.Counter(_triton.LAUNCHES)
     sums = _triton.l1_sums(x, mean)
-    y = _triton.l1_pass(x, mean, a, b)
-    y0 = _triton.l1_pass(x, mean, a, None)
-    dx = _triton.l1_pass(x, mean, a, b, k, grad=gy)
-    assert _triton.LAUNCHES - before == collections.Counter(["l1_sums"] + ["l1_pass"] * 3)
+    y = _triton.lp_pass(x, mean, a, b)
+    y0 = _triton.lp_pass(x, mean, a, None)
+    dx = _triton.lp_pass(x, mean, a, b, k, grad=gy)
+    assert _triton.LAUNCHES - before == collections.Counter(["l1_sums"] + ["lp_pass"] * 3)
     assert sums is not None
     assert y is not None
     assert y0 is not None
@@ -410,7 +410,7 @@ def test_linf_search_kernels_on_nonfinite_channels(value: str, cl: bool) -> None
     assert fused[0][[0, 2]].isfinite().all()
     layer = nl.LinfBatchNorm(3, k=5)
     ours, ref, launched = _both(layer, x, _input(x.shape, torch.float32, 1), steps=1)
-    assert launched == 4
+    assert launched == 5  # the search's two kernels, the forward step, output, backward step
     for a, b in zip(ours, ref, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, equal_nan=True)
 
@@ -738,7 +738,7 @@ _COMPILE = textwrap.dedent(
     KERNELS = [
         "guarded_copy", "renorm_step", "renorm_weight_grad", "renorm_limits", "lp_forward",
         "lp_backward", "ghost_running_update", "standardize_rows", "standardize_rows_backward",
-        "linf_block_worst", "linf_row_worst", "linf_select", "l1_sums", "l1_pass",
+        "linf_block_worst", "linf_row_worst", "linf_select", "l1_sums", "lp_pass",
     ]
 
     def compile(name, data, arch, flags, ones):

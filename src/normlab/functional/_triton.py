@@ -670,7 +670,7 @@ def l1_sums(x: Tensor, mean: Tensor) -> tuple[Tensor, Tensor] | None:
     return total[0], total[1]
 
 
-def l1_pass(
+def lp_pass(
     x: Tensor,
     mean: Tensor,
     a: Tensor,
@@ -678,10 +678,10 @@ def l1_pass(
     k: Tensor | None = None,
     grad: Tensor | None = None,
 ) -> Tensor | None:
-    """L1 batch norm's element-wise passes in one kernel each, in ``x``'s layout and dtype:
-    the output ``(x - mean) * a + b`` (``b`` ``None``: no shift), or with ``grad`` (``dy``, in
-    ``x``'s layout) the input gradient ``a * dy + b * sign(x - mean) + k``; or ``None`` (the
-    caller's torch ops)."""
+    """Lp batch norm's element-wise passes in one kernel each, in ``x``'s layout and dtype:
+    the output ``(x - mean) * a + b`` (``b`` ``None``: no shift; L1 and L-inf), or with
+    ``grad`` (``dy``, in ``x``'s layout) L1's input gradient ``a * dy + b * sign(x - mean) +
+    k``; or ``None`` (the caller's torch ops)."""
     plan = _plan(x, grad)
     if plan is None or not usable(mean, a, b, k) or (grad is not None and (b is None or k is None)):
         return None
@@ -697,6 +697,6 @@ def l1_pass(
     dy = plan.data if grad is None else _storage_view(grad, plan.rows)
     args = (plan.data, dy, centre, scale, shift, extra, _storage_view(out, plan.rows))
     flags = {"GRAD": grad is not None, "HAS_B": b is not None}
-    if not _launch("l1_pass", x.device, *args, c, plan.p, plan.n, grid=grid, **flags, **meta):
+    if not _launch("lp_pass", x.device, *args, c, plan.p, plan.n, grid=grid, **flags, **meta):
         return None
     return out

@@ -617,8 +617,8 @@ def l1_sums(
 
 
 @triton.jit
-def _l1_value(v, g, centre, a, b, k, GRAD: tl.constexpr, HAS_B: tl.constexpr):
-    """One element of :func:`l1_pass`'s output, in ``v``'s dtype."""
+def _lp_value(v, g, centre, a, b, k, GRAD: tl.constexpr, HAS_B: tl.constexpr):
+    """One element of :func:`lp_pass`'s output, in ``v``'s dtype."""
     z = v - centre
     if GRAD:
         out = a * g + b * tl.where(z > 0, 1.0, tl.where(z < 0, -1.0, z)).to(v.dtype) + k
@@ -630,7 +630,7 @@ def _l1_value(v, g, centre, a, b, k, GRAD: tl.constexpr, HAS_B: tl.constexpr):
 
 
 @triton.jit
-def l1_pass(
+def lp_pass(
     x_ptr,
     dy_ptr,
     mean_ptr,
@@ -650,9 +650,9 @@ def l1_pass(
     PB: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """L1 batch norm's element-wise passes on the device, in the data's dtype, per channel:
+    """Lp batch norm's element-wise passes on the device, in the data's dtype, per channel:
     the output ``(x - mean) * a (+ b)`` (exact however far off-centre ``x`` is), or with
-    ``GRAD`` the input gradient ``a * dy + b * sign(x - mean) + k`` (``dy`` in ``x``'s layout).
+    ``GRAD`` L1's input gradient ``a * dy + b * sign(x - mean) + k`` (``dy`` in ``x``'s layout).
     ``ROWS``: ``x`` is ``p`` rows of ``c`` values, a program per block of ``B`` rows (axis 0)
     and tile of ``CT`` channels (axis 1); else ``(n, c, p)``, a program per channel and tile of
     ``SR`` samples (axis 0) and run of ``PB`` positions (axis 1). (``BLOCK``: unused.)"""
@@ -670,7 +670,7 @@ def l1_pass(
         a = tl.load(a_ptr + chs, mask=cm, other=0.0).to(v.dtype)[None, :]
         b = tl.load(b_ptr + chs, mask=cm, other=0.0).to(v.dtype)[None, :]
         k = tl.load(k_ptr + chs, mask=cm, other=0.0).to(v.dtype)[None, :]
-        tl.store(out_ptr + where, _l1_value(v, g, centre, a, b, k, GRAD, HAS_B), mask=m)
+        tl.store(out_ptr + where, _lp_value(v, g, centre, a, b, k, GRAD, HAS_B), mask=m)
     else:
         tile = tl.program_id(0).to(tl.int64)  # tile of samples * c + channel
         ch = tile % c
@@ -686,4 +686,4 @@ def l1_pass(
         a = tl.load(a_ptr + ch).to(v.dtype)
         b = tl.load(b_ptr + ch).to(v.dtype)
         k = tl.load(k_ptr + ch).to(v.dtype)
-        tl.store(out_ptr + where, _l1_value(v, g, centre, a, b, k, GRAD, HAS_B), mask=m)
+        tl.store(out_ptr + where, _lp_value(v, g, centre, a, b, k, GRAD, HAS_B), mask=m)

@@ -354,7 +354,7 @@ class L1BatchNormTrain(torch.autograd.Function):
         _remember(ctx, (x, weight, mean, denom, *extra), eps, constant, 1, bias, scale, 8.0)
         if z is not None:  # (on accelerators ctx.centred is False) the output from z, in place
             return channel_affine(z, a, bias, out=z), mean, scale
-        y = _triton.l1_pass(x, mean, a, bias) if signs is not None and on_accelerator(x) else None
+        y = _triton.lp_pass(x, mean, a, bias) if signs is not None and on_accelerator(x) else None
         if y is not None:  # the kernel's sums: the output in one more pass
             return y, mean, scale
         return _scaled_output(x, mean, a, bias, ctx.centred), mean, scale
@@ -394,7 +394,7 @@ class L1BatchNormTrain(torch.autograd.Function):
             alpha, beta, shift, grad_w = _grad_coefficients(
                 denom, weight, (sum_dy_z, sum_dy, known), factor, count
             )
-            grad_x = _triton.l1_pass(x, mean, alpha, beta, shift, grad=grad)
+            grad_x = _triton.lp_pass(x, mean, alpha, beta, shift, grad=grad)
         if need_x and grad_x is None:
             # a * dy + b * sign(x - mu) + c; sign(x - mu) in the buffer that becomes dx, then
             # whole-tensor passes over it (chunk by chunk, five broadcast ops per chunk
@@ -709,6 +709,9 @@ class LinfBatchNormTrain(torch.autograd.Function):
         _remember(
             ctx, (x, weight, mean, denom, offsets, signs), eps, constant, k, bias, scale, within
         )
+        y = _triton.lp_pass(x, mean, a, bias) if on_accelerator(x) else None
+        if y is not None:  # one pass, centred (ctx.centred is False on accelerators)
+            return y, mean, scale
         return _scaled_output(x, mean, a, bias, ctx.centred), mean, scale
 
     @staticmethod
