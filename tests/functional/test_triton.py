@@ -248,6 +248,7 @@ _LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
         ((2, 33, 13, 5), 17, "last"),
         ((1, 2, 8, 8), 64, "last"),
         ((7, 5, 3, 3, 2), 9, "last"),
+        ((90, 4, 1, 1), 5, "first"),
     ],
     ids=[
         "15-positions",
@@ -260,6 +261,7 @@ _LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
         "cl-k17-ragged-rows",
         "cl-k-equals-values",
         "cl-3d",
+        "one-position-as-rows",
     ],
 )
 def test_linf_search_kernels_find_the_top_deviations(
@@ -281,7 +283,8 @@ def test_linf_search_kernels_find_the_top_deviations(
     before = collections.Counter(_triton.LAUNCHES)
     fused = _triton.linf_top_deviations(x, mean, k)
     assert fused is not None
-    first = "linf_row_worst" if layout == "last" else "linf_block_worst"
+    rows = layout == "last" or x.numel() == shape[0] * shape[1]  # (one position: rows too)
+    first = "linf_row_worst" if rows else "linf_block_worst"
     assert _triton.LAUNCHES - before == collections.Counter([first, "linf_select"])
     with _triton.interpreted(False):
         ref = _top_deviations(x, mean, k)

@@ -553,21 +553,14 @@ def linf_top_deviations(x: Tensor, mean: Tensor, k: int) -> tuple[Tensor, Tensor
     per channel its ``k`` best blocks and their ``k`` largest deviations): ``(values, storage
     offsets, signs of x - mean)``, each ``(C, k)``, as ``lp_norm._top_deviations``; or ``None``
     (the torch ops). Contiguous ``(N, C, *)`` input: blocks of positions, one program per
-    channel and run of blocks; channels-last or ``(N, C)`` storage: blocks of rows, one program
-    per block of rows and tile of channels (reads along the contiguous channels)."""
-    from normlab.functional._core import storage_layout  # (_core imports this module)
-
-    layout = storage_layout(x)
-    if x.dim() < 2 or layout is None or not 1 <= k <= _LINF_MAX_K:
+    channel and run of blocks; storage read as rows of ``C`` values (channels-last, ``(N, C)``,
+    one position: :func:`_plan`): blocks of rows, one program per block of rows and tile of
+    channels (reads along the contiguous channels)."""
+    plan = _plan(x) if 1 <= k <= _LINF_MAX_K else None
+    if plan is None or not usable(mean):
         return None
+    data, rows, n, p = plan.data, plan.rows, plan.n, plan.p  # (rows: n = 1, p rows)
     c = x.shape[1]
-    # the kernels index the storage: channels-last as its (rows, C) view
-    data = x.movedim(1, -1).reshape(-1, c) if layout == "last" else x
-    if x.dtype not in (torch.float32, torch.float64) or not usable(data, mean):
-        return None
-    rows = layout == "last"
-    n = 1 if rows else x.shape[0]
-    p = x.numel() // (n * c)  # positions per sample and channel, or rows
     per_row = -(-p // _LINF_BLOCK)
     nb = n * per_row
     if nb < 1 or k > n * p or c > 65535:  # (CUDA's limit on a grid's second axis)
