@@ -589,7 +589,7 @@ def linf_top_deviations(x: Tensor, mean: Tensor, k: int) -> tuple[Tensor, Tensor
 
 
 _L1_PROGRAMS = 1024  # programs the L1 statistics read aims at (a few per SM of a large GPU)
-_L1_SHARE = 8192  # values per program below which the read takes fewer programs
+_L1_SHARE = 8192  # values per program (at least) of the L1 statistics read
 _GRID_AXIS = 65535  # CUDA's limit on a grid's second and third axes
 
 
@@ -652,8 +652,9 @@ def l1_sums(x: Tensor, mean: Tensor) -> tuple[Tensor, Tensor] | None:
         tiles, items = -(-c // _LINF_CHANNELS), -(-plan.p // _LINF_BLOCK)
     else:  # programs: channels by every splits-th tile of samples and positions
         tiles, items = c, -(-plan.n // meta["SR"]) * -(-plan.p // meta["PB"])
-    count = plan.n * plan.p  # values per channel
-    splits = min(-(-_L1_PROGRAMS // tiles), -(-count // _L1_SHARE), items, _GRID_AXIS)
+    # values per program at least _L1_SHARE (a program reads CT channels on rows)
+    values = plan.n * plan.p * (_LINF_CHANNELS if plan.rows else 1)
+    splits = min(-(-_L1_PROGRAMS // tiles), -(-values // _L1_SHARE), items, _GRID_AXIS)
     part = torch.empty(2, splits, c, dtype=torch.float64, device=x.device)
     args = (plan.data, mean.contiguous(), part, c, plan.p, plan.n, splits)
     wide = x.dtype == torch.float64
