@@ -679,6 +679,40 @@ def test_a_backward_kernel_that_fails_falls_back(
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("cl", [False, True], ids=["nchw", "channels-last"])
+@pytest.mark.parametrize(
+    "missing", ["gradient-pass", "output-pass", "backward-step"], ids=lambda m: f"no-{m}"
+)
+def test_l1_steps_mix_kernels_and_torch_ops(
+    monkeypatch: pytest.MonkeyPatch, cl: bool, missing: str
+) -> None:
+    """L1 batch norm with one of its kernels unavailable (the wrapper returns ``None``): the
+    forward's sign sums (from the kernel) still serve a backward on the torch ops, and a
+    torch-ops coefficient step (float64 shift for float32 data) still feeds the gradient kernel
+    -- the same values as the torch ops throughout, the input's layout kept."""
+    real_pass = _triton.lp_pass
+
+    def lp_pass(*args: object, grad: torch.Tensor | None = None) -> torch.Tensor | None:
+        if (missing == "gradient-pass") == (grad is not None) and missing != "backward-step":
+            return None
+        return real_pass(*args, grad=grad)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(_triton, "lp_pass", lp_pass)
+    if missing == "backward-step":
+        monkeypatch.setattr(_triton, "lp_backward", lambda *args: None)
+    layer = _affine(nl.L1BatchNorm(3))
+    x, gy = _batch(3, torch.float32, cl)
+    ours, ref, launched = _both(layer, x, gy)
+    assert launched == 2 * 4  # the other four kernels, once per step
+    for a, b in zip(ours, ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    xr = x.clone().requires_grad_()
+    layer(xr).backward(gy)
+    assert xr.grad is not None
+    assert xr.grad.stride() == x.stride()
+    assert _triton.LAUNCHES  # (the stand-ins above returned None without launching)
+
+
 def test_switched_off_by_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("NORMLAB_TRITON", "0")
     _triton.available.cache_clear()

@@ -389,22 +389,24 @@ class L1BatchNormTrain(torch.autograd.Function):
                 None,
             )
         grad_x = grad_w = None
-        if need_x and known is not None and on_accelerator(x):  # the forward's kernel counted
-            factor = ctx.constant / count
+        if need_x:
+            # a * dy + b * sign(x - mu) + c: one kernel on accelerators given the forward's sign
+            # sums (its statistics kernel counted them), else sign(x - mu) in the buffer that
+            # becomes dx, then whole-tensor passes over it (chunk by chunk, five broadcast ops
+            # per chunk measured 1.05-1.14x slower)
+            fused = known is not None and on_accelerator(x)
+            sign = None if fused else channel_affine(x, None, -mean).sign_()
+            signs = known if sign is None else channel_sums(sign)
+            assert signs is not None  # (fused: the forward's)
             alpha, beta, shift, grad_w = _grad_coefficients(
-                denom, weight, (sum_dy_z, sum_dy, known), factor, count
+                denom, weight, (sum_dy_z, sum_dy, signs), ctx.constant / count, count
             )
-            grad_x = _triton.lp_pass(x, mean, alpha, beta, shift, grad=grad)
-        if need_x and grad_x is None:
-            # a * dy + b * sign(x - mu) + c; sign(x - mu) in the buffer that becomes dx, then
-            # whole-tensor passes over it (chunk by chunk, five broadcast ops per chunk
-            # measured 1.05-1.14x slower)
-            sign = channel_affine(x, None, -mean).sign_()
-            alpha, beta, shift, grad_w = _grad_coefficients(
-                denom, weight, (sum_dy_z, sum_dy, channel_sums(sign)), ctx.constant / count, count
-            )
-            grad_x = channel_affine(sign, beta, shift, out=sign)
-            grad_x.addcmul_(grad, alpha.view(channel_view_shape(x.dim(), x.shape[1])))
+            if fused:
+                grad_x = _triton.lp_pass(x, mean, alpha, beta, shift, grad=grad)
+            if grad_x is None:
+                sign = channel_affine(x, None, -mean).sign_() if sign is None else sign
+                grad_x = channel_affine(sign, beta, shift, out=sign)
+                grad_x.addcmul_(grad, alpha.view(channel_view_shape(x.dim(), x.shape[1])))
         return (
             grad_x,
             (sum_dy_z / denom if grad_w is None else grad_w)
