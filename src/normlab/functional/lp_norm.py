@@ -324,11 +324,13 @@ class L1BatchNormTrain(torch.autograd.Function):
         count = x.numel() // x.shape[1]
         z = None
         if on_accelerator(x):
-            # the mean, z = x - mean into the buffer that becomes the output, and sum |z| as its
-            # L1 norm (no |z| written): six passes over the activation where the chunks take
-            # ten, and a dozen fewer launches. No chunks: each costs a few launches (~5-10 us of
-            # host time) whatever its size; 512 KiB ones made L1 batch norm 27-111x BatchNorm2d's
-            # time on an H200 at 128x128x56x56 (400 chunks, 2026-12-04).
+            # With triton: the mean, then one kernel reading sum |x - mean| and the sign sums
+            # (the backward's), then the output in one pass (four transfers of the activation).
+            # Without: z = x - mean into the buffer that becomes the output, and sum |z| as its
+            # L1 norm (no |z| written): six transfers where the CPU's chunks take ten, and a
+            # dozen fewer launches. No chunks: each costs a few launches (~5-10 us of host time)
+            # whatever its size; 512 KiB ones made L1 batch norm 27-111x BatchNorm2d's time on
+            # an H200 at 128x128x56x56 (400 chunks, 2026-12-04).
             dims = [0, *range(2, x.dim())]
             mean = x.mean(dims)
             fused = _triton.l1_sums(x, mean)  # one read, with the backward's sign sums
