@@ -10,6 +10,7 @@ what only a GPU shows (its kernels, autocast's float16 casts) needs a machine wi
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import os
@@ -97,6 +98,28 @@ def test_layer_on_device_matches_float64_on_cpu(spec: LayerSpec) -> None:
                 expected = _step(ref, x, gy)
             got = _step(ours, x.float().to(DEVICE), gy.float().to(DEVICE))
             _close(got, expected)
+
+
+@pytest.mark.parametrize("cl", [False, True], ids=["nchw", "channels-last"])
+@pytest.mark.parametrize("p", ["1", "inf"])
+def test_lp_batch_norm_passes_run_as_kernels_on_device(p: str, cl: bool) -> None:
+    """With triton, every pass of L1's and L-inf's training step that has a kernel runs as that
+    kernel on the device: no silent hand-over to the torch ops (a refused layout, a device or
+    dtype check)."""
+    if _triton._OFF[0]:
+        pytest.skip("the torch ops' route: no kernels")
+    layer = (nl.L1BatchNorm if p == "1" else nl.LinfBatchNorm)(8).to(DEVICE)
+    x, gy = (_input((4, 8, 6, 6), seed).float().to(DEVICE) for seed in (1, 2))
+    if cl:
+        x, gy = (t.contiguous(memory_format=torch.channels_last) for t in (x, gy))
+    before = collections.Counter(_triton.LAUNCHES)
+    step_results(layer, x, gy)
+    kernels = {"lp_forward", "lp_pass", "lp_backward"}
+    if p == "1":
+        kernels.add("l1_sums")
+    else:
+        kernels.update({"linf_row_worst" if cl else "linf_block_worst", "linf_select"})
+    assert set(_triton.LAUNCHES - before) == kernels
 
 
 @pytest.mark.parametrize("spec", FOUR_D, ids=[s.id for s in FOUR_D])
