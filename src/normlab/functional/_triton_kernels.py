@@ -553,6 +553,15 @@ def _nan_first(v):
 
 
 @triton.jit
+def _deviation_sums(z, m, deviations, signs):
+    """:func:`l1_sums`' step: ``|z|`` and ``sign(z)`` (0 for NaN) added where ``m`` holds, in
+    the accumulators' dtype."""
+    deviations += tl.where(m, tl.abs(z), 0.0).to(deviations.dtype)
+    signs += tl.where(m & (z > 0), 1.0, tl.where(m & (z < 0), -1.0, 0.0)).to(signs.dtype)
+    return deviations, signs
+
+
+@triton.jit
 def l1_sums(
     x_ptr,
     mean_ptr,
@@ -589,9 +598,7 @@ def l1_sums(
             rows = (tl.arange(0, B) + w * B).to(tl.int64)  # (fewer than 2**31 rows)
             m = (rows[:, None] < p) & cm[None, :]
             v = tl.load(x_ptr + rows[:, None] * c + chs[None, :], mask=m, other=0.0)
-            z = v - centre[None, :]
-            deviations += tl.where(m, tl.abs(z), 0.0).to(deviations.dtype)
-            signs += tl.where(m & (z > 0), 1.0, tl.where(m & (z < 0), -1.0, 0.0)).to(signs.dtype)
+            deviations, signs = _deviation_sums(v - centre[None, :], m, deviations, signs)
         total = tl.sum(deviations, axis=0).to(tl.float64)
         count = tl.sum(signs, axis=0).to(tl.float64)
         tl.store(part_ptr + s * c + chs, total, mask=cm)
@@ -607,9 +614,7 @@ def l1_sums(
             j = ((w % runs) * PB + tl.arange(0, PB)).to(tl.int64)
             m = (samples[:, None] < n) & (j[None, :] < p)
             v = tl.load(x_ptr + (samples[:, None] * c + ch) * p + j[None, :], mask=m, other=0.0)
-            z = v - centre
-            deviations += tl.where(m, tl.abs(z), 0.0).to(deviations.dtype)
-            signs += tl.where(m & (z > 0), 1.0, tl.where(m & (z < 0), -1.0, 0.0)).to(signs.dtype)
+            deviations, signs = _deviation_sums(v - centre, m, deviations, signs)
         total = tl.sum(tl.sum(deviations, axis=1), axis=0).to(tl.float64)
         tl.store(part_ptr + s * c + ch, total)
         count = tl.sum(tl.sum(signs, axis=1), axis=0).to(tl.float64)
@@ -659,18 +664,9 @@ def lp_pass(
     if ROWS:
         rows = tl.program_id(0).to(tl.int64) * B + tl.arange(0, B)
         chs = tl.program_id(1).to(tl.int64) * CT + tl.arange(0, CT)
-        cm = chs < c
-        m = (rows[:, None] < p) & cm[None, :]
+        m = (rows[:, None] < p) & (chs[None, :] < c)
         where = rows[:, None] * c + chs[None, :]
-        v = tl.load(x_ptr + where, mask=m, other=0.0)
-        g = v
-        if GRAD:
-            g = tl.load(dy_ptr + where, mask=m, other=0.0)
-        centre = _no_inf(tl.load(mean_ptr + chs, mask=cm, other=0.0).to(v.dtype))[None, :]
-        a = tl.load(a_ptr + chs, mask=cm, other=0.0).to(v.dtype)[None, :]
-        b = tl.load(b_ptr + chs, mask=cm, other=0.0).to(v.dtype)[None, :]
-        k = tl.load(k_ptr + chs, mask=cm, other=0.0).to(v.dtype)[None, :]
-        tl.store(out_ptr + where, _lp_value(v, g, centre, a, b, k, GRAD, HAS_B), mask=m)
+        ch = chs[None, :]  # the per-channel values as a row, broadcast down the rows
     else:
         tile = tl.program_id(0).to(tl.int64)  # tile of samples * c + channel
         ch = tile % c
@@ -678,12 +674,13 @@ def lp_pass(
         j = tl.program_id(1).to(tl.int64) * PB + tl.arange(0, PB)
         m = (samples[:, None] < n) & (j[None, :] < p)
         where = (samples[:, None] * c + ch) * p + j[None, :]
-        v = tl.load(x_ptr + where, mask=m, other=0.0)
-        g = v
-        if GRAD:
-            g = tl.load(dy_ptr + where, mask=m, other=0.0)
-        centre = _no_inf(tl.load(mean_ptr + ch).to(v.dtype))
-        a = tl.load(a_ptr + ch).to(v.dtype)
-        b = tl.load(b_ptr + ch).to(v.dtype)
-        k = tl.load(k_ptr + ch).to(v.dtype)
-        tl.store(out_ptr + where, _lp_value(v, g, centre, a, b, k, GRAD, HAS_B), mask=m)
+    cm = ch < c
+    v = tl.load(x_ptr + where, mask=m, other=0.0)
+    g = v
+    if GRAD:
+        g = tl.load(dy_ptr + where, mask=m, other=0.0)
+    centre = _no_inf(tl.load(mean_ptr + ch, mask=cm, other=0.0).to(v.dtype))
+    a = tl.load(a_ptr + ch, mask=cm, other=0.0).to(v.dtype)
+    b = tl.load(b_ptr + ch, mask=cm, other=0.0).to(v.dtype)
+    k = tl.load(k_ptr + ch, mask=cm, other=0.0).to(v.dtype)
+    tl.store(out_ptr + where, _lp_value(v, g, centre, a, b, k, GRAD, HAS_B), mask=m)
